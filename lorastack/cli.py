@@ -1,0 +1,351 @@
+"""The `lorastack` command line: a thin layer over the Python API (no logic of its own).
+
+User errors print one line (`error: ...`) and exit 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import click  # noqa: E402
+import typer  # noqa: E402
+
+from .errors import LorastackError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, route and serve a library of LoRA experts on one small base model.")
+adapters_app = typer.Typer(no_args_is_help=True, help="Manage the adapter library.")
+tasks_app = typer.Typer(no_args_is_help=True, help="Built-in tasks: seeded data generators with scorers.")
+base_app = typer.Typer(no_args_is_help=True, help="The frozen base model.")
+app.add_typer(adapters_app, name="adapters")
+app.add_typer(tasks_app, name="tasks")
+app.add_typer(base_app, name="base")
+
+
+class Opts:
+    base: str = "embedded"
+    library: Optional[Path] = None
+    dtype: Optional[str] = None
+    debug: bool = False
+
+
+OPTS = Opts()
+
+
+@app.callback()
+def _global(
+    base: str = typer.Option(os.environ.get("LORASTACK_BASE", "embedded"), "--base", help="'embedded', a Hugging Face model dir, or a .gguf file."),
+    library: Optional[Path] = typer.Option(None, "--library", help="Library directory (default: $LORASTACK_HOME/library)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 or bfloat16 (default bfloat16; training always keeps float32 weights)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    OPTS.base, OPTS.library, OPTS.dtype, OPTS.debug = base, library, dtype, debug
+
+
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _library():
+    from .library import Library
+
+    return Library(OPTS.library)
+
+
+def _runtime(dtype: Optional[str] = None):
+    from .runtime import Runtime
+
+    return Runtime.open(OPTS.base, OPTS.library, dtype=dtype or OPTS.dtype)
+
+
+def _sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, seed: Optional[int], stop: list[str]):
+    from .engine.generate import Sampling
+
+    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop))
+
+
+# ------------------------------------------------------------------ base
+@base_app.command("info")
+def base_info(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Load the base and print its identity (fingerprint, shapes, load time)."""
+    from .base import Base
+
+    info = Base.load(OPTS.base, dtype=OPTS.dtype).info()
+    if as_json:
+        _print_json(info)
+    else:
+        for k, v in info.items():
+            typer.echo(f"{k:>18}: {v}")
+
+
+# ------------------------------------------------------------------ tasks
+@tasks_app.command("list")
+def tasks_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the built-in task families."""
+    from .tasks import list_tasks
+
+    tasks = list_tasks()
+    if as_json:
+        _print_json([{"name": t.name, "description": t.description} for t in tasks])
+        return
+    for t in tasks:
+        typer.echo(f"{t.name:<16} {t.description}")
+
+
+@tasks_app.command("make")
+def tasks_make(
+    name: str,
+    n: int = typer.Option(100, "--n", help="Number of records."),
+    split: str = typer.Option("train", "--split", help="train or test (disjoint streams)."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write JSONL here instead of stdout."),
+) -> None:
+    """Generate a JSONL dataset from a built-in task."""
+    from .data import write_jsonl
+    from .tasks import get_task
+
+    records = get_task(name).generate(n, split=split, seed=seed)
+    if out:
+        write_jsonl(out, records)
+        typer.echo(f"wrote {len(records)} {split} records of {name} to {out}", err=True)
+    else:
+        for r in records:
+            typer.echo(json.dumps(r, ensure_ascii=False))
+
+
+# ------------------------------------------------------------------ train
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="JSONL records {prompt|messages, completion}."),
+    name: str = typer.Option(..., "--name", help="Adapter name in the library."),
+    rank: int = typer.Option(16, "--rank"),
+    alpha: float = typer.Option(32.0, "--alpha"),
+    targets: str = typer.Option("all-linear", "--targets", help="Comma-separated module names, or all-linear."),
+    steps: Optional[int] = typer.Option(None, "--steps"),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Default 1 epoch when --steps is not given."),
+    lr: float = typer.Option(1e-3, "--lr"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_len: int = typer.Option(256, "--max-len"),
+    seed: int = typer.Option(0, "--seed"),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", help="Held-out JSONL (default: 10% of DATA, at most 200)."),
+    description: str = typer.Option("", "--description"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing adapter of that name."),
+    no_autocast: bool = typer.Option(False, "--no-autocast", help="Train in float32 instead of bf16 autocast."),
+) -> None:
+    """Train a LoRA adapter on DATA and add it to the library."""
+    from .base import Base
+    from .data import read_jsonl
+    from .names import validate_name
+    from .train import TrainConfig, train_to_library
+
+    validate_name(name)
+    records = read_jsonl(data)
+    eval_records = read_jsonl(eval_data) if eval_data else None
+    cfg = TrainConfig(rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",")] if targets != "all-linear" else targets,
+                      steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, max_len=max_len, seed=seed,
+                      autocast_bf16=not no_autocast)
+    cfg.validate()
+    library = _library()
+    base = Base.load(OPTS.base, dtype="float32")
+    from .eval import scorer_for
+
+    try:
+        adapter = train_to_library(
+            base, library, records, name, cfg, eval_records=eval_records, description=description,
+            data_info={"source": Path(data).name}, scorer=lambda out, r: scorer_for(r)(out, r), overwrite=force,
+        )
+    except KeyboardInterrupt:
+        typer.echo("training interrupted; the library is unchanged", err=True)
+        raise typer.Exit(130)
+    tr, m = adapter.card.training, adapter.card.metrics
+    typer.echo(f"added {adapter.name}: {tr['steps']} steps in {tr['seconds']}s ({tr['tokens_per_s']} tok/s), "
+               f"loss {m['train_loss_first']:.3f} -> {m['train_loss_last']:.3f}"
+               + (f", eval loss {m['eval_loss']:.3f}" if "eval_loss" in m else "")
+               + (f", held-out exact match {m['eval_exact_match']:.1%} (n={m['eval_exact_match_n']})" if "eval_exact_match" in m else ""))
+
+
+# ------------------------------------------------------------------ adapters
+@adapters_app.command("list")
+def adapters_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List adapters in the library."""
+    adapters = _library().list()
+    if as_json:
+        _print_json([a.card.model_dump() if hasattr(a.card, "model_dump") else a.card.__dict__ for a in adapters])
+        return
+    if not adapters:
+        typer.echo("the library is empty; train one with `lorastack train DATA --name NAME`")
+        return
+    for a in adapters:
+        acc = a.card.metrics.get("eval_exact_match")
+        typer.echo(f"{a.name:<24} r={a.card.rank:<3} base={a.card.base_fingerprint or '?':<16} "
+                   f"{'' if acc is None else f'held-out EM {acc:.0%}  '}{a.card.description}")
+
+
+@adapters_app.command("show")
+def adapters_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show one adapter's card."""
+    a = _library().get(name)
+    card = a.card.model_dump() if hasattr(a.card, "model_dump") else dict(a.card.__dict__)
+    card["path"] = str(a.path)
+    if as_json:
+        _print_json(card)
+    else:
+        for k, v in card.items():
+            typer.echo(f"{k:>16}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+
+
+@adapters_app.command("rm")
+def adapters_rm(name: str) -> None:
+    """Remove an adapter from the library."""
+    _library().remove(name)
+    typer.echo(f"removed {name}")
+
+
+@adapters_app.command("import")
+def adapters_import(
+    src: Path = typer.Argument(..., help="A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Default: the card's name or the directory name."),
+    force: bool = typer.Option(False, "--force"),
+) -> None:
+    """Import a PEFT LoRA trained elsewhere; checks it against the base first."""
+    from .base import Base
+
+    base = Base.load(OPTS.base, dtype=OPTS.dtype)
+    a = _library().import_dir(src, name, base=base, overwrite=force)
+    typer.echo(f"imported {a.name} (rank {a.card.rank}, targets {', '.join(a.card.target_modules)})")
+
+
+@adapters_app.command("export")
+def adapters_export(name: str, dest: Path) -> None:
+    """Copy an adapter out as a plain PEFT directory."""
+    _library().export(name, dest)
+    typer.echo(f"exported {name} to {dest}")
+
+
+# ------------------------------------------------------------------ generation
+@app.command()
+def generate(
+    prompt: str,
+    model: str = typer.Option("base", "--model", "-m", help="SPEC: base, an adapter name, or a:0.7+b:0.3."),
+    max_tokens: int = typer.Option(128, "--max-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    stop: list[str] = typer.Option([], "--stop"),
+) -> None:
+    """Generate one reply to PROMPT."""
+    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+    rt = _runtime()
+    typer.echo(rt.generate(prompt, model, sampling).text)
+
+
+@app.command()
+def chat(
+    model: str = typer.Option("base", "--model", "-m"),
+    max_tokens: int = typer.Option(256, "--max-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    system: Optional[str] = typer.Option(None, "--system"),
+) -> None:
+    """Interactive chat; /reset clears the history, /quit or Ctrl-D leaves."""
+    rt = _runtime()
+    rt.route(model)  # fail before the first prompt on a bad SPEC
+    sampling = _sampling(max_tokens, temperature, 1.0, 0, None, [])
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    typer.echo(f"chatting with {model} on {rt.base.name}; /reset, /quit", err=True)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            typer.echo("", err=True)
+            return
+        if line.strip() in {"/quit", "/exit"}:
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = rt.generate(history, model, sampling).text
+        history.append({"role": "assistant", "content": reply})
+        typer.echo(f"{model}> {reply}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option("base", "--model", "-m"),
+    data: Optional[Path] = typer.Option(None, "--data", help="JSONL with completions."),
+    task: Optional[str] = typer.Option(None, "--task", help="A built-in task (its test split)."),
+    n: int = typer.Option(200, "--n", help="Examples from --task, or the first N of --data."),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Per-example results JSONL (default: eval-<model>.jsonl)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Exact-match accuracy of a SPEC on a dataset or a built-in task."""
+    from .data import read_jsonl, write_jsonl
+    from .eval import evaluate
+
+    if (data is None) == (task is None):
+        raise LorastackError("give exactly one of --data FILE or --task NAME")
+    if task:
+        from .tasks import get_task
+
+        records = get_task(task).generate(n, split="test", seed=seed)
+    else:
+        records = read_jsonl(data)[:n]
+    rt = _runtime()
+    route = rt.route(model)
+    result = evaluate(rt.generator, route, records, batch_size=batch_size, label=model)
+    out = out or Path(f"eval-{model.replace('/', '_').replace(':', '_').replace('+', '_')}.jsonl")
+    write_jsonl(out, result.rows)
+    summary = {**result.summary(), "results": str(out)}
+    if as_json:
+        _print_json(summary)
+    else:
+        typer.echo(f"{model}: {result.correct}/{result.n} exact match = {result.accuracy:.1%} "
+                   f"({result.seconds:.1f}s); per-example results in {out}")
+
+
+@app.command()
+def demo(
+    tasks: str = typer.Option("reverse_words,title_case,json_field,date_format", "--tasks"),
+    n_test: int = typer.Option(200, "--n-test"),
+    out: Path = typer.Option(Path("out/demo"), "--out"),
+    retrain: bool = typer.Option(False, "--retrain", help="Train again even if the adapters exist."),
+) -> None:
+    """The main job: train (or reuse) one adapter per task and print the accuracy matrix."""
+    from .demo import run_demo
+
+    run_demo([t.strip() for t in tasks.split(",") if t.strip()], n_test=n_test, out_dir=out, retrain=retrain,
+             base_source=OPTS.base, library_dir=OPTS.library, dtype=OPTS.dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning user errors into one line and an exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except LorastackError as e:
+        if OPTS.debug:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

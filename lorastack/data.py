@@ -1,0 +1,106 @@
+"""Datasets: JSONL records `{"prompt" | "messages", "completion"}`, validated line by line.
+
+Every problem names the file and the line, because a user with a 10k-line file must be
+able to jump straight to the bad record.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+
+Record = dict[str, Any]
+ROLES = {"system", "user", "assistant"}
+
+
+def validate_record(obj: Any, where: str) -> Record:
+    """Check one record's shape; `where` is 'file:line' for the error message."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    has_prompt, has_messages = "prompt" in obj, "messages" in obj
+    if has_prompt == has_messages:
+        raise DataError(f"{where}: a record needs exactly one of 'prompt' or 'messages'")
+    if has_prompt and not isinstance(obj["prompt"], str):
+        raise DataError(f"{where}: 'prompt' must be a string")
+    if has_prompt and not obj["prompt"].strip():
+        raise DataError(f"{where}: 'prompt' is empty")
+    if has_messages:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages[{i}] needs a string 'content'")
+            if m.get("role") not in ROLES:
+                raise DataError(
+                    f"{where}: messages[{i}] has role {m.get('role')!r}; use one of {sorted(ROLES)}"
+                )
+    if "completion" not in obj:
+        raise DataError(f"{where}: missing 'completion'")
+    if not isinstance(obj["completion"], str):
+        raise DataError(f"{where}: 'completion' must be a string")
+    return obj
+
+
+def read_jsonl(path: str | Path, require_completion: bool = True) -> list[Record]:
+    """Read and validate a JSONL dataset; blank lines are allowed and skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    records: list[Record] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not require_completion and isinstance(obj, dict) and "completion" not in obj:
+                obj = {**obj, "completion": ""}
+            records.append(validate_record(obj, where))
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def write_jsonl(path: str | Path, records: Iterable[Record]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def messages_of(record: Record) -> list[dict[str, str]]:
+    """The conversation to send to the model (the completion is the reply to it)."""
+    if "messages" in record:
+        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    return [{"role": "user", "content": record["prompt"]}]
+
+
+def prompt_text(record: Record) -> str:
+    """A plain-text view of the input, for routing signatures and reports."""
+    if "prompt" in record:
+        return record["prompt"]
+    return "\n".join(m["content"] for m in record["messages"] if m["role"] != "assistant")
+
+
+def split_holdout(records: list[Record], fraction: float, seed: int, max_n: int = 200) -> tuple[list[Record], list[Record]]:
+    """Deterministic train/held-out split; the held-out part is small but never empty
+    when there are at least 2 records."""
+    if len(records) < 2:
+        return list(records), []
+    idx = list(range(len(records)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, min(max_n, int(len(records) * fraction)))
+    held = set(idx[:n_eval])
+    train = [r for i, r in enumerate(records) if i not in held]
+    evals = [r for i, r in enumerate(records) if i in held]
+    return train, evals

@@ -1,0 +1,294 @@
+"""The Library: adapter directories plus an SQLite index, with atomic add and remove.
+
+Layout: `<root>/adapters/<name>/` holds the PEFT files, `card.json` and `examples.jsonl`;
+`<root>/index.sqlite` indexes them for listing and search. The directories are the truth
+and the index is derived: opening a library sweeps leftovers of interrupted writes and
+reconciles the index with what is on disk, so a crash at any point is harmless.
+
+Every write builds a complete directory under a temporary name in the same parent and
+publishes it with one `rename`, so readers see the old adapter or the new one, never half.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .adapter import (
+    CARD_FILE,
+    CONFIG_FILE,
+    EXAMPLES_FILE,
+    WEIGHTS_FILE,
+    Adapter,
+    AdapterCard,
+    AdapterError,
+    check_compatible,
+)
+from .atomic import TMP_PREFIX, publish_dir, staging_dir, sweep_tmp
+from .errors import LorastackError, NotFoundError, unknown_name_message
+from .names import validate_name
+from .paths import default_library_dir
+
+if TYPE_CHECKING:
+    from .base import Base
+
+INDEX_FILE = "index.sqlite"
+
+# Schema migrations, applied in order; PRAGMA user_version records how many have run.
+MIGRATIONS: list[str] = [
+    # v1: one row per adapter, with the card for listing without opening every directory.
+    """
+    CREATE TABLE adapters (
+        name TEXT PRIMARY KEY,
+        base_fingerprint TEXT,
+        rank INTEGER,
+        description TEXT,
+        created_at TEXT,
+        card TEXT NOT NULL
+    );
+    """,
+    # v2: routing signatures (embeddings, prototypes) per adapter and kind, stored as blobs
+    # so that routers can load the whole library's signatures with one query.
+    """
+    CREATE TABLE signatures (
+        adapter TEXT NOT NULL REFERENCES adapters(name) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
+        meta TEXT NOT NULL DEFAULT '{}',
+        data BLOB NOT NULL,
+        PRIMARY KEY (adapter, kind)
+    );
+    CREATE INDEX adapters_by_base ON adapters(base_fingerprint);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class Library:
+    """A directory of adapters; safe against crashes and concurrent readers."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root).expanduser() if root else default_library_dir()
+        self.adapters_dir = self.root / "adapters"
+        self._lock = threading.RLock()
+        try:
+            self.adapters_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LorastackError(f"cannot create library at {self.root}: {e.strerror}") from None
+        self._migrate()
+        self.reconcile()
+
+    # ------------------------------------------------------------ index
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, closing(sqlite3.connect(self.root / INDEX_FILE, timeout=30)) as con:
+            con.execute("PRAGMA foreign_keys = ON")
+            with con:  # one transaction: commit on success, roll back on any error
+                yield con
+
+    def schema_version(self) -> int:
+        with self._db() as con:
+            return int(con.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        with self._db() as con:
+            version = int(con.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise LorastackError(
+                    f"library {self.root} has schema v{version}, newer than this lorastack (v{SCHEMA_VERSION}); upgrade lorastack"
+                )
+            for v in range(version, SCHEMA_VERSION):
+                for stmt in MIGRATIONS[v].split(";"):
+                    if stmt.strip():
+                        con.execute(stmt)
+                con.execute(f"PRAGMA user_version = {v + 1}")
+
+    def _index(self, con: sqlite3.Connection, adapter: Adapter) -> None:
+        c = adapter.card
+        con.execute(
+            "INSERT OR REPLACE INTO adapters(name, base_fingerprint, rank, description, created_at, card) VALUES (?,?,?,?,?,?)",
+            (c.name, c.base_fingerprint, c.rank, c.description, c.created_at, c.model_dump_json()),
+        )
+
+    def reconcile(self) -> dict[str, list[str]]:
+        """Sweep interrupted writes and make the index match the directories on disk."""
+        swept = [p.name for p in sweep_tmp(self.adapters_dir)]
+        on_disk: dict[str, Adapter] = {}
+        for d in sorted(self.adapters_dir.iterdir()):
+            if d.is_dir() and not d.name.startswith(TMP_PREFIX):
+                try:
+                    on_disk[d.name] = Adapter.open(d)
+                except LorastackError:
+                    continue  # not an adapter; `check()` reports it
+        with self._db() as con:
+            indexed = {r[0]: r[1] for r in con.execute("SELECT name, card FROM adapters")}
+            stale = [n for n in indexed if n not in on_disk]
+            for n in stale:
+                con.execute("DELETE FROM adapters WHERE name = ?", (n,))
+            added = []
+            for n, a in on_disk.items():
+                if indexed.get(n) != a.card.model_dump_json():
+                    self._index(con, a)
+                    added.append(n)
+        return {"swept": swept, "dropped": stale, "indexed": added}
+
+    # ------------------------------------------------------------ reading
+    def names(self) -> list[str]:
+        with self._db() as con:
+            return [r[0] for r in con.execute("SELECT name FROM adapters ORDER BY name")]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names()
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def get(self, name: str) -> Adapter:
+        path = self._path(name)
+        if not path.is_dir():
+            raise NotFoundError(unknown_name_message("adapter", name, self.names()))
+        return Adapter.open(path)
+
+    def list(self) -> list[Adapter]:
+        with self._db() as con:
+            rows = con.execute("SELECT name, card FROM adapters ORDER BY name").fetchall()
+        return [Adapter(self.adapters_dir / n, AdapterCard.model_validate_json(card)) for n, card in rows]
+
+    def search(self, text: str) -> list[Adapter]:
+        """Adapters whose name or description contains `text` (case-insensitive)."""
+        needle = f"%{text.lower()}%"
+        with self._db() as con:
+            rows = con.execute(
+                "SELECT name, card FROM adapters WHERE lower(name) LIKE ? OR lower(description) LIKE ? ORDER BY name",
+                (needle, needle),
+            ).fetchall()
+        return [Adapter(self.adapters_dir / n, AdapterCard.model_validate_json(card)) for n, card in rows]
+
+    def _path(self, name: str) -> Path:
+        return self.adapters_dir / validate_name(name)
+
+    # ------------------------------------------------------------ writing
+    def add(
+        self,
+        src: str | Path,
+        name: str,
+        *,
+        base: "Base | None" = None,
+        card_updates: dict[str, Any] | None = None,
+        examples: list[str] | None = None,
+        overwrite: bool = False,
+    ) -> Adapter:
+        """Copy the PEFT adapter in `src` into the library as `name`, atomically.
+
+        With `base`, the adapter is checked against it first (shapes and fingerprint) and
+        the card records that base. Nothing under `name` changes unless everything succeeds.
+        """
+        validate_name(name)
+        src = Path(src)
+        final = self._path(name)
+        if final.exists() and not overwrite:
+            raise LorastackError(f"adapter {name!r} already exists in the library; use --force to replace it")
+        source = Adapter.open(src, name=name)
+        card = source.card.model_dump()
+        card.update(card_updates or {})
+        card["name"] = name
+        if base is not None:
+            check_compatible(src, base, card.get("base_fingerprint"))
+            card["base_fingerprint"] = base.fingerprint
+            card["base_name"] = card.get("base_name") or base.name
+        card_obj = AdapterCard.model_validate(card)
+        with self._lock, staging_dir(self.adapters_dir) as tmp:
+            for f in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copy2(src / f, tmp / f)
+            (tmp / CARD_FILE).write_text(card_obj.model_dump_json(indent=2), encoding="utf-8")
+            texts = examples if examples is not None else source.examples()
+            if texts:
+                (tmp / EXAMPLES_FILE).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+            Adapter.open(tmp).weights()  # the copy must be readable before it is published
+            publish_dir(tmp, final, replace=overwrite)
+        adapter = Adapter(final, card_obj)
+        with self._db() as con:
+            con.execute("DELETE FROM signatures WHERE adapter = ?", (name,))
+            self._index(con, adapter)
+        return adapter
+
+    def import_dir(self, src: str | Path, name: str | None = None, *, base: "Base", overwrite: bool = False) -> Adapter:
+        """Import a PEFT LoRA trained elsewhere; refuses one that does not fit `base`."""
+        src = Path(src).expanduser()
+        if not src.is_dir():
+            raise AdapterError(f"{src}: not a directory (expected a PEFT LoRA directory)")
+        if name is None:
+            card_path = src / CARD_FILE
+            name = json.loads(card_path.read_text())["name"] if card_path.exists() else src.resolve().name
+        return self.add(src, name, base=base, overwrite=overwrite)
+
+    def update_card(self, name: str, **fields: Any) -> Adapter:
+        """Change card fields (description, metrics, ...) atomically."""
+        adapter = self.get(name)
+        adapter.card = AdapterCard.model_validate({**adapter.card.model_dump(), **fields, "name": name})
+        adapter.write_card()
+        with self._db() as con:
+            self._index(con, adapter)
+        return adapter
+
+    def remove(self, name: str) -> None:
+        """Delete an adapter: renamed aside first, so a crash leaves it either whole or gone."""
+        path = self._path(name)
+        if not path.is_dir():
+            raise NotFoundError(unknown_name_message("adapter", name, self.names()))
+        with self._lock:
+            doomed = path.with_name(f"{TMP_PREFIX}rm-{name}")
+            path.rename(doomed)
+            with self._db() as con:
+                con.execute("DELETE FROM signatures WHERE adapter = ?", (name,))
+                con.execute("DELETE FROM adapters WHERE name = ?", (name,))
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def export(self, name: str, dest: str | Path) -> Path:
+        """Copy an adapter out as a plain PEFT directory (card included) at `dest`."""
+        adapter = self.get(name)
+        dest = Path(dest).expanduser()
+        if dest.exists() and any(dest.iterdir()) if dest.is_dir() else dest.exists():
+            raise LorastackError(f"{dest} already exists and is not empty")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with staging_dir(dest.parent) as tmp:
+            for f in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, EXAMPLES_FILE):
+                if (adapter.path / f).exists():
+                    shutil.copy2(adapter.path / f, tmp / f)
+            if dest.is_dir():
+                dest.rmdir()
+            publish_dir(tmp, dest)
+        return dest
+
+    # ------------------------------------------------------------ signatures (routing)
+    def put_signature(self, name: str, kind: str, data: bytes, meta: dict[str, Any] | None = None) -> None:
+        with self._db() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO signatures(adapter, kind, meta, data) VALUES (?,?,?,?)",
+                (name, kind, json.dumps(meta or {}), data),
+            )
+
+    def signatures(self, kind: str) -> dict[str, tuple[dict[str, Any], bytes]]:
+        with self._db() as con:
+            rows = con.execute("SELECT adapter, meta, data FROM signatures WHERE kind = ?", (kind,)).fetchall()
+        return {a: (json.loads(m), d) for a, m, d in rows}
+
+    # ------------------------------------------------------------ health
+    def check(self, base: "Base | None" = None) -> list[str]:
+        """Problems found (unreadable directories, adapters that do not fit `base`)."""
+        problems = []
+        for d in sorted(self.adapters_dir.iterdir()):
+            if not d.is_dir() or d.name.startswith(TMP_PREFIX):
+                continue
+            try:
+                a = Adapter.open(d)
+                if base is not None:
+                    a.check_compatible(base)
+            except LorastackError as e:
+                problems.append(f"{d.name}: {e}")
+        return problems

@@ -1,0 +1,91 @@
+"""Routes and the SPEC grammar that names them.
+
+A Route is an ordered list of `(adapter, weight)`; empty means the bare base. Every entry
+point (CLI `--model`, Python API, server `model` field) parses the same SPEC:
+
+    base                 the bare base model
+    NAME                 one adapter at weight 1
+    a:0.7+b:0.3          a weighted mixture of LoRA deltas
+    auto[:ROUTER]        chosen per input by a router (see lorastack.routing)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import LorastackError
+
+
+class SpecError(LorastackError):
+    """A model SPEC string that does not parse."""
+
+
+@dataclass(frozen=True)
+class Route:
+    entries: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def is_base(self) -> bool:
+        return not self.entries
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self.entries]
+
+    def __str__(self) -> str:
+        if self.is_base:
+            return "base"
+        if len(self.entries) == 1 and self.entries[0][1] == 1.0:
+            return self.entries[0][0]
+        return "+".join(f"{n}:{w:g}" for n, w in self.entries)
+
+    def to_json(self) -> list[dict[str, float | str]]:
+        return [{"adapter": n, "weight": w} for n, w in self.entries]
+
+
+BASE_ROUTE = Route()
+
+
+@dataclass(frozen=True)
+class AutoSpec:
+    """`auto` or `auto:<router>`: resolved to a Route per input by a router."""
+
+    router: str | None = None
+
+
+def parse_spec(spec: str) -> Route | AutoSpec:
+    """Parse a SPEC into a Route (names not yet checked against a library) or an AutoSpec."""
+    s = spec.strip()
+    if not s:
+        raise SpecError("empty model spec; use 'base', an adapter name, or 'a:0.7+b:0.3'")
+    if s == "base":
+        return BASE_ROUTE
+    if s == "auto" or s.startswith("auto:"):
+        return AutoSpec(s[5:] or None)
+    if s.startswith("stack/"):
+        raise SpecError(f"{s!r}: stacks are not available in this version")
+    parts = s.split("+")
+    entries: list[tuple[str, float]] = []
+    for part in parts:
+        part = part.strip()
+        if not part:
+            raise SpecError(f"{spec!r}: empty term in mixture (check the '+' signs)")
+        if ":" in part:
+            name, _, wtxt = part.rpartition(":")
+            try:
+                weight = float(wtxt)
+            except ValueError:
+                raise SpecError(f"{spec!r}: weight {wtxt!r} of {name!r} is not a number") from None
+        else:
+            if len(parts) > 1:
+                raise SpecError(f"{spec!r}: every term of a mixture needs a weight, e.g. {part}:0.5")
+            name, weight = part, 1.0
+        if not name:
+            raise SpecError(f"{spec!r}: a weight without an adapter name")
+        if not math.isfinite(weight) or weight <= 0:
+            raise SpecError(f"{spec!r}: weight of {name!r} must be a positive number, got {wtxt}")
+        if any(n == name for n, _ in entries):
+            raise SpecError(f"{spec!r}: adapter {name!r} appears twice")
+        entries.append((name, weight))
+    return Route(tuple(entries))

@@ -1,0 +1,59 @@
+"""The Python API's front door: a Base, a Library and a Generator wired together.
+
+The CLI, the demo, the benchmarks and (later) the server all go through `Runtime`, so a
+SPEC means the same thing everywhere and adapters are checked against the base once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .base import EMBEDDED, Base
+from .engine.generate import Generation, Generator, Messages, Sampling
+from .errors import IncompatibleError, LorastackError, NotFoundError, unknown_name_message
+from .library import Library
+from .route import AutoSpec, Route, parse_spec
+
+
+@dataclass
+class Runtime:
+    base: Base
+    library: Library
+    generator: Generator = field(init=False)
+    _checked: set[str] = field(default_factory=set, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.generator = Generator(self.base, resolve=self._adapter_path)
+
+    @classmethod
+    def open(cls, base: str = EMBEDDED, library: str | Path | None = None, dtype: str | None = None) -> "Runtime":
+        return cls(Base.load(base, dtype=dtype), Library(Path(library) if library else None))
+
+    def _adapter_path(self, name: str) -> str:
+        adapter = self.library.get(name)
+        if name not in self._checked:
+            fp = adapter.card.base_fingerprint
+            if fp and fp != self.base.fingerprint:
+                raise IncompatibleError(
+                    f"adapter {name!r} was trained for base {fp}, but the loaded base is {self.base.fingerprint} ({self.base.name})"
+                )
+            self._checked.add(name)
+        return str(adapter.path)
+
+    def route(self, spec: str) -> Route:
+        """Parse a SPEC and check that every adapter it names exists and fits the base."""
+        parsed = parse_spec(spec)
+        if isinstance(parsed, AutoSpec):
+            raise LorastackError(f"{spec!r}: automatic routing is not available in this version; name an adapter or 'base'")
+        known = set(self.library.names())
+        for name in parsed.names:
+            if name not in known:
+                raise NotFoundError(unknown_name_message("adapter", name, known))
+            self._adapter_path(name)
+        return parsed
+
+    def generate(self, prompt: str | Messages, model: str = "base", sampling: Sampling = Sampling()) -> Generation:
+        """One reply; `prompt` is a user message or a whole conversation."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return self.generator.generate([messages], self.route(model), sampling)[0]

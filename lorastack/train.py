@@ -1,0 +1,296 @@
+"""LoRA training with PEFT: completion-only loss, bf16 autocast, deterministic by seed.
+
+The adapter is built in a staging directory and handed to the Library only when training
+and evaluation have finished, so an interrupted or failed run leaves the library as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .base import Base
+from .data import Record, messages_of, prompt_text, split_holdout
+from .errors import LorastackError
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
+    from .library import Library
+
+IGNORE = -100
+
+
+@dataclass
+class TrainConfig:
+    """Defaults suit the built-in tasks on the embedded base: tens of steps, not thousands."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    targets: list[str] | str = "all-linear"
+    dropout: float = 0.0
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 1e-3
+    warmup: int = 5
+    batch_size: int = 8
+    max_len: int = 256
+    seed: int = 0
+    autocast_bf16: bool = True
+    eval_fraction: float = 0.1
+    eval_generate: int = 64
+    weight_decay: float = 0.0
+
+    def validate(self) -> None:
+        checks = [
+            (self.rank >= 1, f"rank must be >= 1, got {self.rank}"),
+            (self.alpha > 0, f"alpha must be > 0, got {self.alpha}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.max_len >= 8, f"max-len must be >= 8, got {self.max_len}"),
+            (self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.epochs is None or self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
+            (not (self.steps and self.epochs), "give --steps or --epochs, not both"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise LorastackError(msg)
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    card: dict[str, Any]
+    losses: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- tokenisation
+def build_example(base: Base, record: Record, max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels with the prompt masked, so loss counts completion tokens only.
+
+    An over-long example keeps its whole completion and loses the start of the prompt:
+    the answer is what is being taught.
+    """
+    prompt = base.chat_ids(messages_of(record))
+    target = base.completion_ids(record["completion"])
+    if len(target) >= max_len:
+        raise LorastackError(f"a completion is {len(target)} tokens, longer than --max-len {max_len}")
+    prompt = prompt[-(max_len - len(target)) :]
+    return prompt + target, [IGNORE] * len(prompt) + target
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding is masked out of attention and loss."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (x, y) in enumerate(examples):
+        ids[row, : len(x)] = torch.tensor(x)
+        labels[row, : len(y)] = torch.tensor(y)
+        mask[row, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _batches(n: int, batch_size: int, steps: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled epochs cut into batches, enough for `steps` optimizer steps."""
+    order: list[int] = []
+    out: list[list[int]] = []
+    while len(out) < steps:
+        if len(order) < batch_size:
+            epoch = list(range(n))
+            rng.shuffle(epoch)
+            order += epoch
+        out.append(order[:batch_size])
+        order = order[batch_size:]
+    return out
+
+
+def _lr_at(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) * 0.9 + 0.1
+
+
+def _targets(base: Base, targets: list[str] | str) -> list[str] | str:
+    if targets == "all-linear" or targets == ["all-linear"]:
+        return base.target_module_names()
+    names = [targets] if isinstance(targets, str) else list(targets)
+    known = set(base.target_module_names())
+    bad = [t for t in names if t not in known]
+    if bad:
+        raise LorastackError(f"unknown target module(s) {bad}; this base has: {', '.join(sorted(known))}")
+    return names
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int, autocast: bool) -> float:
+    """Mean completion-token loss (token-weighted) over held-out examples."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(**batch)
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        total += float(out.loss) * n
+        count += n
+    return total / max(count, 1)
+
+
+def train_adapter(
+    base: Base,
+    records: list[Record],
+    name: str,
+    config: TrainConfig,
+    out_dir: Path,
+    eval_records: list[Record] | None = None,
+    description: str = "",
+    data_info: dict[str, Any] | None = None,
+    scorer: Callable[[str, Record], bool] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one LoRA on `records` and write it (PEFT files + card) into `out_dir`."""
+    from peft import LoraConfig, get_peft_model
+
+    config.validate()
+    if not records:
+        raise LorastackError("no training records")
+    if eval_records is None:
+        records, eval_records = split_holdout(records, config.eval_fraction, config.seed)
+    train_ex = [build_example(base, r, config.max_len) for r in records]
+    eval_ex = [build_example(base, r, config.max_len) for r in eval_records]
+    steps = config.steps or max(1, math.ceil((config.epochs or 1.0) * len(train_ex) / config.batch_size))
+
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    # Train on a float32 copy so the shared Base stays frozen and unwrapped; autocast gives
+    # the bf16 speed while the LoRA weights and optimizer state stay float32.
+    model = copy.deepcopy(base.model).float()
+    lora_cfg = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        target_modules=_targets(base, config.targets),
+        lora_dropout=config.dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora_cfg)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    pad = base.tokenizer.pad_token_id
+
+    losses: list[float] = []
+    tokens = 0
+    t0 = time.perf_counter()
+    peft_model.train()
+    bar = tqdm(_batches(len(train_ex), config.batch_size, steps, rng), desc=f"train {name}", unit="step", disable=not progress)
+    for step, idx in enumerate(bar):
+        for g in opt.param_groups:
+            g["lr"] = config.lr * _lr_at(step, steps, config.warmup)
+        batch = collate([train_ex[i] for i in idx], pad)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast_bf16):
+            out = peft_model(**batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(batch["attention_mask"].sum())
+        losses.append(float(out.loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    peft_model.eval()
+
+    metrics: dict[str, Any] = {"train_loss_first": losses[0], "train_loss_last": sum(losses[-5:]) / len(losses[-5:])}
+    if eval_ex:
+        metrics["eval_loss"] = eval_loss(peft_model, eval_ex, pad, config.batch_size * 2, config.autocast_bf16)
+        if scorer and config.eval_generate:
+            metrics.update(_eval_exact_match(base, peft_model, eval_records[: config.eval_generate], scorer))
+
+    peft_model.save_pretrained(out_dir)
+    card = {
+        "name": name,
+        "description": description,
+        "base_fingerprint": base.fingerprint,
+        "base_name": base.name,
+        "rank": config.rank,
+        "alpha": config.alpha,
+        "target_modules": sorted(lora_cfg.target_modules),
+        "data": {**(data_info or {}), "n_train": len(train_ex), "n_eval": len(eval_ex)},
+        "training": {
+            **{k: v for k, v in dataclasses.asdict(config).items() if k != "targets"},
+            "steps": steps,
+            "seconds": round(seconds, 2),
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 1),
+            "loss_curve": [round(x, 4) for x in losses[:: max(1, len(losses) // 50)]],
+        },
+        "metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
+    }
+    return TrainResult(adapter_dir=out_dir, card=card, losses=losses)
+
+
+def _eval_exact_match(base: Base, peft_model: torch.nn.Module, records: list[Record], scorer: Callable[[str, Record], bool]) -> dict[str, Any]:
+    """Exact match of the freshly trained adapter on held-out records (generated greedily)."""
+    from .engine.generate import Generator
+    from .eval import evaluate
+    from .route import BASE_ROUTE
+
+    # The trained PEFT model stands in as the "base" of a throwaway generator.
+    gen = Generator(dataclasses.replace(base, model=peft_model))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = evaluate(gen, BASE_ROUTE, records, scorer, progress=False)
+    return {"eval_exact_match": result.accuracy, "eval_exact_match_n": result.n}
+
+
+def sample_prompts(records: list[Record], n: int, seed: int) -> list[str]:
+    """A seeded sample of training inputs, stored with the adapter for routing signatures."""
+    texts = [prompt_text(r) for r in records]
+    rng = random.Random(seed)
+    return rng.sample(texts, min(n, len(texts)))
+
+
+
+def train_to_library(
+    base: Base,
+    library: "Library",
+    records: list[Record],
+    name: str,
+    config: TrainConfig,
+    eval_records: list[Record] | None = None,
+    description: str = "",
+    data_info: dict[str, Any] | None = None,
+    scorer: Callable[[str, Record], bool] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    n_examples: int = 64,
+) -> "Adapter":
+    """Train and add to the library in one step; nothing reaches the library unless all succeed.
+
+    The name is checked before training so a typo costs seconds, not a training run.
+    """
+    from .names import validate_name
+
+    validate_name(name)
+    if not overwrite and name in library.names():
+        raise LorastackError(f"adapter {name!r} already exists in the library; use --force to replace it")
+    with tempfile.TemporaryDirectory(prefix="lorastack-train-") as tmp:
+        result = train_adapter(
+            base, records, name, config, Path(tmp), eval_records=eval_records, description=description,
+            data_info=data_info, scorer=scorer, progress=progress,
+        )
+        return library.add(
+            Path(tmp), name, base=base, card_updates=result.card,
+            examples=sample_prompts(records, n_examples, config.seed), overwrite=overwrite,
+        )

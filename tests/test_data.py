@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from lorastack.data import messages_of, read_jsonl, split_holdout
+from lorastack.errors import DataError
+
+
+def write(tmp_path, lines):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def test_reads_prompt_and_messages_records(tmp_path):
+    p = write(tmp_path, [
+        json.dumps({"prompt": "hi", "completion": "yo"}),
+        "",
+        json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], "completion": "c"}),
+    ])
+    recs = read_jsonl(p)
+    assert len(recs) == 2
+    assert messages_of(recs[0]) == [{"role": "user", "content": "hi"}]
+    assert messages_of(recs[1])[0]["role"] == "system"
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('{"prompt": "a", "completion": "b"', "invalid JSON"),
+    ('["x"]', "expected a JSON object"),
+    ('{"completion": "b"}', "exactly one of 'prompt' or 'messages'"),
+    ('{"prompt": "a"}', "missing 'completion'"),
+    ('{"prompt": 3, "completion": "b"}', "'prompt' must be a string"),
+    ('{"prompt": "a", "completion": 7}', "'completion' must be a string"),
+    ('{"messages": [], "completion": "b"}', "non-empty list"),
+    ('{"messages": [{"role": "robot", "content": "x"}], "completion": "b"}', "role 'robot'"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, line, needle):
+    p = write(tmp_path, [json.dumps({"prompt": "ok", "completion": "ok"}), line])
+    with pytest.raises(DataError) as e:
+        read_jsonl(p)
+    assert f"{p}:2" in str(e.value)
+    assert needle in str(e.value)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_jsonl(tmp_path / "nope.jsonl")
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no records"):
+        read_jsonl(tmp_path / "e.jsonl")
+
+
+def test_holdout_split_is_deterministic_and_disjoint():
+    recs = [{"prompt": str(i), "completion": str(i)} for i in range(100)]
+    a_train, a_eval = split_holdout(recs, 0.1, seed=3)
+    b_train, b_eval = split_holdout(recs, 0.1, seed=3)
+    assert a_eval == b_eval and len(a_eval) == 10 and len(a_train) == 90
+    assert not {r["prompt"] for r in a_train} & {r["prompt"] for r in a_eval}
