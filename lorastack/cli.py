@@ -13,6 +13,12 @@ from typing import Any, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import warnings  # noqa: E402
+
+# Library deprecation chatter (transformers/PEFT) is not the user's problem.
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
 import click  # noqa: E402
 import typer  # noqa: E402
 

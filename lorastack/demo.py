@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .base import Base
 from .errors import LorastackError
-from .eval import evaluate
+from .eval import EvalJob, evaluate_many
 from .library import Library
 from .plots import heatmap
 from .route import BASE_ROUTE, Route
@@ -73,15 +73,15 @@ def run_demo(
 
     routes: list[tuple[str, Route]] = [("base", BASE_ROUTE)] + [(t.name, runtime.route(t.name)) for t in task_objs]
     tests = {t.name: t.generate(n_test, "test", seed=0) for t in task_objs}
-    matrix: list[list[float]] = []
-    rows_out: list[dict] = []
-    for label, route in routes:
-        row = []
-        for task in task_objs:
-            res = evaluate(runtime.generator, route, tests[task.name], task.score, label=f"{label} on {task.name}")
-            row.append(res.accuracy)
-            rows_out += [{"model": label, **r} for r in res.rows]
-        matrix.append(row)
+    jobs = [EvalJob(f"{label} on {task.name}", route, tests[task.name], task.score) for label, route in routes for task in task_objs]
+    t_eval = time.perf_counter()
+    results = evaluate_many(runtime.generator, jobs, desc=f"evaluating {len(routes)} models x {len(task_objs)} tasks")
+    eval_seconds = time.perf_counter() - t_eval
+    matrix = [[results[i * len(task_objs) + j].accuracy for j in range(len(task_objs))] for i in range(len(routes))]
+    rows_out = [{"model": label, **row} for i, (label, _) in enumerate(routes)
+                for res in results[i * len(task_objs) : (i + 1) * len(task_objs)] for row in res.rows]
+    tokens = sum(r.completion_tokens for r in results)
+    console.print(f"evaluated {sum(r.n for r in results)} examples in {eval_seconds:.0f}s ({tokens / eval_seconds:.0f} generated tok/s)")
 
     table = Table(title=f"exact match on {n_test} held-out test examples per task")
     table.add_column("model \\ task")
@@ -100,6 +100,7 @@ def run_demo(
         "n_test": n_test,
         "trained": [t.name for t in todo],
         "seconds": round(time.perf_counter() - t_start, 1),
+        "eval_seconds": round(eval_seconds, 1),
     }
     (out_dir / "matrix.json").write_text(json.dumps(result, indent=2))
     with open(out_dir / "examples.jsonl", "w") as fh:

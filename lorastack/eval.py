@@ -14,7 +14,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .data import Record, messages_of, prompt_text
-from .engine.generate import Generator, Sampling
+from .engine.sampling import Generation, Sampling
 from .route import Route
 
 Scorer = Callable[[str, Record], bool]
@@ -52,15 +52,76 @@ def scorer_for(record: Record) -> Scorer:
     return task.score if task else exact_match
 
 
-def max_new_tokens(generator: Generator, records: list[Record]) -> int:
+def max_new_tokens(base: Any, records: list[Record]) -> int:
     """Room for the longest reference answer plus slack: answers longer than that are wrong anyway."""
-    tok = generator.base.tokenizer
+    tok = base.tokenizer
     longest = max(len(tok(r["completion"], add_special_tokens=False)["input_ids"]) for r in records)
     return min(512, longest + 8)
 
 
+@dataclass
+class EvalJob:
+    """One cell of an evaluation: a route on a set of records."""
+
+    label: str
+    route: Route
+    records: list[Record]
+    scorer: Scorer | None = None
+
+
+def evaluate_many(generator: Any, jobs: list[EvalJob], max_tokens: int | None = None, progress: bool = True,
+                  desc: str = "eval") -> list[EvalResult]:
+    """Greedy-decode every job's records and score them.
+
+    With the engine, all jobs go in as one stream of requests with per-row routes, so
+    batches stay full across cells (a matrix of routes x tasks costs one pass, not one per
+    cell). The reference generator runs job by job.
+    """
+    from .engine.engine import Engine
+
+    t0 = time.perf_counter()
+    outs: list[list[Generation]] = []
+    total = sum(len(j.records) for j in jobs)
+    with tqdm(total=total, desc=desc, unit="ex", disable=not progress, leave=False) as bar:
+        if isinstance(generator, Engine):
+            reqs = []
+            for j in jobs:
+                sampling = Sampling(max_tokens=max_tokens or max_new_tokens(generator.base, j.records))
+                reqs.append([generator.submit(messages_of(r), j.route, sampling) for r in j.records])
+            pending = {r for rs in reqs for r in rs}
+            while pending:
+                if generator._thread is None:
+                    generator.step()
+                else:
+                    next(iter(pending))._done.wait(0.05)
+                finished = {r for r in pending if r.done}
+                bar.update(len(finished))
+                pending -= finished
+            outs = [[r.result() for r in rs] for rs in reqs]
+        else:
+            for j in jobs:
+                sampling = Sampling(max_tokens=max_tokens or max_new_tokens(generator.base, j.records))
+                outs.append(generator.generate([messages_of(r) for r in j.records], j.route, sampling, on_batch=bar.update))
+    seconds = time.perf_counter() - t0
+    results = []
+    for j, o in zip(jobs, outs):
+        results.append(_score(j, o, seconds * len(j.records) / max(total, 1)))
+    return results
+
+
+def _score(job: EvalJob, outs: list[Generation], seconds: float) -> EvalResult:
+    rows, correct = [], 0
+    for r, o in zip(job.records, outs):
+        ok = bool((job.scorer or scorer_for(r))(o.text, r))
+        correct += ok
+        rows.append({"prompt": prompt_text(r), "expected": r["completion"], "output": o.text, "correct": ok,
+                     **({"task": r["task"]} if "task" in r else {})})
+    return EvalResult(model=job.label, n=len(job.records), correct=correct, seconds=seconds,
+                      completion_tokens=sum(o.completion_tokens for o in outs), rows=rows)
+
+
 def evaluate(
-    generator: Generator,
+    generator: Any,
     route: Route,
     records: list[Record],
     scorer: Scorer | None = None,
@@ -70,22 +131,5 @@ def evaluate(
     label: str | None = None,
 ) -> EvalResult:
     """Greedy-decode every record under `route` and score it."""
-    sampling = Sampling(max_tokens=max_tokens or max_new_tokens(generator, records))
-    t0 = time.perf_counter()
     name = label or str(route)
-    with tqdm(total=len(records), desc=f"eval {name}", unit="ex", disable=not progress, leave=False) as bar:
-        outs = generator.generate([messages_of(r) for r in records], route, sampling, batch_size=batch_size, on_batch=bar.update)
-    seconds = time.perf_counter() - t0
-    rows, correct = [], 0
-    for r, o in zip(records, outs):
-        ok = bool((scorer or scorer_for(r))(o.text, r))
-        correct += ok
-        rows.append({"prompt": prompt_text(r), "expected": r["completion"], "output": o.text, "correct": ok, **({"task": r["task"]} if "task" in r else {})})
-    return EvalResult(
-        model=name,
-        n=len(records),
-        correct=correct,
-        seconds=seconds,
-        completion_tokens=sum(o.completion_tokens for o in outs),
-        rows=rows,
-    )
+    return evaluate_many(generator, [EvalJob(name, route, records, scorer)], max_tokens, progress, desc=f"eval {name}")[0]

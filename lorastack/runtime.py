@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .base import EMBEDDED, Base
-from .engine.generate import Generation, Generator, Messages, Sampling
+from .adapter import Adapter
+from .engine.engine import Engine
+from .engine.generate import Generator
+from .engine.llama import supports
+from .engine.sampling import Generation, Messages, Sampling
 from .errors import IncompatibleError, LorastackError, NotFoundError, unknown_name_message
 from .library import Library
 from .route import AutoSpec, Route, parse_spec
@@ -20,17 +24,30 @@ from .route import AutoSpec, Route, parse_spec
 class Runtime:
     base: Base
     library: Library
-    generator: Generator = field(init=False)
+    max_batch: int = 32
+    max_resident: int = 16
+    generator: Engine | Generator = field(init=False)
     _checked: set[str] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.generator = Generator(self.base, resolve=self._adapter_path)
+        # The engine serves every Llama-family base; anything else takes the PEFT reference path.
+        if supports(self.base.model):
+            self.generator = Engine(self.base, resolve=self._adapter, max_batch=self.max_batch, max_resident=self.max_resident)
+        else:
+            self.generator = Generator(self.base, resolve=self._adapter_path, max_resident=self.max_resident)
+
+    @property
+    def engine(self) -> Engine | Generator:
+        return self.generator
 
     @classmethod
     def open(cls, base: str = EMBEDDED, library: str | Path | None = None, dtype: str | None = None) -> "Runtime":
         return cls(Base.load(base, dtype=dtype), Library(Path(library) if library else None))
 
     def _adapter_path(self, name: str) -> str:
+        return str(self._adapter(name).path)
+
+    def _adapter(self, name: str) -> Adapter:
         adapter = self.library.get(name)
         if name not in self._checked:
             fp = adapter.card.base_fingerprint
@@ -39,7 +56,7 @@ class Runtime:
                     f"adapter {name!r} was trained for base {fp}, but the loaded base is {self.base.fingerprint} ({self.base.name})"
                 )
             self._checked.add(name)
-        return str(adapter.path)
+        return adapter
 
     def route(self, spec: str) -> Route:
         """Parse a SPEC and check that every adapter it names exists and fits the base."""
@@ -56,4 +73,8 @@ class Runtime:
     def generate(self, prompt: str | Messages, model: str = "base", sampling: Sampling = Sampling()) -> Generation:
         """One reply; `prompt` is a user message or a whole conversation."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return self.generator.generate([messages], self.route(model), sampling)[0]
+        route = self.route(model)
+        if isinstance(self.generator, Engine):
+            return self.generator.submit(messages, route, sampling).result() if self.generator._thread else \
+                self.generator.generate([messages], route, sampling)[0]
+        return self.generator.generate([messages], route, sampling)[0]

@@ -45,3 +45,47 @@ def test_short_training_lowers_loss_and_adapter_generates(embedded, tmp_path):
     base_out = rt.generate(conv, "base", Sampling(max_tokens=24))
     assert out.text.strip() and out.completion_tokens > 0
     assert out.text != base_out.text
+
+
+def test_plain_peft_adapter_imports_and_evaluates_random_shape_refused(embedded, tmp_path):
+    """An adapter trained by a plain PEFT script (no lorastack code) imports and runs."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lorastack.errors import IncompatibleError
+    from lorastack.eval import evaluate
+    from lorastack.library import Library
+    from lorastack.runtime import Runtime
+    from lorastack.tasks import get_task
+
+    tok = embedded.tokenizer
+    model = get_peft_model(copy.deepcopy(embedded.model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for r in get_task("title_case").generate(4, "train", seed=0):
+        text = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)
+        ids = tok(text + r["completion"] + "<|im_end|>", return_tensors="pt")["input_ids"]
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(tmp_path / "plain")
+
+    lib = Library(tmp_path / "lib")
+    adapter = lib.import_dir(tmp_path / "plain", "plain-title", base=embedded)
+    assert adapter.card.base_fingerprint == embedded.fingerprint and adapter.card.rank == 4
+    rt = Runtime(embedded, lib)
+    result = evaluate(rt.generator, rt.route("plain-title"), get_task("title_case").generate(4, "test", seed=0), progress=False)
+    assert result.n == 4 and all(row["output"] is not None for row in result.rows)
+
+    # A random-shaped LoRA (hidden size 100 instead of 576) is refused with the mismatch named.
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "random"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((tmp_path / "plain" / "adapter_config.json").read_text())
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 100),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(100, 4)}, bad / "adapter_model.safetensors")
+    with pytest.raises(IncompatibleError, match=r"shape mismatch at model.layers.0.self_attn.q_proj.*576 -> 576"):
+        lib.import_dir(bad, "random", base=embedded)
+    assert lib.names() == ["plain-title"]

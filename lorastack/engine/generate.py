@@ -1,9 +1,8 @@
-"""Batched generation for one Route at a time, over PEFT-injected LoRA layers.
+"""Reference generation through PEFT + HF `generate`, one Route per call.
 
-This is the first engine: it batches many prompts that share a route (what `eval` and
-the demo need) and keeps loaded adapters resident, switching with `set_adapter`.
-Per-row routes in one batch and continuous batching belong to the scheduler that
-replaces the inside of `Generator.generate` without changing its signature.
+The engine (`engine.py`) is the serving path; this one stays as the fallback for model
+architectures the engine's own forward does not cover, and as the PEFT reference that
+tests and benchmarks compare the engine against.
 """
 
 from __future__ import annotations
@@ -19,39 +18,7 @@ import torch
 from ..base import Base
 from ..errors import LorastackError
 from ..route import Route
-
-Messages = list[dict[str, str]]
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding settings; temperature 0 means greedy."""
-
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise LorastackError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise LorastackError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise LorastackError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise LorastackError(f"top_k must be >= 0, got {self.top_k}")
-
-
-@dataclass
-class Generation:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
-
+from .sampling import Generation, Messages, Sampling
 
 @dataclass
 class Generator:

@@ -1,0 +1,320 @@
+"""The Engine: continuous batching where every row carries its own Route.
+
+A scheduler step admits waiting requests (FIFO, bounded by `max_batch` rows and
+`max_tokens_in_flight`), prefills them together, then runs one decode step for every
+running row; finished rows leave at once and their KV rows are compacted away. The base
+projections run once per batch; each row adds the LoRA delta of its own route's slot.
+
+Callers either drive it synchronously (`generate`, used by the CLI and eval) or start the
+background loop (`start`, used by the server) and `submit` from any thread; tokens stream
+through each request's queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapter import Adapter
+from ..base import Base
+from ..errors import LorastackError
+from ..route import Route
+from .lora import LoraBank
+from .llama import LlamaRunner, supports
+from .sampling import Generation, Messages, Sampling, pick_tokens
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation in flight; `stream()` yields text pieces, `result()` waits for the end."""
+
+    prompt_ids: list[int]
+    route: Route
+    sampling: Sampling
+    id: int = field(default_factory=lambda: next(_ids))
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    error: BaseException | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    cancelled: bool = False
+    _emitted: int = 0
+    _slot: int = 0
+    _rng: torch.Generator | None = None
+    _events: "queue.Queue[str | None]" = field(default_factory=queue.Queue, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating (a disconnected client); the row is freed at the next step."""
+        self.cancelled = True
+
+    def stream(self, timeout: float | None = None) -> Iterator[str]:
+        while True:
+            piece = self._events.get(timeout=timeout)
+            if piece is None:
+                if self.error:
+                    raise self.error
+                return
+            yield piece
+
+    def result(self, timeout: float | None = None) -> Generation:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} not finished after {timeout}s")
+        if self.error:
+            raise self.error
+        return Generation(self.text, len(self.prompt_ids), len(self.tokens), self.finish_reason or "stop")
+
+
+class Engine:
+    def __init__(
+        self,
+        base: Base,
+        resolve: Callable[[str], Adapter] | None = None,
+        max_batch: int = 32,
+        max_tokens_in_flight: int = 32768,
+        max_resident: int = 16,
+        max_prefill_tokens: int = 4096,
+    ) -> None:
+        if not supports(base.model):
+            raise LorastackError(f"the engine supports Llama-family bases, not {getattr(base.model.config, 'model_type', '?')}")
+        self.base = base
+        self.resolve = resolve or (lambda name: (_ for _ in ()).throw(LorastackError(f"adapter {name!r}: no library attached")))
+        self.max_batch = max_batch
+        self.max_tokens_in_flight = max_tokens_in_flight
+        self.max_prefill_tokens = max_prefill_tokens
+        shapes = {full: (lin.in_features, lin.out_features) for full, lin in _linears(base.model)}
+        self.bank = LoraBank(shapes, base.dtype, self.resolve, max_resident=max_resident)
+        self.runner = LlamaRunner(base.model, self.bank)
+        self.cache = self.runner.new_cache()
+        self.running: list[Request] = []
+        self.waiting: deque[Request] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "batch_rows_sum": 0}
+
+    # ------------------------------------------------------------ submitting
+    def submit(self, prompt: str | Messages, route: Route, sampling: Sampling = Sampling()) -> Request:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        ids = self.base.chat_ids(messages)
+        return self.submit_ids(ids, route, sampling)
+
+    def submit_ids(self, ids: list[int], route: Route, sampling: Sampling = Sampling()) -> Request:
+        if not ids:
+            raise LorastackError("empty prompt")
+        if len(ids) + sampling.max_tokens > self.max_tokens_in_flight:
+            raise LorastackError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the engine's limit of {self.max_tokens_in_flight}"
+            )
+        req = Request(ids, route, sampling)
+        if sampling.temperature > 0:
+            req._rng = torch.Generator()
+            req._rng.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ())))
+        with self._wake:
+            self.waiting.append(req)
+            self._wake.notify()
+        return req
+
+    def generate(self, conversations: list[Messages], routes: Route | list[Route], sampling: Sampling = Sampling(),
+                 on_done: Callable[[int], None] | None = None) -> list[Generation]:
+        """Generate one reply per conversation; each may have its own route. Blocks until done."""
+        routes = routes if isinstance(routes, list) else [routes] * len(conversations)
+        reqs = [self.submit(c, r, sampling) for c, r in zip(conversations, routes)]
+        if self._thread is None:
+            pending = set(reqs)
+            while pending:
+                self.step()
+                finished = {r for r in pending if r.done}
+                if finished and on_done:
+                    on_done(len(finished))
+                pending -= finished
+        return [r.result() for r in reqs]
+
+    # ------------------------------------------------------------ background loop
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="lorastack-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            with self._wake:
+                self._stop = True
+                self._wake.notify()
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not self.waiting and not self.running:
+                    self._wake.wait()
+                if self._stop:
+                    return
+            self.step()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    # ------------------------------------------------------------ scheduling
+    def step(self) -> None:
+        """Admit and prefill what fits, then decode one token for every running row."""
+        self._drop_cancelled()
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        if self.running:
+            self._decode()
+        elif not self.waiting:
+            self.cache.trim()
+
+    def _in_flight(self) -> int:
+        return sum(len(r.prompt_ids) + r.sampling.max_tokens for r in self.running)
+
+    def _admit(self) -> list[Request]:
+        admitted: list[Request] = []
+        budget = self.max_tokens_in_flight - self._in_flight()
+        prefill = 0
+        with self._lock:
+            while self.waiting and len(self.running) + len(admitted) < self.max_batch:
+                req = self.waiting[0]
+                if req.cancelled:
+                    self.waiting.popleft()
+                    self._finish(req, "cancelled")
+                    continue
+                need = len(req.prompt_ids) + req.sampling.max_tokens
+                if need > budget or (admitted and prefill + len(req.prompt_ids) > self.max_prefill_tokens):
+                    break
+                try:
+                    req._slot = self.bank.slot_for(req.route)
+                except LorastackError as e:
+                    if "slots are in use" in str(e) and (self.running or admitted):
+                        break  # wait for running rows to release a slot
+                    self.waiting.popleft()
+                    req.error = e
+                    self._finish(req, "error")
+                    continue
+                except Exception as e:  # noqa: BLE001 - a broken adapter fails its request, not the engine
+                    self.waiting.popleft()
+                    req.error = LorastackError(f"cannot load route {req.route}: {e}")
+                    self._finish(req, "error")
+                    continue
+                self.bank.pin(req.route)
+                self.waiting.popleft()
+                admitted.append(req)
+                budget -= need
+                prefill += len(req.prompt_ids)
+        return admitted
+
+    def _slots(self, reqs: list[Request]) -> tuple[torch.Tensor, int | None]:
+        slots = [r._slot for r in reqs]
+        uniform = slots[0] if all(s == slots[0] for s in slots) else None
+        return torch.tensor(slots, dtype=torch.long), uniform
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        first = self.cache.add_rows(len(reqs), max(len(r.prompt_ids) + r.sampling.max_tokens for r in reqs))
+        slots, uniform = self._slots(reqs)
+        logits = self.runner.prefill(self.cache, first, [r.prompt_ids for r in reqs], slots, uniform)
+        self.running.extend(reqs)
+        self.stats["prefills"] += 1
+        self._emit(reqs, logits, list(range(first, first + len(reqs))))
+
+    def _decode(self) -> None:
+        need = max(int(self.cache.lengths[i]) + 1 for i in range(self.cache.n))
+        self.cache.reserve(self.cache.n, need)
+        tokens = torch.tensor([r.tokens[-1] for r in self.running], dtype=torch.long)
+        slots, uniform = self._slots(self.running)
+        logits = self.runner.decode(self.cache, tokens, slots, uniform)
+        self.stats["steps"] += 1
+        self.stats["batch_rows_sum"] += len(self.running)
+        self._emit(list(self.running), logits, list(range(len(self.running))))
+
+    def _emit(self, reqs: list[Request], logits: torch.Tensor, rows: list[int]) -> None:
+        picks = pick_tokens(logits, [r.sampling for r in reqs], [r._rng for r in reqs])
+        now = time.perf_counter()
+        done: list[Request] = []
+        eos = self.base.eos_token_id
+        for req, tok in zip(reqs, picks):
+            if req.first_token_at is None:
+                req.first_token_at = now
+            if tok == eos:
+                req.finish_reason = "stop"
+            else:
+                req.tokens.append(tok)
+                self.stats["tokens"] += 1
+                self._update_text(req)
+                if req.finish_reason is None and len(req.tokens) >= req.sampling.max_tokens:
+                    req.finish_reason = "length"
+            if req.finish_reason or req.cancelled:
+                done.append(req)
+        for req in done:
+            self._retire(req)
+
+    def _update_text(self, req: Request) -> None:
+        tok = self.base.tokenizer
+        text = tok.decode(req.tokens, skip_special_tokens=True)
+        for s in req.sampling.stop:
+            if s and s in text:
+                text = text[: text.index(s)]
+                req.finish_reason = "stop"
+        req.text = text
+        # Hold back a partial UTF-8 character and anything that could still become a stop string.
+        safe = len(text)
+        if text.endswith("\ufffd"):
+            safe = len(text.rstrip("\ufffd"))
+        if not req.finish_reason:
+            for s in req.sampling.stop:
+                for k in range(min(len(s) - 1, safe), 0, -1):
+                    if text[:safe].endswith(s[:k]):
+                        safe = min(safe, len(text) - k)
+                        break
+        if safe > req._emitted:
+            req._events.put(text[req._emitted : safe])
+            req._emitted = safe
+
+    def _retire(self, req: Request) -> None:
+        row = self.running.index(req)
+        moved = self.cache.remove_row(row)
+        last = self.running.pop()
+        if moved is not None:
+            self.running[row] = last
+        self.bank.unpin(req.route)
+        self._finish(req, req.finish_reason or ("cancelled" if req.cancelled else "stop"))
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = req.finish_reason or reason
+        if req._emitted < len(req.text) and not req.error:
+            req._events.put(req.text[req._emitted :])
+            req._emitted = len(req.text)
+        req.finished_at = time.perf_counter()
+        self.stats["requests"] += 1
+        req._events.put(None)
+        req._done.set()
+
+    def _drop_cancelled(self) -> None:
+        for req in [r for r in self.running if r.cancelled]:
+            self._retire(req)
+
+
+def _linears(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear]]:
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"):
+            yield name, m

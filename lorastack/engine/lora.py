@@ -1,0 +1,220 @@
+"""Multi-adapter LoRA math for inference: the only place LoRA deltas are applied at serving time.
+
+Each targeted Linear gets a *bank*: stacked `A [slots, r, in]` and `B [slots, out, r]`
+tensors (PEFT's scaling folded into B). A batch row carries a slot index; its delta is
+`B[slot] @ (A[slot] @ x)`, computed for all rows at once with two batched matmuls (the
+BGMV idea from Punica/S-LoRA), so the base projection runs once for the whole batch no
+matter how many adapters are in it. Slot 0 is all zeros: the bare base.
+
+A weighted mixture `a:0.7+b:0.3` occupies one slot holding the rank-concatenation
+`A = [A_a; A_b]`, `B = [0.7 B_a, 0.3 B_b]`, which is exactly PEFT's `cat` combination:
+the weighted sum of the deltas, with no merge into the base.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..adapter import Adapter
+from ..errors import LorastackError
+from ..route import Route
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class AdapterWeights:
+    """One adapter in memory: `{module: (A [r, in], B_scaled [out, r])}`."""
+
+    name: str
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def rank(self) -> int:
+        return max(a.shape[0] for a, _ in self.modules.values())
+
+    @classmethod
+    def load(cls, adapter: Adapter, dtype: torch.dtype) -> "AdapterWeights":
+        cfg = adapter.config()
+        alpha = float(cfg.get("lora_alpha", cfg["r"]))
+        alpha_pattern = cfg.get("alpha_pattern") or {}
+        use_rslora = bool(cfg.get("use_rslora", False))
+        if cfg.get("use_dora"):
+            raise LorastackError(f"adapter {adapter.name!r} uses DoRA, which the engine does not support")
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in adapter.weights().items():
+            m = _KEY.match(key)
+            if not m:
+                raise LorastackError(f"adapter {adapter.name!r}: unsupported tensor {key!r} (only Linear LoRA)")
+            parts.setdefault(m["module"], {})[m["part"]] = t
+        modules = {}
+        for module, ab in parts.items():
+            a, b = ab["A"], ab["B"]
+            rank = a.shape[0]  # the tensor's own rank already reflects any rank_pattern
+            mod_alpha = _pattern(alpha_pattern, module, alpha)
+            scale = mod_alpha / (rank**0.5 if use_rslora else rank)
+            modules[module] = (a.to(torch.float32).to(dtype).contiguous(), (b.to(torch.float32) * scale).to(dtype).contiguous())
+        return cls(adapter.name, modules)
+
+    @classmethod
+    def mixture(cls, name: str, parts: list[tuple["AdapterWeights", float]]) -> "AdapterWeights":
+        """PEFT's `cat` combination: ranks concatenated, each B scaled by its weight."""
+        modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for module in sorted({m for w, _ in parts for m in w.modules}):
+            As, Bs = [], []
+            for w, weight in parts:
+                if module in w.modules:
+                    a, b = w.modules[module]
+                    As.append(a)
+                    Bs.append(b * weight)
+            modules[module] = (torch.cat(As, 0), torch.cat(Bs, 1))
+        return cls(name, modules)
+
+
+def _pattern(pattern: dict[str, float], module: str, default: float) -> float:
+    for key, value in pattern.items():
+        if module == key or module.endswith("." + key) or re.search(key, module):
+            return value
+    return default
+
+
+class LoraBank:
+    """Resident adapter slots for every targeted module, with LRU eviction.
+
+    `resolve(name)` opens an adapter from the library; evicted adapters stay cached in CPU
+    RAM (`max_cached`) so reloading them costs a copy, not a disk read.
+    """
+
+    def __init__(
+        self,
+        module_shapes: dict[str, tuple[int, int]],
+        dtype: torch.dtype,
+        resolve: Callable[[str], Adapter],
+        max_resident: int = 16,
+        max_cached: int = 64,
+    ) -> None:
+        if max_resident < 1:
+            raise LorastackError("max_resident must be >= 1")
+        self.shapes = module_shapes
+        self.dtype = dtype
+        self.resolve = resolve
+        self.max_resident = max_resident
+        self.max_cached = max(max_cached, max_resident)
+        self.rank = 0
+        self.A: dict[str, torch.Tensor] = {}
+        self.B: dict[str, torch.Tensor] = {}
+        self.slots: OrderedDict[str, int] = OrderedDict()  # route key -> slot, in LRU order
+        self.cache: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self.pinned: dict[str, int] = {}  # route key -> number of in-flight rows using it
+        self.load_seconds: list[float] = []
+
+    # ------------------------------------------------------------ adapters
+    def _weights(self, name: str) -> AdapterWeights:
+        if name in self.cache:
+            self.cache.move_to_end(name)
+            return self.cache[name]
+        import time
+
+        t0 = time.perf_counter()
+        w = AdapterWeights.load(self.resolve(name), self.dtype)
+        unknown = [m for m in w.modules if m not in self.shapes]
+        if unknown:
+            raise LorastackError(f"adapter {name!r} targets {unknown[0]!r}, which the base does not have")
+        self.load_seconds.append(time.perf_counter() - t0)
+        self.cache[name] = w
+        while len(self.cache) > self.max_cached:
+            self.cache.popitem(last=False)
+        return w
+
+    def forget(self, name: str) -> None:
+        """Drop an adapter (removed or replaced in the library) from RAM and from its slots."""
+        self.cache.pop(name, None)
+        for key in [k for k in self.slots if name in _route_names(k)]:
+            if not self.pinned.get(key):
+                self._free(key)
+
+    # ------------------------------------------------------------ slots
+    def _ensure_rank(self, rank: int) -> None:
+        if rank <= self.rank and self.A:
+            return
+        new_rank = max(rank, self.rank, 8)
+        n = self.max_resident + 1
+        for module, (fin, fout) in self.shapes.items():
+            a = torch.zeros(n, new_rank, fin, dtype=self.dtype)
+            b = torch.zeros(n, fout, new_rank, dtype=self.dtype)
+            if module in self.A:
+                a[:, : self.rank] = self.A[module]
+                b[:, :, : self.rank] = self.B[module]
+            self.A[module], self.B[module] = a, b
+        self.rank = new_rank
+
+    def _free(self, key: str) -> None:
+        slot = self.slots.pop(key)
+        for module in self.A:
+            self.A[module][slot].zero_()
+            self.B[module][slot].zero_()
+
+    def slot_for(self, route: Route) -> int:
+        """The slot holding `route` (loading it if needed); 0 for the bare base."""
+        if route.is_base:
+            return 0
+        key = str(route)
+        if key in self.slots:
+            self.slots.move_to_end(key)
+            return self.slots[key]
+        parts = [(self._weights(n), w) for n, w in route.entries]
+        w = parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else AdapterWeights.mixture(key, parts)
+        self._ensure_rank(w.rank)
+        used = set(self.slots.values())
+        free = [s for s in range(1, self.max_resident + 1) if s not in used]
+        if not free:
+            victim = next((k for k in self.slots if not self.pinned.get(k)), None)
+            if victim is None:
+                raise LorastackError(f"all {self.max_resident} adapter slots are in use by running requests")
+            free = [self.slots[victim]]
+            self._free(victim)
+        slot = free[0]
+        for module, (a, b) in w.modules.items():
+            r = a.shape[0]
+            self.A[module][slot, :r] = a
+            self.B[module][slot, :, :r] = b
+        self.slots[key] = slot
+        return slot
+
+    def pin(self, route: Route) -> None:
+        if not route.is_base:
+            self.pinned[str(route)] = self.pinned.get(str(route), 0) + 1
+
+    def unpin(self, route: Route) -> None:
+        key = str(route)
+        if key in self.pinned:
+            self.pinned[key] -= 1
+            if self.pinned[key] <= 0:
+                del self.pinned[key]
+
+    def resident(self) -> list[str]:
+        return list(self.slots)
+
+
+def _route_names(key: str) -> set[str]:
+    return {part.split(":")[0] for part in key.split("+")}
+
+
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, uniform: int | None) -> torch.Tensor | None:
+    """Per-row LoRA delta for `x [n, t, in]` given each row's slot.
+
+    `uniform` is the slot when every row shares one (a plain matmul pair, no gather), or
+    None for a mixed batch (gathered batched matmuls). Returns None when all rows are base.
+    """
+    if uniform == 0:
+        return None
+    if uniform is not None:
+        return (x @ A[uniform].transpose(0, 1)) @ B[uniform].transpose(0, 1)
+    a = A.index_select(0, slots)  # [n, r, in]
+    b = B.index_select(0, slots)  # [n, out, r]
+    return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
