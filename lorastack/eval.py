@@ -87,7 +87,8 @@ def evaluate_many(generator: Any, jobs: list[EvalJob], max_tokens: int | None = 
             reqs = []
             for j in jobs:
                 sampling = Sampling(max_tokens=max_tokens or max_new_tokens(generator.base, j.records))
-                reqs.append([generator.submit(messages_of(r), j.route, sampling) for r in j.records])
+                reqs.append([generator.submit(messages_of(r), j.route, sampling, abandon_when=_divergence(j.scorer, r))
+                             for r in j.records])
             pending = {r for rs in reqs for r in rs}
             while pending:
                 if generator._thread is None:
@@ -109,12 +110,30 @@ def evaluate_many(generator: Any, jobs: list[EvalJob], max_tokens: int | None = 
     return results
 
 
+def _divergence(scorer: Scorer | None, record: Record) -> Callable[[str], bool] | None:
+    """For exact-match scoring: a test that says the output can no longer match.
+
+    The normalised text of any prefix of an output is a prefix of the normalised output,
+    so once it stops being a prefix of the reference the verdict is already "wrong":
+    stopping there changes no score and saves the decode steps a wrong answer would take.
+    """
+    from .tasks import Task, exact_match, normalize
+
+    scorer = scorer or scorer_for(record)
+    owner = getattr(scorer, "__self__", None)
+    if not (scorer is exact_match or (isinstance(owner, Task) and owner.scorer is exact_match)):
+        return None
+    reference = normalize(record["completion"])
+    return lambda text: not reference.startswith(normalize(text))
+
+
 def _score(job: EvalJob, outs: list[Generation], seconds: float) -> EvalResult:
     rows, correct = [], 0
     for r, o in zip(job.records, outs):
         ok = bool((job.scorer or scorer_for(r))(o.text, r))
         correct += ok
         rows.append({"prompt": prompt_text(r), "expected": r["completion"], "output": o.text, "correct": ok,
+                     **({"stopped_early": True} if o.finish_reason == "abandoned" else {}),
                      **({"task": r["task"]} if "task" in r else {})})
     return EvalResult(model=job.label, n=len(job.records), correct=correct, seconds=seconds,
                       completion_tokens=sum(o.completion_tokens for o in outs), rows=rows)

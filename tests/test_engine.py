@@ -172,3 +172,37 @@ def test_stress_threads_random_routes_no_crosstalk(tiny_base, lib_with_adapters)
         expect = ref_tokens[r][:n]
         assert toks == expect, f"route {r} max_tokens {n}: {toks} != {expect}"
     assert alone["a"].text is not None
+
+
+def test_prefix_reuse_matches_peft(tiny_base, lib_with_adapters):
+    """A second prompt sharing the first's opening reuses its KV and still matches PEFT."""
+    lib = lib_with_adapters
+    engine = Engine(tiny_base, resolve=lib.get)
+    seen: list[torch.Tensor] = []
+    emit = engine._emit
+
+    def spy(rs, logits, rows):
+        seen.append(logits[0].clone())
+        emit(rs, logits, rows)
+
+    p1 = tiny_base.chat_ids([{"role": "user", "content": "Sort these words alphabetically: pear fig apple"}])
+    p2 = tiny_base.chat_ids([{"role": "user", "content": "Sort these words alphabetically: kiwi lime"}])
+    route = parse_spec("a:0.6+b:0.4")
+    first = engine.submit_ids(p1, route, Sampling(max_tokens=4))
+    while not first.done:
+        engine.step()
+    engine._emit = spy
+    second = engine.submit_ids(p2, route, Sampling(max_tokens=6))
+    while not second.done:
+        engine.step()
+    assert engine.prefixes.hits == 1 and engine.prefixes.reused_tokens >= 10
+    ref = peft_logits(tiny_base, lib, route, p2 + second.tokens)
+    steps = torch.stack(seen)
+    assert torch.allclose(steps, ref[len(p2) - 1 : len(p2) - 1 + len(steps)], atol=1e-4)
+    # Another route never reuses this route's KV.
+    other = engine.submit_ids(p2, parse_spec("a"), Sampling(max_tokens=2))
+    while not other.done:
+        engine.step()
+    assert engine.prefixes.hits == 1
+    engine.forget("b")
+    assert not any("b" in k[0] for k in engine.prefixes.entries)

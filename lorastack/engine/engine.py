@@ -26,7 +26,8 @@ from ..adapter import Adapter
 from ..base import Base
 from ..errors import LorastackError
 from ..route import Route
-from .lora import LoraBank
+from .lora import LoraBank, LoraBatch
+from .prefix import PrefixCache
 from .llama import LlamaRunner, supports
 from .sampling import Generation, Messages, Sampling, pick_tokens
 
@@ -49,6 +50,9 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     cancelled: bool = False
+    # Optional early exit: called with the text so far; True ends the request ("abandoned").
+    # Evaluation uses it to stop a row once it can no longer match the reference exactly.
+    abandon_when: Callable[[str], bool] | None = None
     _emitted: int = 0
     _slot: int = 0
     _rng: torch.Generator | None = None
@@ -89,6 +93,7 @@ class Engine:
         max_tokens_in_flight: int = 32768,
         max_resident: int = 16,
         max_prefill_tokens: int = 4096,
+        prefix_cache: int = 64,
     ) -> None:
         if not supports(base.model):
             raise LorastackError(f"the engine supports Llama-family bases, not {getattr(base.model.config, 'model_type', '?')}")
@@ -101,6 +106,7 @@ class Engine:
         self.bank = LoraBank(shapes, base.dtype, self.resolve, max_resident=max_resident)
         self.runner = LlamaRunner(base.model, self.bank)
         self.cache = self.runner.new_cache()
+        self.prefixes = PrefixCache(max_entries=prefix_cache) if prefix_cache else None
         self.running: list[Request] = []
         self.waiting: deque[Request] = deque()
         self._lock = threading.Lock()
@@ -110,19 +116,21 @@ class Engine:
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "batch_rows_sum": 0}
 
     # ------------------------------------------------------------ submitting
-    def submit(self, prompt: str | Messages, route: Route, sampling: Sampling = Sampling()) -> Request:
+    def submit(self, prompt: str | Messages, route: Route, sampling: Sampling = Sampling(),
+               abandon_when: Callable[[str], bool] | None = None) -> Request:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         ids = self.base.chat_ids(messages)
-        return self.submit_ids(ids, route, sampling)
+        return self.submit_ids(ids, route, sampling, abandon_when)
 
-    def submit_ids(self, ids: list[int], route: Route, sampling: Sampling = Sampling()) -> Request:
+    def submit_ids(self, ids: list[int], route: Route, sampling: Sampling = Sampling(),
+                   abandon_when: Callable[[str], bool] | None = None) -> Request:
         if not ids:
             raise LorastackError("empty prompt")
         if len(ids) + sampling.max_tokens > self.max_tokens_in_flight:
             raise LorastackError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the engine's limit of {self.max_tokens_in_flight}"
             )
-        req = Request(ids, route, sampling)
+        req = Request(ids, route, sampling, abandon_when=abandon_when)
         if sampling.temperature > 0:
             req._rng = torch.Generator()
             req._rng.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ())))
@@ -145,6 +153,13 @@ class Engine:
                     on_done(len(finished))
                 pending -= finished
         return [r.result() for r in reqs]
+
+    def forget(self, adapter: str) -> None:
+        """Drop everything cached for `adapter` (it was replaced or removed in the library)."""
+        with self._lock:
+            self.bank.forget(adapter)
+            if self.prefixes is not None:
+                self.prefixes.forget(adapter)
 
     # ------------------------------------------------------------ background loop
     def start(self) -> None:
@@ -224,15 +239,28 @@ class Engine:
                 prefill += len(req.prompt_ids)
         return admitted
 
-    def _slots(self, reqs: list[Request]) -> tuple[torch.Tensor, int | None]:
-        slots = [r._slot for r in reqs]
-        uniform = slots[0] if all(s == slots[0] for s in slots) else None
-        return torch.tensor(slots, dtype=torch.long), uniform
+    def _lora(self, reqs: list[Request]) -> LoraBatch:
+        return LoraBatch(self.bank, [r._slot for r in reqs])
 
     def _prefill(self, reqs: list[Request]) -> None:
-        first = self.cache.add_rows(len(reqs), max(len(r.prompt_ids) + r.sampling.max_tokens for r in reqs))
-        slots, uniform = self._slots(reqs)
-        logits = self.runner.prefill(self.cache, first, [r.prompt_ids for r in reqs], slots, uniform)
+        prompts = [r.prompt_ids for r in reqs]
+        hits = [self.prefixes.lookup(str(r.route), r.prompt_ids) if self.prefixes else (None, 0) for r in reqs]
+        starts = [n for _, n in hits]
+        width = max(len(p) - s for p, s in zip(prompts, starts))
+        first = self.cache.add_rows(len(reqs), max(max(s + width, len(p) + r.sampling.max_tokens)
+                                                     for p, s, r in zip(prompts, starts, reqs)))
+        for i, (entry, n) in enumerate(hits):
+            if entry is not None:
+                for li in range(len(self.cache.k)):
+                    self.cache.k[li][first + i, :, :n] = entry.k[li][:, :n]
+                    self.cache.v[li][first + i, :, :n] = entry.v[li][:, :n]
+        logits = self.runner.prefill(self.cache, first, prompts, self._lora(reqs), starts)
+        if self.prefixes is not None:
+            for i, r in enumerate(reqs):
+                ln = len(r.prompt_ids)
+                self.prefixes.store(str(r.route), r.prompt_ids,
+                                    [k[first + i, :, :ln].clone() for k in self.cache.k],
+                                    [v[first + i, :, :ln].clone() for v in self.cache.v])
         self.running.extend(reqs)
         self.stats["prefills"] += 1
         self._emit(reqs, logits, list(range(first, first + len(reqs))))
@@ -241,8 +269,7 @@ class Engine:
         need = max(int(self.cache.lengths[i]) + 1 for i in range(self.cache.n))
         self.cache.reserve(self.cache.n, need)
         tokens = torch.tensor([r.tokens[-1] for r in self.running], dtype=torch.long)
-        slots, uniform = self._slots(self.running)
-        logits = self.runner.decode(self.cache, tokens, slots, uniform)
+        logits = self.runner.decode(self.cache, tokens, self._lora(self.running))
         self.stats["steps"] += 1
         self.stats["batch_rows_sum"] += len(self.running)
         self._emit(list(self.running), logits, list(range(len(self.running))))
@@ -276,6 +303,8 @@ class Engine:
                 text = text[: text.index(s)]
                 req.finish_reason = "stop"
         req.text = text
+        if req.abandon_when is not None and not req.finish_reason and req.abandon_when(text):
+            req.finish_reason = "abandoned"
         # Hold back a partial UTF-8 character and anything that could still become a stop string.
         safe = len(text)
         if text.endswith("\ufffd"):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import KVCache
-from .lora import LoraBank, lora_delta
+from .lora import LoraBank, LoraBatch
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -57,48 +57,62 @@ class LlamaRunner:
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype)
 
-    def _linear(self, layer: int, name: str, x: torch.Tensor, slots: torch.Tensor, uniform: int | None) -> torch.Tensor:
+    def _linear(self, layer: int, name: str, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         lin, full = self.proj[layer][name]
         y = F.linear(x, lin.weight, lin.bias)
-        A = self.bank.A.get(full)
-        if A is not None:
-            d = lora_delta(x, A, self.bank.B[full], slots, uniform)
-            if d is not None:
-                y = y + d
-        return y
+        d = lora.delta(full, x)
+        return y if d is None else y + d
 
     @torch.inference_mode()
-    def prefill(self, cache: KVCache, first: int, prompts: list[list[int]], slots: torch.Tensor, uniform: int | None) -> torch.Tensor:
-        """Run new prompts (rows `first..`) through the model; returns next-token logits [n, V]."""
-        n, width = len(prompts), max(len(p) for p in prompts)
+    def prefill(self, cache: KVCache, first: int, prompts: list[list[int]], lora: LoraBatch,
+                starts: list[int] | None = None) -> torch.Tensor:
+        """Run new prompts (rows `first..`) through the model; returns next-token logits [n, V].
+
+        `starts[i]` tokens of prompt i are already in the cache (a reused prefix); only the
+        rest is computed, attending to the cached part.
+        """
+        n = len(prompts)
+        starts = starts or [0] * n
+        suffix = [p[s:] for p, s in zip(prompts, starts)]
+        width = max(len(x) for x in suffix)
         ids = torch.zeros(n, width, dtype=torch.long)
+        for i, x in enumerate(suffix):
+            ids[i, : len(x)] = torch.tensor(x)
+        start = torch.tensor(starts)
         lens = torch.tensor([len(p) for p in prompts])
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p)
-        positions = torch.arange(width).expand(n, width)
-        valid = torch.arange(width)[None, :] < lens[:, None]
-        mask = (torch.ones(width, width, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None]
+        positions = start[:, None] + torch.arange(width)[None, :]
+        span = int((start + width).max())
+        # Query at absolute position p sees keys 0..p of its own row (cached prefix included).
+        mask = (torch.arange(span)[None, None, :] <= positions[:, :, None])[:, None]
+        same_start = all(s == starts[0] for s in starts)
         h = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(h, positions)
         rows = slice(first, first + n)
         for li, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
-            q, k, v = (self._linear(li, p, x, slots, uniform) for p in ("q_proj", "k_proj", "v_proj"))
+            q, k, v = (self._linear(li, p, x, lora) for p in ("q_proj", "k_proj", "v_proj"))
             q = q.view(n, width, -1, self.head_dim).transpose(1, 2)
             k = k.view(n, width, -1, self.head_dim).transpose(1, 2)
             v = v.view(n, width, -1, self.head_dim).transpose(1, 2)
             q, k = self.rope(q, k, cos, sin)
-            cache.k[li][rows, :, :width] = k
-            cache.v[li][rows, :, :width] = v
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.self_attn.scaling, enable_gqa=True)
-            h = h + self._linear(li, "o_proj", a.transpose(1, 2).reshape(n, width, -1), slots, uniform)
-            h = h + self._mlp(li, layer, layer.post_attention_layernorm(h), slots, uniform)
+            kc, vc = cache.k[li], cache.v[li]
+            if same_start:
+                kc[rows, :, starts[0] : starts[0] + width] = k
+                vc[rows, :, starts[0] : starts[0] + width] = v
+            else:
+                for i, s in enumerate(starts):
+                    kc[first + i, :, s : s + width] = k[i]
+                    vc[first + i, :, s : s + width] = v[i]
+            a = F.scaled_dot_product_attention(q, kc[rows, :, :span], vc[rows, :, :span], attn_mask=mask,
+                                               scale=layer.self_attn.scaling, enable_gqa=True)
+            h = h + self._linear(li, "o_proj", a.transpose(1, 2).reshape(n, width, -1), lora)
+            h = h + self._mlp(li, layer, layer.post_attention_layernorm(h), lora)
         cache.lengths[rows] = lens
-        last = h[torch.arange(n), lens - 1]
+        last = h[torch.arange(n), lens - start - 1]
         return self.model.lm_head(self.inner.norm(last)).float()
 
     @torch.inference_mode()
-    def decode(self, cache: KVCache, tokens: torch.Tensor, slots: torch.Tensor, uniform: int | None) -> torch.Tensor:
+    def decode(self, cache: KVCache, tokens: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         """One token for each of the `cache.n` running rows; returns logits [n, V]."""
         n = cache.n
         pos = cache.lengths[:n].clone()
@@ -106,11 +120,13 @@ class LlamaRunner:
         h = self.inner.embed_tokens(tokens.view(n, 1))
         cos, sin = self.inner.rotary_emb(h, pos.view(n, 1))
         span = int(pos.max()) + 1
-        mask = (torch.arange(span)[None, :] <= pos[:, None])[:, None, None, :]
+        # Additive mask [n, 1, 1, span]: 0 where a row's key exists, -inf past its length.
+        bias = torch.zeros(n, 1, 1, span, dtype=torch.float32)
+        bias.masked_fill_(torch.arange(span)[None, None, None, :] > pos[:, None, None, None], float("-inf"))
         rows = torch.arange(n)
         for li, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
-            q, k, v = (self._linear(li, p, x, slots, uniform) for p in ("q_proj", "k_proj", "v_proj"))
+            q, k, v = (self._linear(li, p, x, lora) for p in ("q_proj", "k_proj", "v_proj"))
             q = q.view(n, 1, -1, self.head_dim).transpose(1, 2)
             k = k.view(n, 1, -1, self.head_dim).transpose(1, 2)
             v = v.view(n, 1, -1, self.head_dim).transpose(1, 2)
@@ -118,15 +134,27 @@ class LlamaRunner:
             kc, vc = cache.k[li], cache.v[li]
             kc[rows, :, pos] = k[:, :, 0]
             vc[rows, :, pos] = v[:, :, 0]
-            a = F.scaled_dot_product_attention(
-                q, kc[:n, :, :span], vc[:n, :, :span], attn_mask=mask, scale=layer.self_attn.scaling, enable_gqa=True
-            )
-            h = h + self._linear(li, "o_proj", a.transpose(1, 2).reshape(n, 1, -1), slots, uniform)
-            h = h + self._mlp(li, layer, layer.post_attention_layernorm(h), slots, uniform)
+            a = _decode_attention(q, kc[:n, :, :span], vc[:n, :, :span], bias, layer.self_attn.scaling)
+            h = h + self._linear(li, "o_proj", a.transpose(1, 2).reshape(n, 1, -1), lora)
+            h = h + self._mlp(li, layer, layer.post_attention_layernorm(h), lora)
         cache.lengths[:n] += 1
         return self.model.lm_head(self.inner.norm(h[:, 0])).float()
 
-    def _mlp(self, li: int, layer: torch.nn.Module, x: torch.Tensor, slots: torch.Tensor, uniform: int | None) -> torch.Tensor:
-        g = self._linear(li, "gate_proj", x, slots, uniform)
-        u = self._linear(li, "up_proj", x, slots, uniform)
-        return self._linear(li, "down_proj", layer.mlp.act_fn(g) * u, slots, uniform)
+    def _mlp(self, li: int, layer: torch.nn.Module, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+        g = self._linear(li, "gate_proj", x, lora)
+        u = self._linear(li, "up_proj", x, lora)
+        return self._linear(li, "down_proj", layer.mlp.act_fn(g) * u, lora)
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention for one query token per row, grouped-query aware without repeating K/V.
+
+    For a single query the fused SDPA kernel spends most of its time on setup (measured:
+    ~0.8 ms a call at batch 32 vs ~0.15 ms for these three small ops).
+    """
+    n, heads, _, d = q.shape
+    kv = k.shape[1]
+    qg = q.view(n, kv, heads // kv, d)  # [n, kv, group, d]
+    scores = (qg @ k.transpose(-1, -2)).float() * scale  # [n, kv, group, span]
+    probs = torch.softmax(scores + bias, dim=-1).to(v.dtype)
+    return (probs @ v).view(n, heads, 1, d)
