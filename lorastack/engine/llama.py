@@ -69,46 +69,44 @@ class LlamaRunner:
         """Run new prompts (rows `first..`) through the model; returns next-token logits [n, V].
 
         `starts[i]` tokens of prompt i are already in the cache (a reused prefix); only the
-        rest is computed, attending to the cached part.
+        rest is computed. The rows' remaining tokens are packed into one sequence with no
+        padding (prompts differ in length; padding wasted ~40% of prefill compute), and
+        attention runs per row against that row's cache.
         """
         n = len(prompts)
         starts = starts or [0] * n
-        suffix = [p[s:] for p, s in zip(prompts, starts)]
-        width = max(len(x) for x in suffix)
-        ids = torch.zeros(n, width, dtype=torch.long)
-        for i, x in enumerate(suffix):
-            ids[i, : len(x)] = torch.tensor(x)
-        start = torch.tensor(starts)
-        lens = torch.tensor([len(p) for p in prompts])
-        positions = start[:, None] + torch.arange(width)[None, :]
-        span = int((start + width).max())
-        # Query at absolute position p sees keys 0..p of its own row (cached prefix included).
-        mask = (torch.arange(span)[None, None, :] <= positions[:, :, None])[:, None]
-        same_start = all(s == starts[0] for s in starts)
+        counts = [len(p) - s for p, s in zip(prompts, starts)]
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
+        ids = torch.tensor([t for p, s in zip(prompts, starts) for t in p[s:]]).view(1, -1)
+        positions = torch.cat([torch.arange(s, len(p)) for p, s in zip(prompts, starts)]).view(1, -1)
+        masks = [None if s == 0 else (torch.arange(len(p))[None, :] <= torch.arange(s, len(p))[:, None])
+                 for p, s in zip(prompts, starts)]
+        total = offsets[-1]
         h = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(h, positions)
-        rows = slice(first, first + n)
         for li, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
             q, k, v = (self._linear(li, p, x, lora) for p in ("q_proj", "k_proj", "v_proj"))
-            q = q.view(n, width, -1, self.head_dim).transpose(1, 2)
-            k = k.view(n, width, -1, self.head_dim).transpose(1, 2)
-            v = v.view(n, width, -1, self.head_dim).transpose(1, 2)
+            q = q.view(1, total, -1, self.head_dim).transpose(1, 2)
+            k = k.view(1, total, -1, self.head_dim).transpose(1, 2)
+            v = v.view(1, total, -1, self.head_dim).transpose(1, 2)
             q, k = self.rope(q, k, cos, sin)
             kc, vc = cache.k[li], cache.v[li]
-            if same_start:
-                kc[rows, :, starts[0] : starts[0] + width] = k
-                vc[rows, :, starts[0] : starts[0] + width] = v
-            else:
-                for i, s in enumerate(starts):
-                    kc[first + i, :, s : s + width] = k[i]
-                    vc[first + i, :, s : s + width] = v[i]
-            a = F.scaled_dot_product_attention(q, kc[rows, :, :span], vc[rows, :, :span], attn_mask=mask,
-                                               scale=layer.self_attn.scaling, enable_gqa=True)
-            h = h + self._linear(li, "o_proj", a.transpose(1, 2).reshape(n, width, -1), lora)
+            out = torch.empty_like(q)
+            for i in range(n):
+                lo, hi, s, row = offsets[i], offsets[i + 1], starts[i], first + i
+                kc[row, :, s : s + counts[i]] = k[0, :, lo:hi]
+                vc[row, :, s : s + counts[i]] = v[0, :, lo:hi]
+                out[:, :, lo:hi] = F.scaled_dot_product_attention(
+                    q[:, :, lo:hi], kc[row : row + 1, :, : s + counts[i]], vc[row : row + 1, :, : s + counts[i]],
+                    attn_mask=masks[i], is_causal=masks[i] is None, scale=layer.self_attn.scaling, enable_gqa=True,
+                )
+            h = h + self._linear(li, "o_proj", out.transpose(1, 2).reshape(1, total, -1), lora)
             h = h + self._mlp(li, layer, layer.post_attention_layernorm(h), lora)
-        cache.lengths[rows] = lens
-        last = h[torch.arange(n), lens - start - 1]
+        cache.lengths[first : first + n] = torch.tensor([len(p) for p in prompts])
+        last = h[0, torch.tensor(offsets[1:]) - 1]
         return self.model.lm_head(self.inner.norm(last)).float()
 
     @torch.inference_mode()

@@ -229,13 +229,29 @@ def _route_names(key: str) -> set[str]:
 class LoraBatch:
     """The per-row routing of one forward pass: which slot each row uses."""
 
-    def __init__(self, bank: LoraBank, slots: list[int]) -> None:
+    def __init__(self, bank: LoraBank, slots: list[int], tokens: list[int] | None = None) -> None:
+        """`slots[i]` is row i's slot. With `tokens` (tokens per row), x is a packed
+        sequence `[1, sum(tokens), in]` whose rows are sorted by slot (the engine's prefill)."""
         self.bank = bank
         self.used = tuple(sorted({s for s in slots if s}))
         self.uniform: int | None = None
         self.mask: torch.Tensor | None = None
+        self.segments: list[tuple[int, int, int]] | None = None
         if self.used and all(s == self.used[0] for s in slots):
             self.uniform = self.used[0]
+        elif self.used and tokens is not None:
+            # Packed tokens sorted by slot: each adapter covers one contiguous span, so its
+            # delta is a plain matmul pair on a view (SGMV-style), with no wasted rank columns.
+            if any(slots[i] > slots[i + 1] for i in range(len(slots) - 1)):
+                raise ValueError("packed LoRA rows must be sorted by slot")
+            self.segments = []
+            pos = 0
+            for s, t in zip(slots, tokens):
+                if s and self.segments and self.segments[-1][0] == s and self.segments[-1][2] == pos:
+                    self.segments[-1] = (s, self.segments[-1][1], pos + t)
+                elif s:
+                    self.segments.append((s, pos, pos + t))
+                pos += t
         elif self.used:
             r = bank.rank
             pos = {s: i for i, s in enumerate(self.used)}
@@ -251,5 +267,10 @@ class LoraBatch:
             return None
         if self.uniform is not None:
             return (x @ self.bank.A[module][self.uniform].t()) @ self.bank.Bt[module][self.uniform]
+        if self.segments is not None:
+            out = torch.zeros(*x.shape[:-1], self.bank.Bt[module].shape[-1], dtype=x.dtype)
+            for s, lo, hi in self.segments:
+                out[:, lo:hi] = (x[:, lo:hi] @ self.bank.A[module][s].t()) @ self.bank.Bt[module][s]
+            return out
         a, b = self.bank.concat(module, self.used)
         return ((x @ a.t()) * self.mask) @ b
