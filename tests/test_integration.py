@@ -89,3 +89,63 @@ def test_plain_peft_adapter_imports_and_evaluates_random_shape_refused(embedded,
     with pytest.raises(IncompatibleError, match=r"shape mismatch at model.layers.0.self_attn.q_proj.*576 -> 576"):
         lib.import_dir(bad, "random", base=embedded)
     assert lib.names() == ["plain-title"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_mixed_batch_matches_peft_on_embedded(dtype, tmp_path):
+    """Four routes (base, two adapters, a mixture) in one batch vs each alone through PEFT."""
+    import copy
+
+    import torch
+
+    from lorastack.base import Base
+    from lorastack.engine.engine import Engine
+    from lorastack.engine.sampling import Sampling
+    from lorastack.library import Library
+    from lorastack.route import parse_spec
+    from test_engine import peft_logits
+    from test_library import make_peft_adapter
+
+    base = Base.load("embedded", dtype=dtype)
+    lib = Library(tmp_path / "lib")
+    for i, name in enumerate(["x", "y"]):
+        src = make_peft_adapter(base, tmp_path / name, rank=8, seed=i, targets=("q_proj", "v_proj", "up_proj", "down_proj"))
+        lib.add(src, name, base=base)
+    for name in ["x", "y"]:  # scale the random deltas down to a realistic size
+        from safetensors.torch import load_file, save_file
+
+        f = lib.get(name).path / "adapter_model.safetensors"
+        save_file({k: (v * 0.05 if "lora_B" in k else v) for k, v in load_file(f).items()}, f)
+    engine = Engine(base, resolve=lib.get)
+    routes = [parse_spec(s) for s in ["base", "x", "y", "x:0.5+y:0.5"]]
+    prompts = [base.chat_ids([{"role": "user", "content": p}]) for p in
+               ["Name three colors.", "What is the capital of France?", "Write a haiku about rain.", "Count to five."]]
+    seen = {}
+    emit = engine._emit
+
+    def spy(rs, logits, rows):
+        for r, l in zip(rs, logits):
+            seen.setdefault(r.id, []).append(l.clone())
+        emit(rs, logits, rows)
+
+    engine._emit = spy
+    reqs = [engine.submit_ids(p, r, Sampling(max_tokens=16)) for p, r in zip(prompts, routes)]
+    while not all(r.done for r in reqs):
+        engine.step()
+    agree = total = 0
+    for req, route, prompt in zip(reqs, routes, prompts):
+        ref = peft_logits(base, lib, route, prompt + req.tokens)
+        steps = torch.stack(seen[req.id])
+        expect = ref[len(prompt) - 1 : len(prompt) - 1 + len(steps)]
+        gap = (steps - expect).abs().max().item()
+        scale = expect.abs().max().item()
+        if dtype == "float32":
+            assert gap < 1e-4, (str(route), gap)
+            assert req.tokens == expect.argmax(-1).tolist()[: len(req.tokens)]
+        else:
+            assert gap < 0.05 * scale, (str(route), gap, scale)  # bf16 rounding level, not a wrong adapter
+        agree += sum(a == b for a, b in zip(req.tokens, expect.argmax(-1).tolist()))
+        total += len(req.tokens)
+        print(f"{dtype} {route}: max logit gap {gap:.2e} (logit scale {scale:.1f})")
+    print(f"{dtype}: greedy agreement {agree}/{total}")
+    assert agree / total >= 0.9
