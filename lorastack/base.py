@@ -286,6 +286,7 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, use_cache: bool) -> tuple[nn.Modu
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
+    model.is_quantized = False  # else `.float()`/`.to()` refuse, as for a quantized model
     if use_cache:
         try:
             with staging_dir(entry.parent) as tmp:
@@ -302,6 +303,8 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, use_cache: bool) -> tuple[nn.Modu
                 publish_dir(tmp, entry, replace=True)
         except OSError as e:  # a read-only home must not stop the load itself
             log.warning("could not write base cache %s: %s", entry, e)
+        else:
+            model.config._name_or_path = str(entry)
     if dtype != torch.float32:
         model = model.to(dtype)
     return model, tok, False

@@ -149,3 +149,17 @@ def test_engine_mixed_batch_matches_peft_on_embedded(dtype, tmp_path):
         print(f"{dtype} {route}: max logit gap {gap:.2e} (logit scale {scale:.1f})")
     print(f"{dtype}: greedy agreement {agree}/{total}")
     assert agree / total >= 0.9
+
+
+def test_cold_gguf_load_gives_a_plain_trainable_model(tmp_path, monkeypatch):
+    """The first (dequantizing) load must behave like a cached one: float(), training, same fingerprint."""
+    from lorastack.base import Base
+
+    monkeypatch.setenv("LORASTACK_CACHE", str(tmp_path / "cache"))
+    cold = Base.load("embedded", dtype="bfloat16")
+    assert cold.cache_hit is False
+    cold.model.float()  # raised "not supported for quantized model" before
+    warm = Base.load("embedded", dtype="bfloat16")
+    assert warm.cache_hit is True and warm.fingerprint == cold.fingerprint
+    print(f"cold load {cold.load_seconds:.1f}s, warm load {warm.load_seconds:.1f}s")
+    assert warm.load_seconds < cold.load_seconds

@@ -288,7 +288,7 @@ class Engine:
         for req, tok in zip(reqs, picks):
             if req.first_token_at is None:
                 req.first_token_at = now
-            if tok == eos:
+            if tok == eos and not req.sampling.ignore_eos:
                 req.finish_reason = "stop"
             else:
                 req.tokens.append(tok)

@@ -1,0 +1,213 @@
+"""Engine throughput vs peers, measured side by side in one run on the embedded base.
+
+    python bench/engine.py [--tokens 32] [--n 1,4,8,16] [--dtype bfloat16] [--out out/bench]
+
+Rows (every request generates exactly --tokens tokens, EOS ignored, greedy):
+  (a) lorastack, each request on a different adapter     (b) lorastack, all on one adapter
+  (c) lorastack, bare base (same engine)                 (d) HF generate, adapter merged into the base
+  (e) PEFT generate(adapter_names=...) mixed batch       (f) PEFT sequential, set_adapter per request
+  (g) llama.cpp (llama-cpp-python) on the same GGUF at batch 1, if installed
+  (h) HF generate on the bare base (the batch-1 reference)
+Also: time to first token for a 256-token prompt, peak RSS, memory bandwidth and the
+batch-1 roofline. Prints a table and ratios; writes engine.json and engine.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from lorastack.base import Base, embedded_gguf_path  # noqa: E402
+from lorastack.engine.engine import Engine  # noqa: E402
+from lorastack.engine.sampling import Sampling  # noqa: E402
+from lorastack.library import Library  # noqa: E402
+from lorastack.route import BASE_ROUTE, parse_spec  # noqa: E402
+
+PROMPT = "Reverse the order of these words: harbor tiger fancy quick vast kind"
+
+
+def make_adapters(base: Base, lib: Library, n: int, tmp: Path) -> list[str]:
+    """Random rank-16 all-linear LoRAs (weights do not matter for speed, shapes do)."""
+    from peft import LoraConfig, get_peft_model
+
+    names = []
+    model = get_peft_model(copy.deepcopy(base.model), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    for i in range(n):
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.01)
+        model.save_pretrained(tmp / f"a{i}")
+        lib.add(tmp / f"a{i}", f"bench{i}", base=base)
+        names.append(f"bench{i}")
+    return names
+
+
+def engine_tps(engine: Engine, ids: list[int], routes: list, tokens: int) -> float:
+    s = Sampling(max_tokens=tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    reqs = [engine.submit_ids(ids, r, s) for r in routes]
+    while not all(r.done for r in reqs):
+        engine.step()
+    dt = time.perf_counter() - t0
+    assert all(len(r.tokens) == tokens for r in reqs)
+    return len(routes) * tokens / dt
+
+
+def hf_tps(model, ids: list[int], n: int, tokens: int, **kw) -> float:
+    x = torch.tensor([ids] * n)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, min_new_tokens=tokens,
+                             do_sample=False, pad_token_id=2, **kw)
+    dt = time.perf_counter() - t0
+    assert out.shape[1] - x.shape[1] == tokens
+    return n * tokens / dt
+
+
+def bandwidth_gbs() -> float:
+    a = torch.empty(64 * 1024 * 1024, dtype=torch.float32)
+    b = torch.empty_like(a)
+    a.fill_(1.0)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = max(best, 2 * a.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--n", default="1,4,8,16")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--peers-max-n", type=int, default=16, help="skip slow peers (e, f) above this N")
+    ap.add_argument("--out", type=Path, default=Path("out/bench"))
+    args = ap.parse_args()
+    ns = [int(x) for x in args.n.split(",")]
+    torch.manual_seed(0)
+
+    base = Base.load("embedded", dtype=args.dtype)
+    tmp = Path(tempfile.mkdtemp(prefix="lorastack-bench-"))
+    lib = Library(tmp / "lib")
+    names = make_adapters(base, lib, max(ns), tmp)
+    ids = base.chat_ids([{"role": "user", "content": PROMPT}])
+    T = args.tokens
+    engine = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0)
+    engine_tps(engine, ids, [parse_spec(n) for n in names], 4)  # warm-up: loads every adapter once
+    load_s = engine.bank.load_seconds
+
+    # Peers: PEFT with every adapter loaded (mixed batches and switching), and a merged model.
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(copy.deepcopy(base.model), str(lib.get(names[0]).path), adapter_name=names[0])
+    for n in names[1:]:
+        peft.load_adapter(str(lib.get(n).path), adapter_name=n)
+    peft.eval()
+    merged = PeftModel.from_pretrained(copy.deepcopy(base.model), str(lib.get(names[0]).path)).merge_and_unload().eval()
+
+    rows: dict[str, dict[int, float]] = {k: {} for k in "abcdefgh"}
+    for n in ns:
+        rows["a"][n] = engine_tps(engine, ids, [parse_spec(names[i]) for i in range(n)], T)
+        rows["b"][n] = engine_tps(engine, ids, [parse_spec(names[0])] * n, T)
+        rows["c"][n] = engine_tps(engine, ids, [BASE_ROUTE] * n, T)
+        rows["d"][n] = hf_tps(merged, ids, n, T)
+        rows["h"][n] = hf_tps(base.model, ids, n, T)
+        if n <= args.peers_max_n:
+            rows["e"][n] = hf_tps(peft, ids, n, T, adapter_names=names[:n])
+            t0 = time.perf_counter()
+            for i in range(n):
+                peft.set_adapter(names[i])
+                hf_tps(peft, ids, 1, T)
+            rows["f"][n] = n * T / (time.perf_counter() - t0)
+        print(f"N={n}: " + "  ".join(f"({k}) {v[n]:.0f}" for k, v in rows.items() if n in v), flush=True)
+
+    try:  # (g) llama.cpp, optional
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(embedded_gguf_path()), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+        t0 = time.perf_counter()
+        out = llm.create_completion(base.render([{"role": "user", "content": PROMPT}]), max_tokens=T, temperature=0)
+        rows["g"][1] = out["usage"]["completion_tokens"] / (time.perf_counter() - t0)
+        g_note = "llama-cpp-python"
+    except ImportError:
+        g_note = "llama-cpp-python not installed (pip install lorastack[bench])"
+
+    # Time to first token for a 256-token prompt, alone on an idle engine.
+    long_ids = (ids * 20)[:256]
+    ttft = []
+    for route in (BASE_ROUTE, parse_spec(names[0])):
+        t0 = time.perf_counter()
+        req = engine.submit_ids(long_ids, route, Sampling(max_tokens=1))
+        while not req.done:
+            engine.step()
+        ttft.append(req.first_token_at - t0)
+    bw = bandwidth_gbs()
+    weight_bytes = sum(p.numel() * p.element_size() for p in base.model.parameters())
+    roofline = bw * 1e9 / weight_bytes
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    labels = {
+        "a": "lorastack, N different adapters", "b": "lorastack, one adapter", "c": "lorastack, bare base",
+        "d": "HF generate, merged adapter", "e": "PEFT mixed adapter_names", "f": "PEFT sequential set_adapter",
+        "g": f"llama.cpp ({g_note})", "h": "HF generate, bare base",
+    }
+    print(f"\ndecode throughput, tokens/s in total ({args.dtype}, {T} tokens per request, {torch.get_num_threads()} threads)")
+    print(f"{'':36}" + "".join(f"{'N=' + str(n):>10}" for n in ns))
+    for k, label in labels.items():
+        print(f"({k}) {label:32}" + "".join(f"{rows[k].get(n, float('nan')):>10.1f}" for n in ns))
+    ratios = {}
+    for n in ns:
+        r = {"a/c": rows["a"][n] / rows["c"][n], "a/d": rows["a"][n] / rows["d"][n]}
+        if n in rows["e"]:
+            r |= {"a/e": rows["a"][n] / rows["e"][n], "a/f": rows["a"][n] / rows["f"][n]}
+        ratios[n] = r
+        print(f"N={n}: " + "  ".join(f"{k} = {v:.2f}x" for k, v in r.items()))
+    b1 = rows["c"][1] / rows["h"][1]
+    print(f"batch-1 decode: lorastack base {rows['c'][1]:.1f} tok/s vs HF generate {rows['h'][1]:.1f} -> {b1:.2f}x")
+    print(f"memory bandwidth {bw:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB/token -> batch-1 roofline {roofline:.0f} tok/s; "
+          f"lorastack reaches {rows['c'][1] / roofline:.0%} of it")
+    print(f"time to first token, 256-token prompt: base {ttft[0] * 1000:.0f} ms, adapter {ttft[1] * 1000:.0f} ms")
+    print(f"adapter load time (library -> engine): median {sorted(load_s)[len(load_s) // 2] * 1000:.0f} ms; peak RSS {peak_rss_mb:.0f} MB")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"dtype": args.dtype, "tokens": T, "threads": torch.get_num_threads(), "labels": labels,
+              "tokens_per_s": {k: v for k, v in rows.items() if v}, "ratios": ratios, "batch1_vs_hf": b1,
+              "bandwidth_gbs": bw, "weight_bytes": weight_bytes, "roofline_tok_s": roofline,
+              "ttft_ms": {"base": ttft[0] * 1000, "adapter": ttft[1] * 1000}, "adapter_load_ms": [x * 1000 for x in load_s],
+              "peak_rss_mb": peak_rss_mb}
+    (args.out / "engine.json").write_text(json.dumps(result, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for k, v in rows.items():
+        if v:
+            ax.plot(list(v), list(v.values()), marker="o", label=f"({k}) {labels[k]}")
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("tokens/s (total)")
+    ax.set_title(f"lorastack engine vs peers ({args.dtype}, embedded base)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out / "engine.png", dpi=120)
+    print(f"wrote {args.out}/engine.json and engine.png")
+
+
+if __name__ == "__main__":
+    main()
