@@ -234,11 +234,32 @@ def adapters_export(name: str, dest: Path) -> None:
     typer.echo(f"exported {name} to {dest}")
 
 
+# ------------------------------------------------------------------ routing
+@app.command("route")
+def route_cmd(
+    prompt: str,
+    router: Optional[str] = typer.Option(None, "--router", help="knn (default)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show which route a router picks for PROMPT, with per-adapter scores and the time taken."""
+    rt = _runtime()
+    r = rt.router(router)
+    r.route([prompt])  # first call builds the index (signatures are computed once and stored)
+    decision = r.route([prompt])[0]
+    if as_json:
+        _print_json({"router": r.name, **decision.to_json()})
+        return
+    typer.echo(f"{r.name}: {decision.route}{'  (abstained: no confident match)' if decision.abstained else ''}"
+               f"  [{decision.seconds * 1000:.1f} ms]")
+    for name, score in sorted(decision.scores.items(), key=lambda kv: -kv[1]):
+        typer.echo(f"  {score:6.3f}  {name}")
+
+
 # ------------------------------------------------------------------ generation
 @app.command()
 def generate(
     prompt: str,
-    model: str = typer.Option("base", "--model", "-m", help="SPEC: base, an adapter name, or a:0.7+b:0.3."),
+    model: str = typer.Option("base", "--model", "-m", help="SPEC: base, an adapter name, a:0.7+b:0.3, or auto[:knn]."),
     max_tokens: int = typer.Option(128, "--max-tokens"),
     temperature: float = typer.Option(0.0, "--temperature"),
     top_p: float = typer.Option(1.0, "--top-p"),
@@ -307,9 +328,11 @@ def eval_cmd(
         records = get_task(task).generate(n, split="test", seed=seed)
     else:
         records = read_jsonl(data)[:n]
+    from .data import prompt_text
+
     rt = _runtime()
-    route = rt.route(model)
-    result = evaluate(rt.generator, route, records, batch_size=batch_size, label=model)
+    routes = rt.routes_for(model, [prompt_text(r) for r in records])
+    result = evaluate(rt.generator, routes, records, batch_size=batch_size, label=model)
     out = out or Path(f"eval-{model.replace('/', '_').replace(':', '_').replace('+', '_')}.jsonl")
     write_jsonl(out, result.rows)
     summary = {**result.summary(), "results": str(out)}

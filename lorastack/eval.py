@@ -64,7 +64,7 @@ class EvalJob:
     """One cell of an evaluation: a route on a set of records."""
 
     label: str
-    route: Route
+    route: Route | list[Route]  # one for all records, or one per record (routed input)
     records: list[Record]
     scorer: Scorer | None = None
 
@@ -87,8 +87,9 @@ def evaluate_many(generator: Any, jobs: list[EvalJob], max_tokens: int | None = 
             reqs = []
             for j in jobs:
                 sampling = Sampling(max_tokens=max_tokens or max_new_tokens(generator.base, j.records))
-                reqs.append([generator.submit(messages_of(r), j.route, sampling, abandon_when=_divergence(j.scorer, r))
-                             for r in j.records])
+                routes = j.route if isinstance(j.route, list) else [j.route] * len(j.records)
+                reqs.append([generator.submit(messages_of(r), route, sampling, abandon_when=_divergence(j.scorer, r))
+                             for r, route in zip(j.records, routes)])
             pending = {r for rs in reqs for r in rs}
             while pending:
                 if generator._thread is None:
@@ -102,7 +103,14 @@ def evaluate_many(generator: Any, jobs: list[EvalJob], max_tokens: int | None = 
         else:
             for j in jobs:
                 sampling = Sampling(max_tokens=max_tokens or max_new_tokens(generator.base, j.records))
-                outs.append(generator.generate([messages_of(r) for r in j.records], j.route, sampling, on_batch=bar.update))
+                routes = j.route if isinstance(j.route, list) else [j.route] * len(j.records)
+                got: list[Generation | None] = [None] * len(j.records)
+                for route in {str(r): r for r in routes}.values():  # the reference path runs one route at a time
+                    idx = [i for i, r in enumerate(routes) if str(r) == str(route)]
+                    for i, g in zip(idx, generator.generate([messages_of(j.records[i]) for i in idx], route, sampling,
+                                                            on_batch=bar.update)):
+                        got[i] = g
+                outs.append([g for g in got if g is not None])
     seconds = time.perf_counter() - t0
     results = []
     for j, o in zip(jobs, outs):
@@ -132,7 +140,8 @@ def _score(job: EvalJob, outs: list[Generation], seconds: float) -> EvalResult:
     for r, o in zip(job.records, outs):
         ok = bool((job.scorer or scorer_for(r))(o.text, r))
         correct += ok
-        rows.append({"prompt": prompt_text(r), "expected": r["completion"], "output": o.text, "correct": ok,
+        route = job.route[len(rows)] if isinstance(job.route, list) else job.route
+        rows.append({"prompt": prompt_text(r), "expected": r["completion"], "output": o.text, "correct": ok, "route": str(route),
                      **({"stopped_early": True} if o.finish_reason == "abandoned" else {}),
                      **({"task": r["task"]} if "task" in r else {})})
     return EvalResult(model=job.label, n=len(job.records), correct=correct, seconds=seconds,
@@ -141,7 +150,7 @@ def _score(job: EvalJob, outs: list[Generation], seconds: float) -> EvalResult:
 
 def evaluate(
     generator: Any,
-    route: Route,
+    route: Route | list[Route],
     records: list[Record],
     scorer: Scorer | None = None,
     batch_size: int = 32,
@@ -150,5 +159,5 @@ def evaluate(
     label: str | None = None,
 ) -> EvalResult:
     """Greedy-decode every record under `route` and score it."""
-    name = label or str(route)
+    name = label or (str(route) if isinstance(route, Route) else "routed")
     return evaluate_many(generator, [EvalJob(name, route, records, scorer)], max_tokens, progress, desc=f"eval {name}")[0]

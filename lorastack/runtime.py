@@ -28,6 +28,7 @@ class Runtime:
     max_resident: int = 16
     generator: Engine | Generator = field(init=False)
     _checked: set[str] = field(default_factory=set, init=False, repr=False)
+    _routers: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # The engine serves every Llama-family base; anything else takes the PEFT reference path.
@@ -58,11 +59,36 @@ class Runtime:
             self._checked.add(name)
         return adapter
 
-    def route(self, spec: str) -> Route:
+    def fits(self, name: str) -> bool:
+        """Whether adapter `name` exists and was made for this base (routers skip others)."""
+        try:
+            self._adapter(name)
+            return True
+        except LorastackError:
+            return False
+
+    def router(self, name: str | None = None):
+        """A router by name (default: `routing.DEFAULT_ROUTER`), kept for reuse."""
+        from .routing import DEFAULT_ROUTER, get_router
+
+        name = name or DEFAULT_ROUTER
+        if name not in self._routers:
+            self._routers[name] = get_router(name, self)
+        return self._routers[name]
+
+    def routes_for(self, spec: str, prompts: list[str]) -> list[Route]:
+        """One Route per prompt: fixed SPECs give the same route, `auto...` asks the router."""
+        parsed = self.route(spec)
+        if isinstance(parsed, AutoSpec):
+            return [d.route for d in self.router(parsed.router).route(prompts)]
+        return [parsed] * len(prompts)
+
+    def route(self, spec: str) -> Route | AutoSpec:
         """Parse a SPEC and check that every adapter it names exists and fits the base."""
         parsed = parse_spec(spec)
         if isinstance(parsed, AutoSpec):
-            raise LorastackError(f"{spec!r}: automatic routing is not available in this version; name an adapter or 'base'")
+            self.router(parsed.router)  # unknown router names fail here, with close names
+            return parsed
         known = set(self.library.names())
         for name in parsed.names:
             if name not in known:
@@ -73,7 +99,7 @@ class Runtime:
     def generate(self, prompt: str | Messages, model: str = "base", sampling: Sampling = Sampling()) -> Generation:
         """One reply; `prompt` is a user message or a whole conversation."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        route = self.route(model)
+        route = self.routes_for(model, [messages[-1]["content"]])[0]
         if isinstance(self.generator, Engine):
             return self.generator.submit(messages, route, sampling).result() if self.generator._thread else \
                 self.generator.generate([messages], route, sampling)[0]

@@ -106,9 +106,9 @@ class Engine:
         # one prompt, ~1200 for 32), so while rows are decoding, new ones are admitted in
         # groups of at least this many; an idle engine admits at once (latency unchanged).
         self.min_admit = max(1, max_batch // 8)
-        shapes = {full: (lin.in_features, lin.out_features) for full, lin in _linears(base.model)}
-        self.bank = LoraBank(shapes, base.dtype, self.resolve, max_resident=max_resident)
-        self.runner = LlamaRunner(base.model, self.bank)
+        self.runner = LlamaRunner(base.model)
+        self.bank = LoraBank(self.runner.groups, base.dtype, self.resolve, max_resident=max_resident)
+        self.runner.bank = self.bank
         self.cache = self.runner.new_cache()
         self.prefixes = PrefixCache(max_entries=prefix_cache) if prefix_cache else None
         self.running: list[Request] = []

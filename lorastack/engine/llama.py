@@ -31,8 +31,13 @@ def supports(model: torch.nn.Module) -> bool:
     )
 
 
+# Fused projections: parts that read the same input run as one GEMM (and one LoRA pair).
+FUSED = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")), ("self_attn", "o_proj", ("o_proj",)),
+         ("mlp", "gate_up_proj", ("gate_proj", "up_proj")), ("mlp", "down_proj", ("down_proj",)))
+
+
 class LlamaRunner:
-    def __init__(self, model: torch.nn.Module, bank: LoraBank) -> None:
+    def __init__(self, model: torch.nn.Module, bank: LoraBank | None = None) -> None:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self.model = model
@@ -45,23 +50,44 @@ class LlamaRunner:
         self.dtype = next(model.parameters()).dtype
         self.bank = bank
         self.rope = apply_rotary_pos_emb
-        # (layer, projection) -> (Linear, full module name as PEFT names it)
-        self.proj: list[dict[str, tuple[torch.nn.Linear, str]]] = []
+        # Per layer: fused name -> (weight, bias, full group name, split sizes). The parts'
+        # Linear weights are rebound as views into the fused tensor, so memory is not doubled
+        # and the Hugging Face modules still see their own weights.
+        self.fused: list[dict[str, tuple[torch.Tensor, torch.Tensor | None, str, list[int]]]] = []
+        self.groups: dict[str, list[tuple[str, int, int]]] = {}
         for i, layer in enumerate(self.layers):
             mods = {}
-            for p in PROJECTIONS:
-                parent = layer.self_attn if p in PROJECTIONS[:4] else layer.mlp
-                mods[p] = (getattr(parent, p), f"model.layers.{i}.{'self_attn' if p in PROJECTIONS[:4] else 'mlp'}.{p}")
-            self.proj.append(mods)
+            for parent_name, fused_name, parts in FUSED:
+                parent = getattr(layer, parent_name)
+                lins = [getattr(parent, p) for p in parts]
+                if len(lins) == 1:
+                    weight, bias = lins[0].weight, lins[0].bias
+                else:
+                    weight = torch.cat([lin.weight.data for lin in lins], 0)
+                    offset = 0
+                    for lin in lins:
+                        lin.weight.data = weight[offset : offset + lin.out_features]
+                        offset += lin.out_features
+                    biases = [lin.bias for lin in lins]
+                    bias = None if all(b is None for b in biases) else torch.cat(
+                        [b.data if b is not None else torch.zeros(lin.out_features, dtype=weight.dtype) for b, lin in zip(biases, lins)])
+                prefix = f"model.layers.{i}.{parent_name}"
+                group = f"{prefix}.{fused_name}"
+                mods[fused_name] = (weight, bias, group, [lin.out_features for lin in lins])
+                self.groups[group] = [(f"{prefix}.{p}", lin.in_features, lin.out_features) for p, lin in zip(parts, lins)]
+            self.fused.append(mods)
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype)
 
     def _linear(self, layer: int, name: str, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
-        lin, full = self.proj[layer][name]
-        y = F.linear(x, lin.weight, lin.bias)
-        d = lora.delta(full, x)
+        weight, bias, group, _ = self.fused[layer][name]
+        y = F.linear(x, weight, bias)
+        d = lora.delta(group, x)
         return y if d is None else y + d
+
+    def _qkv(self, li: int, x: torch.Tensor, lora: LoraBatch) -> tuple[torch.Tensor, ...]:
+        return self._linear(li, "qkv_proj", x, lora).split(self.fused[li]["qkv_proj"][3], dim=-1)
 
     @torch.inference_mode()
     def prefill(self, cache: KVCache, first: int, prompts: list[list[int]], lora: LoraBatch,
@@ -88,7 +114,7 @@ class LlamaRunner:
         cos, sin = self.inner.rotary_emb(h, positions)
         for li, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
-            q, k, v = (self._linear(li, p, x, lora) for p in ("q_proj", "k_proj", "v_proj"))
+            q, k, v = self._qkv(li, x, lora)
             q = q.view(1, total, -1, self.head_dim).transpose(1, 2)
             k = k.view(1, total, -1, self.head_dim).transpose(1, 2)
             v = v.view(1, total, -1, self.head_dim).transpose(1, 2)
@@ -110,6 +136,30 @@ class LlamaRunner:
         return self.model.lm_head(self.inner.norm(last)).float()
 
     @torch.inference_mode()
+    def embed(self, prompts: list[list[int]], layers: int) -> torch.Tensor:
+        """Mean-pooled hidden state after the first `layers` layers of the bare base, [n, hidden].
+
+        Routers use it as a sentence embedding: early layers already separate tasks and cost a
+        fraction of a full forward. No KV cache, no LoRA.
+        """
+        out = []
+        for p in prompts:  # prompts differ in length; one short forward each keeps it simple
+            ids = torch.tensor(p).view(1, -1)
+            h = self.inner.embed_tokens(ids)
+            cos, sin = self.inner.rotary_emb(h, torch.arange(len(p)).view(1, -1))
+            for li, layer in enumerate(self.layers[:layers]):
+                x = layer.input_layernorm(h)
+                weight, bias, _, sizes = self.fused[li]["qkv_proj"]
+                q, k, v = (t.view(1, len(p), -1, self.head_dim).transpose(1, 2)
+                           for t in F.linear(x, weight, bias).split(sizes, dim=-1))
+                q, k = self.rope(q, k, cos, sin)
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.self_attn.scaling, enable_gqa=True)
+                h = h + layer.self_attn.o_proj(a.transpose(1, 2).reshape(1, len(p), -1))
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+            out.append(h[0].float().mean(0))
+        return torch.stack(out)
+
+    @torch.inference_mode()
     def decode(self, cache: KVCache, tokens: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         """One token for each of the `cache.n` running rows; returns logits [n, V]."""
         n = cache.n
@@ -124,7 +174,7 @@ class LlamaRunner:
         rows = torch.arange(n)
         for li, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
-            q, k, v = (self._linear(li, p, x, lora) for p in ("q_proj", "k_proj", "v_proj"))
+            q, k, v = self._qkv(li, x, lora)
             q = q.view(n, 1, -1, self.head_dim).transpose(1, 2)
             k = k.view(n, 1, -1, self.head_dim).transpose(1, 2)
             v = v.view(n, 1, -1, self.head_dim).transpose(1, 2)
@@ -139,8 +189,7 @@ class LlamaRunner:
         return self.model.lm_head(self.inner.norm(h[:, 0])).float()
 
     def _mlp(self, li: int, layer: torch.nn.Module, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
-        g = self._linear(li, "gate_proj", x, lora)
-        u = self._linear(li, "up_proj", x, lora)
+        g, u = self._linear(li, "gate_up_proj", x, lora).chunk(2, dim=-1)
         return self._linear(li, "down_proj", layer.mlp.act_fn(g) * u, lora)
 
 

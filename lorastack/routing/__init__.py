@@ -1,0 +1,8 @@
+"""Routers: text -> Route. One protocol, strategies registered by name (`auto:<name>`)."""
+
+from __future__ import annotations
+
+from .router import RouteDecision, Router, get_router, register, ROUTERS  # noqa: F401
+from . import knn  # noqa: F401  (registers "knn")
+
+DEFAULT_ROUTER = "knn"

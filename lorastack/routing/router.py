@@ -1,0 +1,56 @@
+"""The Router protocol and its registry.
+
+A router sees only the input text and the library (plus the base, for embeddings) and
+answers with a Route and the per-adapter scores behind it, so a user can see why.
+Abstention (no confident match) answers with the bare base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import NotFoundError, unknown_name_message
+from ..route import BASE_ROUTE, Route
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+
+@dataclass
+class RouteDecision:
+    route: Route
+    scores: dict[str, float] = field(default_factory=dict)
+    abstained: bool = False
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"route": self.route.to_json(), "spec": str(self.route), "scores": self.scores,
+                "abstained": self.abstained, "ms": round(self.seconds * 1000, 2)}
+
+
+class Router(Protocol):
+    name: str
+
+    def route(self, texts: list[str]) -> list[RouteDecision]: ...
+
+
+ROUTERS: dict[str, Callable[["Runtime"], Router]] = {}
+
+
+def register(name: str) -> Callable:
+    def deco(factory: Callable[["Runtime"], Router]) -> Callable[["Runtime"], Router]:
+        ROUTERS[name] = factory
+        return factory
+
+    return deco
+
+
+def get_router(name: str, runtime: "Runtime") -> Router:
+    if name not in ROUTERS:
+        raise NotFoundError(unknown_name_message("router", name, ROUTERS))
+    return ROUTERS[name](runtime)
+
+
+__all__ = ["BASE_ROUTE", "ROUTERS", "RouteDecision", "Router", "get_router", "register"]
