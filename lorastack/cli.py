@@ -255,6 +255,31 @@ def route_cmd(
         typer.echo(f"  {score:6.3f}  {name}")
 
 
+@app.command("eval-routing")
+def eval_routing(
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated tasks, each with an adapter of the same name."),
+    ood: str = typer.Option("", "--ood", help="Comma-separated tasks with no adapter (out-of-library inputs)."),
+    n: int = typer.Option(100, "--n", help="Held-out inputs per task."),
+    n_ood: int = typer.Option(100, "--n-ood"),
+    routers: str = typer.Option("knn", "--routers"),
+    out: Path = typer.Option(Path("out/routing"), "--out"),
+) -> None:
+    """Routing accuracy, abstention and end-task accuracy (base / oracle / routers / uniform mix)."""
+    from .routing.evaluate import evaluate_routing
+
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    rt = _runtime()
+    res = evaluate_routing(rt, split(tasks), n, split(ood), n_ood, split(routers), out)
+    for name, r in res["routers"].items():
+        typer.echo(f"{name}: top-1 routing {r['top1_accuracy']:.1%}, {r['ms_per_input']:.1f} ms/input, "
+                   f"OOD abstention {r['ood_abstention_recall'] if r['ood_abstention_recall'] is None else format(r['ood_abstention_recall'], '.1%')}, "
+                   f"abstention precision {r['abstention_precision'] if r['abstention_precision'] is None else format(r['abstention_precision'], '.1%')}")
+    for label, acc in res["end_task_accuracy"].items():
+        rel = res["relative_to_oracle"][label]
+        typer.echo(f"  {label:<14} end-task exact match {acc:.1%}" + (f"  ({rel:.0%} of oracle)" if rel is not None else ""))
+    typer.echo(f"wrote {out}/routing.json and routing.png")
+
+
 # ------------------------------------------------------------------ generation
 @app.command()
 def generate(

@@ -54,7 +54,7 @@ class Request:
     # Evaluation uses it to stop a row once it can no longer match the reference exactly.
     abandon_when: Callable[[str], bool] | None = None
     _emitted: int = 0
-    _slot: int = 0
+    _slots: tuple = ()  # ((slot, weight), ...) in the LoRA bank
     _rng: torch.Generator | None = None
     _events: "queue.Queue[str | None]" = field(default_factory=queue.Queue, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -226,7 +226,7 @@ class Engine:
                 if need > budget or (admitted and prefill + len(req.prompt_ids) > self.max_prefill_tokens):
                     break
                 try:
-                    req._slot = self.bank.slot_for(req.route)
+                    req._slots = self.bank.slots_for(req.route)
                 except LorastackError as e:
                     if "slots are in use" in str(e) and (self.running or admitted):
                         break  # wait for running rows to release a slot
@@ -247,10 +247,10 @@ class Engine:
         return admitted
 
     def _lora(self, reqs: list[Request]) -> LoraBatch:
-        return LoraBatch(self.bank, [r._slot for r in reqs])
+        return LoraBatch(self.bank, [r._slots for r in reqs])
 
     def _prefill(self, reqs: list[Request]) -> None:
-        reqs.sort(key=lambda r: r._slot)  # contiguous LoRA segments (see LoraBatch)
+        reqs.sort(key=lambda r: r._slots)  # contiguous LoRA segments (see LoraBatch)
         prompts = [r.prompt_ids for r in reqs]
         hits = [self.prefixes.lookup(str(r.route), r.prompt_ids) if self.prefixes else (None, 0) for r in reqs]
         starts = [n for _, n in hits]
@@ -260,7 +260,7 @@ class Engine:
                 for li in range(len(self.cache.k)):
                     self.cache.k[li][first + i, :, :n] = entry.k[li][:, :n]
                     self.cache.v[li][first + i, :, :n] = entry.v[li][:, :n]
-        logits = self.runner.prefill(self.cache, first, prompts, LoraBatch(self.bank, [r._slot for r in reqs], [len(p) - s for p, s in zip(prompts, starts)]), starts)
+        logits = self.runner.prefill(self.cache, first, prompts, LoraBatch(self.bank, [r._slots for r in reqs], [len(p) - s for p, s in zip(prompts, starts)]), starts)
         if self.prefixes is not None:
             for i, r in enumerate(reqs):
                 ln = len(r.prompt_ids)

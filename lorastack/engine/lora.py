@@ -10,9 +10,9 @@ rank block, and one more matmul adds the deltas. On a CPU this beats per-row gat
 concatenation is cached while the set of used slots does not change (measured in
 bench/engine.py). Slot 0 is all zeros: the bare base.
 
-A weighted mixture `a:0.7+b:0.3` occupies one slot holding the rank-concatenation
-`A = [A_a; A_b]`, `B = [0.7 B_a, 0.3 B_b]`, which is exactly PEFT's `cat` combination:
-the weighted sum of the deltas, with no merge into the base.
+A weighted mixture `a:0.7+b:0.3` needs no slot of its own: its row's mask holds 0.7 on
+a's rank block and 0.3 on b's, which is exactly the weighted sum of the two deltas (PEFT's
+`cat` combination) with no merge into the base and no extra memory.
 """
 
 from __future__ import annotations
@@ -64,20 +64,6 @@ class AdapterWeights:
             scale = mod_alpha / (rank**0.5 if use_rslora else rank)
             modules[module] = (a.to(torch.float32).to(dtype).contiguous(), (b.to(torch.float32) * scale).to(dtype).contiguous())
         return cls(adapter.name, modules)
-
-    @classmethod
-    def mixture(cls, name: str, parts: list[tuple["AdapterWeights", float]]) -> "AdapterWeights":
-        """PEFT's `cat` combination: ranks concatenated, each B scaled by its weight."""
-        modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for module in sorted({m for w, _ in parts for m in w.modules}):
-            As, Bs = [], []
-            for w, weight in parts:
-                if module in w.modules:
-                    a, b = w.modules[module]
-                    As.append(a)
-                    Bs.append(b * weight)
-            modules[module] = (torch.cat(As, 0), torch.cat(Bs, 1))
-        return cls(name, modules)
 
 
 def _pattern(pattern: dict[str, float], module: str, default: float) -> float:
@@ -142,11 +128,10 @@ class LoraBank:
         return w
 
     def forget(self, name: str) -> None:
-        """Drop an adapter (removed or replaced in the library) from RAM and from its slots."""
+        """Drop an adapter (removed or replaced in the library) from RAM and from its slot."""
         self.cache.pop(name, None)
-        for key in [k for k in self.slots if name in _route_names(k)]:
-            if not self.pinned.get(key):
-                self._free(key)
+        if name in self.slots and not self.pinned.get(name):
+            self._free(name)
 
     # ------------------------------------------------------------ slots
     def _ensure_rank(self, rank: int) -> None:
@@ -173,21 +158,24 @@ class LoraBank:
             self.Bt[module][slot].zero_()
         self.version += 1
 
-    def slot_for(self, route: Route) -> int:
-        """The slot holding `route` (loading it if needed); 0 for the bare base."""
-        if route.is_base:
-            return 0
-        key = str(route)
-        if key in self.slots:
-            self.slots.move_to_end(key)
-            return self.slots[key]
-        parts = [(self._weights(n), w) for n, w in route.entries]
-        w = parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else AdapterWeights.mixture(key, parts)
+    def slots_for(self, route: Route) -> tuple[tuple[int, float], ...]:
+        """`(slot, weight)` for each adapter of `route`, loading adapters as needed; () for base."""
+        if len(route.entries) > self.max_resident:
+            raise LorastackError(f"route {route} has {len(route.entries)} adapters; at most {self.max_resident} can be resident")
+        return tuple((self.slot_for(name, keep=route.names), w) for name, w in route.entries)
+
+    def slot_for(self, name: str, keep: list[str] = ()) -> int:
+        """The slot holding adapter `name`, loading it (and evicting the least recently used
+        adapter not in use) if needed."""
+        if name in self.slots:
+            self.slots.move_to_end(name)
+            return self.slots[name]
+        w = self._weights(name)
         self._ensure_rank(w.rank)
         used = set(self.slots.values())
         free = [s for s in range(1, self.max_resident + 1) if s not in used]
         if not free:
-            victim = next((k for k in self.slots if not self.pinned.get(k)), None)
+            victim = next((k for k in self.slots if not self.pinned.get(k) and k not in keep), None)
             if victim is None:
                 raise LorastackError(f"all {self.max_resident} adapter slots are in use by running requests")
             free = [self.slots[victim]]
@@ -200,20 +188,20 @@ class LoraBank:
             off = sum(o for _, _, o in self.groups[group][:i])
             self.A[group][slot, i * R : i * R + r] = a
             self.Bt[group][slot, i * R : i * R + r, off : off + b.shape[0]] = b.t()
-        self.slots[key] = slot
+        self.slots[name] = slot
         self.version += 1
         return slot
 
     def pin(self, route: Route) -> None:
-        if not route.is_base:
-            self.pinned[str(route)] = self.pinned.get(str(route), 0) + 1
+        for name in route.names:
+            self.pinned[name] = self.pinned.get(name, 0) + 1
 
     def unpin(self, route: Route) -> None:
-        key = str(route)
-        if key in self.pinned:
-            self.pinned[key] -= 1
-            if self.pinned[key] <= 0:
-                del self.pinned[key]
+        for name in route.names:
+            if name in self.pinned:
+                self.pinned[name] -= 1
+                if self.pinned[name] <= 0:
+                    del self.pinned[name]
 
     def resident(self) -> list[str]:
         return list(self.slots)
@@ -231,48 +219,52 @@ class LoraBank:
         return a, b
 
 
-def _route_names(key: str) -> set[str]:
-    return {part.split(":")[0] for part in key.split("+")}
+RowSlots = tuple[tuple[int, float], ...]  # one row's adapters: (slot, weight); () is the base
 
 
 class LoraBatch:
-    """The per-row routing of one forward pass: which slot each row uses."""
+    """The per-row routing of one forward pass: which slots (and weights) each row uses."""
 
-    def __init__(self, bank: LoraBank, slots: list[int], tokens: list[int] | None = None) -> None:
-        """`slots[i]` is row i's slot. With `tokens` (tokens per row), x is a packed
-        sequence `[1, sum(tokens), in]` whose rows are sorted by slot (the engine's prefill)."""
+    def __init__(self, bank: LoraBank, rows: list[RowSlots], tokens: list[int] | None = None) -> None:
+        """With `tokens` (tokens per row), x is a packed sequence `[1, sum(tokens), in]`
+        (the engine's prefill, rows sorted by slots)."""
         self.bank = bank
-        self.used = tuple(sorted({s for s in slots if s}))
+        self.rows = rows
+        self.tokens = tokens
+        self.used = tuple(sorted({s for r in rows for s, _ in r}))
         self.uniform: int | None = None
         self.segments: list[tuple[int, int, int]] | None = None
-        if self.used and all(s == self.used[0] for s in slots):
+        self._masks: dict[int, torch.Tensor] = {}
+        plain = all(len(r) <= 1 and all(w == 1.0 for _, w in r) for r in rows)
+        if self.used and plain and all(r == rows[0] for r in rows):
             self.uniform = self.used[0]
-        elif self.used and tokens is not None:
+        elif self.used and plain and tokens is not None and rows == sorted(rows):
             # Packed tokens sorted by slot: each adapter covers one contiguous span, so its
             # delta is a plain matmul pair on a view (SGMV-style), with no wasted rank columns.
-            if any(slots[i] > slots[i + 1] for i in range(len(slots) - 1)):
-                raise ValueError("packed LoRA rows must be sorted by slot")
             self.segments = []
             pos = 0
-            for s, t in zip(slots, tokens):
+            for r, t in zip(rows, tokens):
+                s = r[0][0] if r else 0
                 if s and self.segments and self.segments[-1][0] == s and self.segments[-1][2] == pos:
                     self.segments[-1] = (s, self.segments[-1][1], pos + t)
                 elif s:
                     self.segments.append((s, pos, pos + t))
                 pos += t
-        self._slots = slots
-        self._masks: dict[int, torch.Tensor] = {}
 
     def _mask(self, width: int) -> torch.Tensor:
-        """[n, 1, U*width]: 1 on each row's own slot block of rank columns."""
+        """Per row (or per packed token): the weight of each used slot on its rank block."""
         m = self._masks.get(width)
         if m is None:
             pos = {s: i for i, s in enumerate(self.used)}
-            m = torch.zeros(len(self._slots), len(self.used) * width, dtype=self.bank.dtype)
-            for row, s in enumerate(self._slots):
-                if s:
-                    m[row, pos[s] * width : (pos[s] + 1) * width] = 1
-            m = self._masks[width] = m[:, None, :]
+            m = torch.zeros(len(self.rows), len(self.used) * width, dtype=self.bank.dtype)
+            for row, entries in enumerate(self.rows):
+                for s, w in entries:
+                    m[row, pos[s] * width : (pos[s] + 1) * width] = w
+            if self.tokens is not None:
+                m = m.repeat_interleave(torch.tensor(self.tokens), dim=0)[None]  # [1, total, W]
+            else:
+                m = m[:, None, :]  # [n, 1, W]
+            self._masks[width] = m
         return m
 
     def delta(self, module: str, x: torch.Tensor) -> torch.Tensor | None:
