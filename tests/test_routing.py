@@ -75,6 +75,6 @@ def test_auto_spec_through_runtime_and_unknown_router(routed_runtime):
 
 
 def test_abstains_when_nothing_is_close(routed_runtime):
-    router = KnnRouter(routed_runtime, min_similarity=1.01)  # nothing can be that close
+    router = KnnRouter(routed_runtime, calibration=2.0)  # no input can be that close
     d = router.route(["What is 2 + 2?"])[0]
     assert d.abstained and d.route.is_base and d.scores

@@ -3,8 +3,16 @@
 Each adapter's signature is the embeddings of a sample of its training inputs (stored with
 the adapter at training time; an imported adapter without examples is not kNN-routable).
 An input is embedded the same way; its k nearest stored examples vote, weighted by
-cosine similarity. The winner is used if its vote share reaches `min_share` and its best
-neighbour is at least `min_similarity` close; otherwise the router abstains (bare base).
+cosine similarity. The winner is used if its vote share reaches `min_share` and the input
+is about as close to the winner's examples as they are to each other; otherwise the
+router abstains (bare base).
+
+Hidden states are anisotropic (every mean-pooled state shares a large common component:
+raw cosines were 0.92-0.999 for everything, in-library or not), so embeddings are centred
+on the library's mean before comparing. Abstention is calibrated per adapter: the
+threshold is a fraction (`calibration`) of the 2nd percentile of its examples'
+leave-one-out nearest-neighbour similarity, so a tight task (ISO dates) gets a strict
+threshold and a varied one (free word lists) a loose one.
 
 Embeddings are the base's own mean-pooled hidden states after its first few layers: no
 second model to ship, and the signatures live in the library (SQLite) keyed by the base
@@ -48,16 +56,35 @@ def knn_scores(query: np.ndarray, bank: np.ndarray, owners: np.ndarray, n_adapte
 @dataclass
 class KnnIndex:
     names: list[str]
-    bank: np.ndarray  # [m, d], normalised
+    bank: np.ndarray  # [m, d], centred and normalised
     owners: np.ndarray  # [m]
+    mean: np.ndarray  # [d], the centre
+    thresholds: np.ndarray  # [adapters]: minimum similarity to route to each adapter
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
+
+
+def self_similarity(bank: np.ndarray, owners: np.ndarray, n_adapters: int, quantile: float = 2.0) -> np.ndarray:
+    """Per adapter: a low percentile of its examples' nearest-neighbour similarity to each other."""
+    out = np.zeros(n_adapters)
+    for a in range(n_adapters):
+        b = bank[owners == a]
+        if len(b) < 2:
+            continue
+        s = b @ b.T
+        np.fill_diagonal(s, -1.0)
+        out[a] = np.percentile(s.max(1), quantile)
+    return out
 
 
 class KnnRouter:
     name = "knn"
 
-    def __init__(self, runtime: "Runtime", k: int = 8, min_share: float = 0.5, min_similarity: float = 0.9) -> None:
+    def __init__(self, runtime: "Runtime", k: int = 8, min_share: float = 0.5, calibration: float = 0.92) -> None:
         self.runtime = runtime
-        self.k, self.min_share, self.min_similarity = k, min_share, min_similarity
+        self.k, self.min_share, self.calibration = k, min_share, calibration
         self._index: KnnIndex | None = None
         self._index_key: tuple | None = None
 
@@ -96,8 +123,12 @@ class KnnRouter:
             owners += [len(kept)] * emb.shape[0]
             vecs.append(emb)
             kept.append(name)
-        bank = np.concatenate(vecs) if vecs else np.zeros((0, 1), dtype=np.float32)
-        self._index = KnnIndex(kept, bank, np.array(owners, dtype=np.int64))
+        raw = np.concatenate(vecs) if vecs else np.zeros((0, 1), dtype=np.float32)
+        mean = raw.mean(0) if len(raw) else np.zeros(raw.shape[1], dtype=np.float32)
+        bank = _unit(raw - mean)
+        owners_a = np.array(owners, dtype=np.int64)
+        thresholds = self.calibration * self_similarity(bank, owners_a, len(kept))
+        self._index = KnnIndex(kept, bank, owners_a, mean, thresholds)
         self._index_key = key
         return self._index
 
@@ -107,8 +138,9 @@ class KnnRouter:
         idx = self.index()
         if not idx.names:
             return [RouteDecision(BASE_ROUTE, {}, True, time.perf_counter() - t0) for _ in texts]
-        q = self.embed(texts)
-        votes, best = knn_scores(q, idx.bank, idx.owners, len(idx.names), self.k)
+        q = _unit(self.embed(texts) - idx.mean)
+        votes, _ = knn_scores(q, idx.bank, idx.owners, len(idx.names), self.k)
+        sims = q @ idx.bank.T
         out = []
         per = (time.perf_counter() - t0) / len(texts)
         for row in range(len(texts)):
@@ -116,7 +148,8 @@ class KnnRouter:
             share = votes[row] / total if total > 0 else votes[row]
             top = int(np.argmax(share))
             scores = {n: round(float(s), 4) for n, s in zip(idx.names, share) if s > 0}
-            confident = share[top] >= self.min_share and best[row] >= self.min_similarity
+            closest = float(sims[row, idx.owners == top].max())
+            confident = share[top] >= self.min_share and closest >= idx.thresholds[top]
             route = Route(((idx.names[top], 1.0),)) if confident else BASE_ROUTE
             out.append(RouteDecision(route, scores, not confident, per))
         return out
