@@ -40,3 +40,36 @@ def test_malformed_jsonl_error_names_file_and_line(tmp_path):
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n')
     r = run("train", str(bad), "--name", "x")
     assert r.returncode == 2 and f"{bad}:2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_route_generate_and_eval_commands_on_a_tiny_base(tiny_base_dir, tmp_path):
+    """`route`, `generate`, `eval --model auto` and `adapters list` end to end through the CLI."""
+    from lorastack.base import Base
+    from lorastack.library import Library
+    from lorastack.tasks import get_task
+    from test_library import make_peft_adapter
+
+    base = Base.load(str(tiny_base_dir))
+    lib_dir = tmp_path / "lib"
+    lib = Library(lib_dir)
+    for i, t in enumerate(["reverse_words", "date_format"]):
+        lib.add(make_peft_adapter(base, tmp_path / t, seed=i), t, base=base,
+                examples=[r["prompt"] for r in get_task(t).generate(24, "train", 0)])
+    common = ["--base", str(tiny_base_dir), "--library", str(lib_dir)]
+    r = run(*common, "route", "Rewrite the date 2031-04-09 in words", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["spec"] == "date_format" and out["scores"]["date_format"] > 0.5
+    r = run(*common, "generate", "Rewrite the date 2031-04-09 in words", "--model", "date_format:0.5+reverse_words:0.5", "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    data = tmp_path / "mixed.jsonl"
+    rows = get_task("date_format").generate(3, "test", 0) + get_task("reverse_words").generate(3, "test", 0)
+    data.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    res = tmp_path / "res.jsonl"
+    r = run(*common, "eval", "--model", "auto", "--data", str(data), "--out", str(res), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["n"] == 6
+    routes = [json.loads(line)["route"] for line in res.read_text().splitlines()]
+    assert routes == ["date_format"] * 3 + ["reverse_words"] * 3
+    r = run(*common, "generate", "hi", "--model", "date_fromat")
+    assert r.returncode == 2 and "did you mean 'date_format'" in r.stderr

@@ -1,0 +1,104 @@
+"""Routing latency vs library size, and its overhead on a 32-token generation.
+
+    python bench/routing.py [--sizes 10,100,1000] [--examples 64] [--out out/bench]
+
+The kNN router's cost is one short forward through the base's first layers (the
+embedding; independent of the library) plus a similarity search over every stored
+example (64 per adapter by default). Latency uses synthetic signatures (random unit
+vectors; the search cost depends on their number, not their values). The overhead is
+measured against the same engine generating 32 tokens for the same single request.
+Writes routing_latency.json and routing_latency.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from lorastack.base import Base  # noqa: E402
+from lorastack.engine.sampling import Sampling  # noqa: E402
+from lorastack.library import Library  # noqa: E402
+from lorastack.route import BASE_ROUTE  # noqa: E402
+from lorastack.routing.knn import KnnIndex, KnnRouter, _unit, self_similarity  # noqa: E402
+from lorastack.runtime import Runtime  # noqa: E402
+
+PROMPT = "Rewrite the date 2031-04-09 in words"
+
+
+def timed(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10,100,1000")
+    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path("out/bench"))
+    args = ap.parse_args()
+    rt = Runtime(Base.load("embedded"), Library(Path(tempfile.mkdtemp()) / "lib"))
+    router = KnnRouter(rt)
+    dim = rt.base.model.config.hidden_size
+    rng = np.random.default_rng(0)
+
+    embed_s = timed(lambda: router.embed([PROMPT]), args.repeat)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = []
+    for n in sizes:
+        bank = _unit(rng.normal(size=(n * args.examples, dim)).astype(np.float32))
+        owners = np.repeat(np.arange(n), args.examples)
+        idx = KnnIndex([f"a{i}" for i in range(n)], bank, owners, np.zeros(dim, np.float32),
+                       0.9 * self_similarity(bank[: 10 * args.examples], owners[: 10 * args.examples], n))
+        router.index = lambda idx=idx: idx  # synthetic library of n adapters
+        total = timed(lambda: router.route([PROMPT]), args.repeat)
+        rows.append({"adapters": n, "stored_examples": n * args.examples, "route_ms": total * 1000,
+                     "search_ms": (total - embed_s) * 1000})
+        print(f"{n:>5} adapters ({n * args.examples:>6} examples): route {total * 1000:7.2f} ms "
+              f"(embedding {embed_s * 1000:.2f} ms + search {max(0.0, total - embed_s) * 1000:.2f} ms)", flush=True)
+
+    engine = rt.generator
+    gen = lambda: engine.generate([[{"role": "user", "content": PROMPT}]], BASE_ROUTE, Sampling(max_tokens=32, ignore_eos=True))  # noqa: E731
+    gen_s = timed(gen, 3)
+    print(f"generating 32 tokens (batch 1, same engine): {gen_s * 1000:.0f} ms")
+    for r in rows:
+        r["overhead_vs_32_tokens"] = r["route_ms"] / (gen_s * 1000)
+        print(f"{r['adapters']:>5} adapters: routing adds {r['overhead_vs_32_tokens']:.1%} to a 32-token generation")
+    growth = rows[-1]["search_ms"] / max(rows[0]["search_ms"], 1e-6)
+    print(f"search time x{growth:.1f} for x{sizes[-1] / sizes[0]:.0f} adapters")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "routing_latency.json").write_text(json.dumps({"embed_ms": embed_s * 1000, "generate_32_ms": gen_s * 1000,
+                                                                "rows": rows}, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["adapters"] for r in rows], [r["route_ms"] for r in rows], marker="o", label="kNN route (total)")
+    ax.axhline(gen_s * 1000 * 0.05, color="red", ls="--", label="5% of a 32-token generation")
+    ax.set_xscale("log")
+    ax.set_xlabel("adapters in library")
+    ax.set_ylabel("ms per request")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "routing_latency.png", dpi=120)
+    print(f"wrote {args.out}/routing_latency.json and routing_latency.png")
+
+
+if __name__ == "__main__":
+    main()
