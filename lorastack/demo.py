@@ -89,7 +89,7 @@ def run_demo(
         table.add_column(t.name, justify="right")
     for (label, _), row in zip(routes, matrix):
         table.add_row(label, *[f"{v:.1%}" for v in row])
-    Console().print(table)
+    Console(width=max(100, 18 + 16 * len(task_objs))).print(table)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {
