@@ -78,3 +78,48 @@ def test_abstains_when_nothing_is_close(routed_runtime):
     router = KnnRouter(routed_runtime, calibration=2.0)  # no input can be that close
     d = router.route(["What is 2 + 2?"])[0]
     assert d.abstained and d.route.is_base and d.scores
+
+
+def test_arrow_prototype_is_the_top_singular_vector_of_the_update():
+    """A hand-made update B A = 3 b1 u^T + 1 b2 w^T has top right singular vector u."""
+    import torch
+
+    from lorastack.routing.arrow import top_right_singular_vector
+
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
+    u, w = q[:, 0], q[:, 1]
+    p, _ = torch.linalg.qr(torch.randn(48, 48, generator=g))
+    b1, b2 = 3 * p[:, 0], p[:, 1]
+    A = torch.stack([u, w])  # [r=2, in=32]
+    B = torch.stack([b1, b2], dim=1)  # [out=48, r=2]
+    v = top_right_singular_vector(A, B)
+    assert abs(float(v @ u)) > 0.999 and abs(float(v @ w)) < 1e-3
+    # Scaling B changes nothing about the direction; swapping the magnitudes flips the answer.
+    assert abs(float(top_right_singular_vector(A, B * 7) @ u)) > 0.999
+    B2 = torch.stack([p[:, 0], 3 * p[:, 1]], dim=1)
+    assert abs(float(top_right_singular_vector(A, B2) @ w)) > 0.999
+
+
+def test_arrow_scores_prefer_the_aligned_adapter():
+    from lorastack.routing.arrow import arrow_scores
+
+    rng = np.random.default_rng(0)
+    d = 16
+    e = np.eye(d, dtype=np.float32)
+    protos = np.zeros((2, 1, 2, 3, d), dtype=np.float32)
+    protos[0, 0, 0, 0] = e[0]
+    protos[1, 0, 0, 0] = e[1]
+    tokens = np.zeros((1, 2, 5, d), dtype=np.float32)
+    tokens[0, 0] = e[1] * 2 + 0.1 * rng.normal(size=(5, d))
+    tokens[0, 1] = rng.normal(size=(5, d))
+    s = arrow_scores(tokens, protos)
+    assert s[1] > s[0]
+
+
+def test_arrow_router_runs_without_any_data(routed_runtime):
+    rt = routed_runtime
+    d = rt.router("arrow").route(["Rewrite the date 2031-04-09 in words"])[0]
+    assert not d.route.is_base and set(d.scores) == set(TASKS)
+    assert abs(sum(d.scores.values()) - 1) < 1e-3
+    assert len(rt.library.signatures(rt.router("arrow")._kind())) == 3

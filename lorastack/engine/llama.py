@@ -160,6 +160,27 @@ class LlamaRunner:
         return torch.stack(out)
 
     @torch.inference_mode()
+    def layer_inputs(self, prompt: list[int]) -> torch.Tensor:
+        """The bare base's normalised inputs to attention and MLP at every layer, [layers, 2, T, d]
+        (what Arrow scores against adapter prototypes)."""
+        ids = torch.tensor(prompt).view(1, -1)
+        n = len(prompt)
+        h = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(h, torch.arange(n).view(1, -1))
+        out = []
+        for li, layer in enumerate(self.layers):
+            x = layer.input_layernorm(h)
+            weight, bias, _, sizes = self.fused[li]["qkv_proj"]
+            q, k, v = (t.view(1, n, -1, self.head_dim).transpose(1, 2) for t in F.linear(x, weight, bias).split(sizes, dim=-1))
+            q, k = self.rope(q, k, cos, sin)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.self_attn.scaling, enable_gqa=True)
+            h = h + layer.self_attn.o_proj(a.transpose(1, 2).reshape(1, n, -1))
+            m = layer.post_attention_layernorm(h)
+            h = h + layer.mlp(m)
+            out.append(torch.stack([x[0], m[0]]).float())
+        return torch.stack(out)
+
+    @torch.inference_mode()
     def decode(self, cache: KVCache, tokens: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         """One token for each of the `cache.n` running rows; returns logits [n, V]."""
         n = cache.n
