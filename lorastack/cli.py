@@ -235,10 +235,37 @@ def adapters_export(name: str, dest: Path) -> None:
 
 
 # ------------------------------------------------------------------ routing
+router_app = typer.Typer(no_args_is_help=True, help="Routers that pick adapters for `--model auto`.")
+app.add_typer(router_app, name="router")
+
+
+@router_app.command("fit")
+def router_fit(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Fit the learned gate on the library's stored examples (for auto:learned)."""
+    from .routing.learned import LearnedRouter
+
+    info = LearnedRouter(_runtime()).fit()
+    if as_json:
+        _print_json(info)
+    else:
+        typer.echo(f"fitted learned router on {info['examples']} examples of {info['adapters']} adapters in "
+                   f"{info['seconds']}s (train accuracy {info['train_accuracy']:.1%}); saved {info['path']}")
+
+
+@adapters_app.command("search")
+def adapters_search(text: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Adapters whose name or description contains TEXT."""
+    found = _library().search(text)
+    if as_json:
+        _print_json([a.card.model_dump() for a in found])
+        return
+    for a in found:
+        typer.echo(f"{a.name:<24} {a.card.description}")
+
 @app.command("route")
 def route_cmd(
     prompt: str,
-    router: Optional[str] = typer.Option(None, "--router", help="knn (default)."),
+    router: Optional[str] = typer.Option(None, "--router", help="knn (default), arrow or learned."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Show which route a router picks for PROMPT, with per-adapter scores and the time taken."""

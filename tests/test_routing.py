@@ -123,3 +123,26 @@ def test_arrow_router_runs_without_any_data(routed_runtime):
     assert not d.route.is_base and set(d.scores) == set(TASKS)
     assert abs(sum(d.scores.values()) - 1) < 1e-3
     assert len(rt.library.signatures(rt.router("arrow")._kind())) == 3
+
+
+def test_learned_router_fit_and_route(routed_runtime):
+    from lorastack.errors import LorastackError
+
+    rt = routed_runtime
+    with pytest.raises(LorastackError, match="router fit"):
+        rt.router("learned").route(["x"])
+    info = rt.router("learned").fit()
+    assert info["adapters"] == 3 and info["train_accuracy"] > 0.9
+    prompts = [r["prompt"] for t in TASKS for r in get_task(t).generate(5, "test", 2)]
+    got = [d.route.names[:1] for d in rt.router("learned").route(prompts)]
+    assert np.mean([g == [t] for g, t in zip(got, [t for t in TASKS for _ in range(5)])]) >= 0.9
+
+
+def test_fit_gate_separates_synthetic_classes():
+    from lorastack.routing.learned import fit_gate
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(loc=c, size=(50, 4)) for c in (-2, 0, 2)]).astype(np.float32)
+    y = np.repeat(np.arange(3), 50)
+    W, b = fit_gate(x, y, 3)
+    assert ((x @ W + b).argmax(1) == y).mean() > 0.9

@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from .router import RouteDecision, Router, get_router, register, ROUTERS  # noqa: F401
-from . import arrow, knn  # noqa: F401  (register "arrow", "knn")
+from . import arrow, knn, learned  # noqa: F401  (register "arrow", "knn", "learned")
 
 DEFAULT_ROUTER = "knn"
