@@ -409,6 +409,43 @@ def demo(
              base_source=OPTS.base, library_dir=OPTS.library, dtype=OPTS.dtype)
 
 
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0 exposes it to the network: set an API key)."),
+    port: int = typer.Option(8000, "--port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' (default: $LORASTACK_API_KEY)."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Rows decoded together."),
+    max_resident: int = typer.Option(16, "--max-resident", help="Adapters resident in LoRA slots (LRU beyond)."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Waiting requests before 429 + Retry-After."),
+    max_tokens: int = typer.Option(1024, "--max-tokens-cap", help="Largest max_tokens a request may ask for."),
+    max_body: int = typer.Option(1 << 20, "--max-body-bytes"),
+    import_root: list[Path] = typer.Option([], "--import-root", help="Directory HTTP imports may read from (repeatable; none = imports off)."),
+    log_level: str = typer.Option("warning", "--log-level"),
+) -> None:
+    """Serve the base and the library over an OpenAI-compatible HTTP API."""
+    import uvicorn
+
+    from .runtime import Runtime
+    from .serve import ServeSettings, create_app
+
+    settings = ServeSettings.with_env(api_key=api_key, max_queue=max_queue, max_tokens_cap=max_tokens,
+                                      default_max_tokens=min(256, max_tokens), max_body_bytes=max_body,
+                                      import_roots=tuple(import_root))
+    from .base import Base
+
+    base = Base.load(OPTS.base, dtype=OPTS.dtype)
+    rt = Runtime(base, _library(), max_batch=max_batch, max_resident=max_resident)
+    web = create_app(rt, settings)
+    url = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
+    auth = ' -H "Authorization: Bearer $LORASTACK_API_KEY"' if settings.api_key else ""
+    typer.echo(f"lorastack serving {base.name} ({base.fingerprint}, {str(base.dtype).replace('torch.', '')}) with {len(rt.served())} adapters at {url}/v1")
+    typer.echo(f"auth: {'API key required' if settings.api_key else 'none (set --api-key or LORASTACK_API_KEY)'}; "
+               f"imports: {', '.join(str(r) for r in settings.import_roots) or 'off'}")
+    typer.echo(f"try:  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
+               f"""-d '{{"model": "auto", "messages": [{{"role": "user", "content": "Reverse the words: red green blue"}}], "temperature": 0}}'""")
+    uvicorn.run(web, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     try:

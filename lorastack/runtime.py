@@ -6,6 +6,7 @@ SPEC means the same thing everywhere and adapters are checked against the base o
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,10 @@ class Runtime:
     generator: Engine | Generator = field(init=False)
     _checked: set[str] = field(default_factory=set, init=False, repr=False)
     _routers: dict = field(default_factory=dict, init=False, repr=False)
+    # Adapters taken out of service (the server's vLLM-style unload): still in the library,
+    # but not served, listed or routed to until loaded again.
+    hidden: set[str] = field(default_factory=set, init=False)
+    _route_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # The engine serves every Llama-family base; anything else takes the PEFT reference path.
@@ -49,6 +54,8 @@ class Runtime:
         return str(self._adapter(name).path)
 
     def _adapter(self, name: str) -> Adapter:
+        if name in self.hidden:
+            raise NotFoundError(unknown_name_message("adapter", name, self.served()))
         adapter = self.library.get(name)
         if name not in self._checked:
             fp = adapter.card.base_fingerprint
@@ -66,6 +73,47 @@ class Runtime:
             return True
         except LorastackError:
             return False
+
+    def served(self) -> list[str]:
+        """Library adapters this runtime serves (not hidden)."""
+        return [n for n in self.library.names() if n not in self.hidden]
+
+    def refresh(self, name: str) -> None:
+        """Forget everything cached about adapter `name` (it was added, replaced or removed);
+        rows already decoding keep the weights they started with."""
+        self._checked.discard(name)
+        forget = getattr(self.generator, "forget", None)
+        if forget is not None:
+            forget(name)
+
+    def decide(self, spec: str, texts: list[str]) -> list:
+        """A `RouteDecision` per text: fixed SPECs decide nothing, `auto...` asks its router.
+
+        Routers are not re-entrant (they build indexes lazily), so calls are serialised; a
+        route naming an adapter that is no longer served is trimmed to what is.
+        """
+        from .routing import RouteDecision
+
+        parsed = self.route(spec)
+        if not isinstance(parsed, AutoSpec):
+            return [RouteDecision(parsed) for _ in texts]
+        with self._route_lock:
+            decisions = self.router(parsed.router).route(texts)
+        for d in decisions:
+            kept = tuple((n, w) for n, w in d.route.entries if self.fits(n))
+            if len(kept) != len(d.route.entries):
+                total = sum(w for _, w in kept)
+                d.route = Route(tuple((n, w / total) for n, w in kept)) if kept and total > 0 else Route()
+                d.abstained = d.abstained or not kept
+        return decisions
+
+    def router_name(self, spec: str) -> str | None:
+        parsed = parse_spec(spec)
+        if isinstance(parsed, AutoSpec):
+            from .routing import DEFAULT_ROUTER
+
+            return parsed.router or DEFAULT_ROUTER
+        return None
 
     def router(self, name: str | None = None):
         """A router by name (default: `routing.DEFAULT_ROUTER`), kept for reuse."""
@@ -89,7 +137,7 @@ class Runtime:
         if isinstance(parsed, AutoSpec):
             self.router(parsed.router)  # unknown router names fail here, with close names
             return parsed
-        known = set(self.library.names())
+        known = set(self.served())
         for name in parsed.names:
             if name not in known:
                 raise NotFoundError(unknown_name_message("adapter", name, known))

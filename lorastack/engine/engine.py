@@ -53,6 +53,9 @@ class Request:
     # Optional early exit: called with the text so far; True ends the request ("abandoned").
     # Evaluation uses it to stop a row once it can no longer match the reference exactly.
     abandon_when: Callable[[str], bool] | None = None
+    # Optional push listener, called on the engine thread with each text piece and a final
+    # None; the server uses it to hand pieces to its event loop without a polling thread.
+    on_event: Callable[[str | None], None] | None = None
     _emitted: int = 0
     _slots: tuple = ()  # ((slot, weight), ...) in the LoRA bank
     _rng: torch.Generator | None = None
@@ -62,6 +65,14 @@ class Request:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    def _push(self, piece: str | None) -> None:
+        self._events.put(piece)
+        if self.on_event is not None:
+            try:
+                self.on_event(piece)
+            except Exception:  # noqa: BLE001 - a broken listener must not stall the engine
+                self.on_event = None
 
     def cancel(self) -> None:
         """Stop generating (a disconnected client); the row is freed at the next step."""
@@ -121,20 +132,22 @@ class Engine:
 
     # ------------------------------------------------------------ submitting
     def submit(self, prompt: str | Messages, route: Route, sampling: Sampling = Sampling(),
-               abandon_when: Callable[[str], bool] | None = None) -> Request:
+               abandon_when: Callable[[str], bool] | None = None,
+               on_event: Callable[[str | None], None] | None = None) -> Request:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         ids = self.base.chat_ids(messages)
-        return self.submit_ids(ids, route, sampling, abandon_when)
+        return self.submit_ids(ids, route, sampling, abandon_when, on_event)
 
     def submit_ids(self, ids: list[int], route: Route, sampling: Sampling = Sampling(),
-                   abandon_when: Callable[[str], bool] | None = None) -> Request:
+                   abandon_when: Callable[[str], bool] | None = None,
+                   on_event: Callable[[str | None], None] | None = None) -> Request:
         if not ids:
             raise LorastackError("empty prompt")
         if len(ids) + sampling.max_tokens > self.max_tokens_in_flight:
             raise LorastackError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the engine's limit of {self.max_tokens_in_flight}"
             )
-        req = Request(ids, route, sampling, abandon_when=abandon_when)
+        req = Request(ids, route, sampling, abandon_when=abandon_when, on_event=on_event)
         if sampling.temperature > 0:
             req._rng = torch.Generator()
             req._rng.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ())))
@@ -239,7 +252,7 @@ class Engine:
                     req.error = LorastackError(f"cannot load route {req.route}: {e}")
                     self._finish(req, "error")
                     continue
-                self.bank.pin(req.route)
+                self.bank.pin(req._slots)
                 self.waiting.popleft()
                 admitted.append(req)
                 budget -= need
@@ -322,7 +335,7 @@ class Engine:
                         safe = min(safe, len(text) - k)
                         break
         if safe > req._emitted:
-            req._events.put(text[req._emitted : safe])
+            req._push(text[req._emitted : safe])
             req._emitted = safe
 
     def _retire(self, req: Request) -> None:
@@ -331,18 +344,18 @@ class Engine:
         last = self.running.pop()
         if moved is not None:
             self.running[row] = last
-        self.bank.unpin(req.route)
+        self.bank.unpin(req._slots)
         self._finish(req, req.finish_reason or ("cancelled" if req.cancelled else "stop"))
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = req.finish_reason or reason
         if req._emitted < len(req.text) and not req.error:
-            req._events.put(req.text[req._emitted :])
+            req._push(req.text[req._emitted :])
             req._emitted = len(req.text)
         req.finished_at = time.perf_counter()
         self.stats["requests"] += 1
-        req._events.put(None)
         req._done.set()
+        req._push(None)
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self.running if r.cancelled]:

@@ -106,7 +106,11 @@ class LoraBank:
         self._concat: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
         self.slots: OrderedDict[str, int] = OrderedDict()  # route key -> slot, in LRU order
         self.cache: OrderedDict[str, AdapterWeights] = OrderedDict()
-        self.pinned: dict[str, int] = {}  # route key -> number of in-flight rows using it
+        # Pins are per slot, not per name: a request keeps the exact weights it started with
+        # even if its adapter is replaced or removed meanwhile (the slot turns "stale" and is
+        # freed when its last row finishes).
+        self.pinned: dict[int, int] = {}  # slot -> number of in-flight rows using it
+        self.stale: set[int] = set()
         self.load_seconds: list[float] = []
 
     # ------------------------------------------------------------ adapters
@@ -130,7 +134,7 @@ class LoraBank:
     def forget(self, name: str) -> None:
         """Drop an adapter (removed or replaced in the library) from RAM and from its slot."""
         self.cache.pop(name, None)
-        if name in self.slots and not self.pinned.get(name):
+        if name in self.slots:
             self._free(name)
 
     # ------------------------------------------------------------ slots
@@ -153,6 +157,12 @@ class LoraBank:
 
     def _free(self, key: str) -> None:
         slot = self.slots.pop(key)
+        if self.pinned.get(slot):
+            self.stale.add(slot)  # still in use: zeroed when its last row unpins it
+        else:
+            self._zero(slot)
+
+    def _zero(self, slot: int) -> None:
         for module in self.A:
             self.A[module][slot].zero_()
             self.Bt[module][slot].zero_()
@@ -172,10 +182,10 @@ class LoraBank:
             return self.slots[name]
         w = self._weights(name)
         self._ensure_rank(w.rank)
-        used = set(self.slots.values())
+        used = set(self.slots.values()) | set(self.pinned) | self.stale
         free = [s for s in range(1, self.max_resident + 1) if s not in used]
         if not free:
-            victim = next((k for k in self.slots if not self.pinned.get(k) and k not in keep), None)
+            victim = next((k for k, s in self.slots.items() if not self.pinned.get(s) and k not in keep), None)
             if victim is None:
                 raise LorastackError(f"all {self.max_resident} adapter slots are in use by running requests")
             free = [self.slots[victim]]
@@ -192,16 +202,19 @@ class LoraBank:
         self.version += 1
         return slot
 
-    def pin(self, route: Route) -> None:
-        for name in route.names:
-            self.pinned[name] = self.pinned.get(name, 0) + 1
+    def pin(self, slots: "RowSlots") -> None:
+        for slot, _ in slots:
+            self.pinned[slot] = self.pinned.get(slot, 0) + 1
 
-    def unpin(self, route: Route) -> None:
-        for name in route.names:
-            if name in self.pinned:
-                self.pinned[name] -= 1
-                if self.pinned[name] <= 0:
-                    del self.pinned[name]
+    def unpin(self, slots: "RowSlots") -> None:
+        for slot, _ in slots:
+            if slot in self.pinned:
+                self.pinned[slot] -= 1
+                if self.pinned[slot] <= 0:
+                    del self.pinned[slot]
+                    if slot in self.stale:
+                        self.stale.discard(slot)
+                        self._zero(slot)
 
     def resident(self) -> list[str]:
         return list(self.slots)
