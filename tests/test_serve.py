@@ -5,7 +5,6 @@ schema fuzz run."""
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from lorastack.library import Library
 from lorastack.route import Route
 from lorastack.runtime import Runtime
 from lorastack.serve import ServeSettings, create_app
+from lorastack.serve.background import running
 from lorastack.tasks import get_task
 from test_library import make_peft_adapter
 
@@ -45,22 +45,9 @@ def client(runtime: Runtime, **settings):
 @contextmanager
 def live_server(runtime: Runtime, **settings):
     """uvicorn on a free loopback port, in a thread; stopped at the end of the block."""
-    import uvicorn
-
     app = create_app(runtime, ServeSettings(**settings))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    with running(app) as url:
+        yield url, app
 
 
 def chat_body(model: str, content: str = "Reverse the order of these words: red green blue", **kw) -> dict:
