@@ -442,7 +442,7 @@ def serve(
     typer.echo(f"auth: {'API key required' if settings.api_key else 'none (set --api-key or LORASTACK_API_KEY)'}; "
                f"imports: {', '.join(str(r) for r in settings.import_roots) or 'off'}")
     typer.echo(f"try:  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
-               f"""-d '{{"model": "auto", "messages": [{{"role": "user", "content": "Reverse the words: red green blue"}}], "temperature": 0}}'""")
+               f"""-d '{{"model": "auto", "messages": [{{"role": "user", "content": "Reverse the order of these words: red green blue"}}], "temperature": 0}}'""")
     uvicorn.run(web, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 

@@ -110,18 +110,20 @@ class Runtime:
     def router_name(self, spec: str) -> str | None:
         parsed = parse_spec(spec)
         if isinstance(parsed, AutoSpec):
-            from .routing import DEFAULT_ROUTER
+            from .config import default_router
 
-            return parsed.router or DEFAULT_ROUTER
+            return parsed.router or default_router()
         return None
 
     def router(self, name: str | None = None):
-        """A router by name (default: `routing.DEFAULT_ROUTER`), kept for reuse."""
-        from .routing import DEFAULT_ROUTER, get_router
+        """A router by name (default: config `[routing] default`, else kNN), kept for reuse."""
+        from .config import default_router, load_config, router_options
+        from .routing import get_router
 
-        name = name or DEFAULT_ROUTER
+        config = load_config()
+        name = name or default_router(config)
         if name not in self._routers:
-            self._routers[name] = get_router(name, self)
+            self._routers[name] = get_router(name, self, router_options(name, config))
         return self._routers[name]
 
     def routes_for(self, spec: str, prompts: list[str]) -> list[Route]:

@@ -146,3 +146,24 @@ def test_fit_gate_separates_synthetic_classes():
     y = np.repeat(np.arange(3), 50)
     W, b = fit_gate(x, y, 3)
     assert ((x @ W + b).argmax(1) == y).mean() > 0.9
+
+
+def test_config_file_sets_default_router_and_its_options(routed_runtime, isolated_home, monkeypatch):
+    from lorastack.errors import LorastackError
+
+    rt = routed_runtime
+    assert rt.router_name("auto") == "knn"
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "config.toml").write_text('[routing]\ndefault = "arrow"\n[routing.knn]\ncalibration = 0.5\nk = 3\n')
+    assert rt.router_name("auto") == "arrow"
+    assert rt.router().name == "arrow"
+    knn = rt.router("knn")
+    assert (knn.calibration, knn.k) == (0.5, 3)
+    monkeypatch.setenv("LORASTACK_ROUTER", "knn")
+    assert rt.router_name("auto") == "knn"
+    (isolated_home / "config.toml").write_text('[routing.learned]\nbogus = 1\n')
+    with pytest.raises(LorastackError, match="router 'learned': bad option"):
+        rt.router("learned")
+    (isolated_home / "config.toml").write_text('[routing\n')
+    with pytest.raises(LorastackError, match="not valid TOML"):
+        rt.router("arrow")

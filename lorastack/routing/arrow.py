@@ -123,5 +123,5 @@ class ArrowRouter:
 
 
 @register("arrow")
-def _make(runtime: "Runtime") -> ArrowRouter:
-    return ArrowRouter(runtime)
+def _make(runtime: "Runtime", **options: float) -> ArrowRouter:
+    return ArrowRouter(runtime, **options)

@@ -156,8 +156,8 @@ class KnnRouter:
 
 
 @register("knn")
-def _make(runtime: "Runtime") -> KnnRouter:
-    return KnnRouter(runtime)
+def _make(runtime: "Runtime", **options: float) -> KnnRouter:
+    return KnnRouter(runtime, **options)
 
 
 __all__ = ["KnnRouter", "knn_scores", "torch"]

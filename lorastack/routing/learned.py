@@ -122,5 +122,5 @@ class LearnedRouter:
 
 
 @register("learned")
-def _make(runtime: "Runtime") -> LearnedRouter:
-    return LearnedRouter(runtime)
+def _make(runtime: "Runtime", **options: float) -> LearnedRouter:
+    return LearnedRouter(runtime, **options)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import NotFoundError, unknown_name_message
+from ..errors import LorastackError, NotFoundError, unknown_name_message
 from ..route import BASE_ROUTE, Route
 
 if TYPE_CHECKING:
@@ -47,10 +47,14 @@ def register(name: str) -> Callable:
     return deco
 
 
-def get_router(name: str, runtime: "Runtime") -> Router:
+def get_router(name: str, runtime: "Runtime", options: dict[str, Any] | None = None) -> Router:
+    """Router `name` over `runtime`; `options` are its keyword settings (from the config file)."""
     if name not in ROUTERS:
         raise NotFoundError(unknown_name_message("router", name, ROUTERS))
-    return ROUTERS[name](runtime)
+    try:
+        return ROUTERS[name](runtime, **(options or {}))
+    except TypeError as e:
+        raise LorastackError(f"router {name!r}: bad option ({e})") from None
 
 
 __all__ = ["BASE_ROUTE", "ROUTERS", "RouteDecision", "Router", "get_router", "register"]
