@@ -120,13 +120,16 @@ def main() -> None:
     peft.eval()
     merged = PeftModel.from_pretrained(copy.deepcopy(base.model), str(lib.get(names[0]).path)).merge_and_unload().eval()
 
-    rows: dict[str, dict[int, float]] = {k: {} for k in "abcdefgh"}
+    int8 = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, int8_rows=4)
+    rows: dict[str, dict[int, float]] = {k: {} for k in "abcdefghi"}
     for n in ns:
         rows["a"][n] = engine_tps(engine, ids, [parse_spec(names[i]) for i in range(n)], T)
         rows["b"][n] = engine_tps(engine, ids, [parse_spec(names[0])] * n, T)
         rows["c"][n] = engine_tps(engine, ids, [BASE_ROUTE] * n, T)
         rows["d"][n] = hf_tps(merged, ids, n, T)
         rows["h"][n] = hf_tps(base.model, ids, n, T)
+        if n <= int8.runner.int8_rows:
+            rows["i"][n] = engine_tps(int8, ids, [BASE_ROUTE] * n, T)
         if n <= args.peers_max_n:
             rows["e"][n] = hf_tps(peft, ids, n, T, adapter_names=names[:n])
             t0 = time.perf_counter()
@@ -165,6 +168,7 @@ def main() -> None:
         "a": "lorastack, N different adapters", "b": "lorastack, one adapter", "c": "lorastack, bare base",
         "d": "HF generate, merged adapter", "e": "PEFT mixed adapter_names", "f": "PEFT sequential set_adapter",
         "g": f"llama.cpp ({g_note})", "h": "HF generate, bare base",
+        "i": "lorastack, bare base, --int8 decode",
     }
     print(f"\ndecode throughput, tokens/s in total ({args.dtype}, {T} tokens per request, {torch.get_num_threads()} threads)")
     print(f"{'':36}" + "".join(f"{'N=' + str(n):>10}" for n in ns))
@@ -179,6 +183,8 @@ def main() -> None:
         print(f"N={n}: " + "  ".join(f"{k} = {v:.2f}x" for k, v in r.items()))
     b1 = rows["c"][1] / rows["h"][1]
     print(f"batch-1 decode: lorastack base {rows['c'][1]:.1f} tok/s vs HF generate {rows['h'][1]:.1f} -> {b1:.2f}x")
+    b1_int8 = rows["i"][1] / rows["h"][1] if 1 in rows["i"] else float("nan")
+    print(f"batch-1 decode with --int8: {rows['i'].get(1, float('nan')):.1f} tok/s -> {b1_int8:.2f}x HF generate (bf16)")
     print(f"memory bandwidth {bw:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB/token -> batch-1 roofline {roofline:.0f} tok/s; "
           f"lorastack reaches {rows['c'][1] / roofline:.0%} of it")
     print(f"time to first token, 256-token prompt: base {ttft[0] * 1000:.0f} ms, adapter {ttft[1] * 1000:.0f} ms")
@@ -186,7 +192,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"dtype": args.dtype, "tokens": T, "threads": torch.get_num_threads(), "labels": labels,
-              "tokens_per_s": {k: v for k, v in rows.items() if v}, "ratios": ratios, "batch1_vs_hf": b1,
+              "tokens_per_s": {k: v for k, v in rows.items() if v}, "ratios": ratios, "batch1_vs_hf": b1, "batch1_int8_vs_hf": b1_int8,
               "bandwidth_gbs": bw, "weight_bytes": weight_bytes, "roofline_tok_s": roofline,
               "ttft_ms": {"base": ttft[0] * 1000, "adapter": ttft[1] * 1000}, "adapter_load_ms": [x * 1000 for x in load_s],
               "peak_rss_mb": peak_rss_mb}

@@ -27,6 +27,7 @@ class Runtime:
     library: Library
     max_batch: int = 32
     max_resident: int = 16
+    int8_rows: int = 0  # see Engine: int8 weight-only decode for batches of at most this many rows
     generator: Engine | Generator = field(init=False)
     _checked: set[str] = field(default_factory=set, init=False, repr=False)
     _routers: dict = field(default_factory=dict, init=False, repr=False)
@@ -38,7 +39,8 @@ class Runtime:
     def __post_init__(self) -> None:
         # The engine serves every Llama-family base; anything else takes the PEFT reference path.
         if supports(self.base.model):
-            self.generator = Engine(self.base, resolve=self._adapter, max_batch=self.max_batch, max_resident=self.max_resident)
+            self.generator = Engine(self.base, resolve=self._adapter, max_batch=self.max_batch,
+                                    max_resident=self.max_resident, int8_rows=self.int8_rows)
         else:
             self.generator = Generator(self.base, resolve=self._adapter_path, max_resident=self.max_resident)
 
@@ -47,8 +49,9 @@ class Runtime:
         return self.generator
 
     @classmethod
-    def open(cls, base: str = EMBEDDED, library: str | Path | None = None, dtype: str | None = None) -> "Runtime":
-        return cls(Base.load(base, dtype=dtype), Library(Path(library) if library else None))
+    def open(cls, base: str = EMBEDDED, library: str | Path | None = None, dtype: str | None = None,
+             int8_rows: int = 0) -> "Runtime":
+        return cls(Base.load(base, dtype=dtype), Library(Path(library) if library else None), int8_rows=int8_rows)
 
     def _adapter_path(self, name: str) -> str:
         return str(self._adapter(name).path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import random
 import threading
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -206,3 +207,31 @@ def test_prefix_reuse_matches_peft(tiny_base, lib_with_adapters):
     assert engine.prefixes.hits == 1
     engine.forget("b")
     assert not any("b" in k[0] for k in engine.prefixes.entries)
+
+
+def test_int8_decode_weights_are_close_and_used_for_small_batches(tiny_base):
+    from lorastack.base import Base
+    from lorastack.engine.llama import quantize_int8
+
+    w = torch.randn(96, 64)
+    w8, scale = quantize_int8(w)
+    assert w8.dtype == torch.int8
+    assert (w8.float() * scale[:, None] - w).abs().max() <= scale.max() / 2 + 1e-6
+
+    model = copy.deepcopy(tiny_base.model).to(torch.bfloat16)
+    base = Base.from_model(model, tiny_base.tokenizer, source="tiny-bf16")
+    eng = Engine(base, int8_rows=2)
+    assert eng.runner.int8_rows == 2 and eng.runner.q8
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    weight = eng.runner.fused[0]["gate_up_proj"][0]
+    exact = torch.nn.functional.linear(x.float(), weight.float())
+    got = eng.runner._matmul(x, weight, None).float()
+    assert ((got - exact).norm() / exact.norm()) < 0.03
+    calls = []
+    real = torch.ops.aten._weight_int8pack_mm
+    with patch.object(torch.ops.aten, "_weight_int8pack_mm", side_effect=lambda *a: calls.append(a[0].shape[0]) or real(*a)):
+        out = eng.generate([[{"role": "user", "content": "hi"}]], Route(), Sampling(max_tokens=5, ignore_eos=True))
+        assert out[0].completion_tokens == 5 and calls and max(calls) <= 2
+        calls.clear()
+        eng.generate([[{"role": "user", "content": f"hi {i}"}] for i in range(4)], Route(), Sampling(max_tokens=3, ignore_eos=True))
+        assert not calls  # 4 rows > int8_rows: the bf16 weights serve the batch

@@ -37,7 +37,7 @@ FUSED = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")), ("self_attn"
 
 
 class LlamaRunner:
-    def __init__(self, model: torch.nn.Module, bank: LoraBank | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, bank: LoraBank | None = None, int8_rows: int = 0) -> None:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self.model = model
@@ -76,15 +76,34 @@ class LlamaRunner:
                 mods[fused_name] = (weight, bias, group, [lin.out_features for lin in lins])
                 self.groups[group] = [(f"{prefix}.{p}", lin.in_features, lin.out_features) for p, lin in zip(parts, lins)]
             self.fused.append(mods)
+        # Optional int8 weight-only copies for small decode batches: batch-1 decode is bound by
+        # reading the weights, and int8 halves the bytes. Measured on the 2-core EPYC (bf16
+        # activations): aten's int8 GEMV is ~2x faster than the bf16 one at 1 row but slower
+        # from ~8 rows, so the bf16 weights stay for prefill and larger batches.
+        self.int8_rows = int8_rows if self.dtype == torch.bfloat16 else 0
+        self.q8: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.int8_rows:
+            for mods in self.fused:
+                for weight, *_ in mods.values():
+                    self.q8[id(weight)] = quantize_int8(weight)
+            self.q8[id(model.lm_head.weight)] = quantize_int8(model.lm_head.weight)
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype)
 
     def _linear(self, layer: int, name: str, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         weight, bias, group, _ = self.fused[layer][name]
-        y = F.linear(x, weight, bias)
+        y = self._matmul(x, weight, bias)
         d = lora.delta(group, x)
         return y if d is None else y + d
+
+    def _matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows <= self.int8_rows:
+            w8, scales = self.q8[id(weight)]
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), w8, scales).view(*x.shape[:-1], -1)
+            return y if bias is None else y + bias
+        return F.linear(x, weight, bias)
 
     def _qkv(self, li: int, x: torch.Tensor, lora: LoraBatch) -> tuple[torch.Tensor, ...]:
         return self._linear(li, "qkv_proj", x, lora).split(self.fused[li]["qkv_proj"][3], dim=-1)
@@ -207,11 +226,20 @@ class LlamaRunner:
             h = h + self._linear(li, "o_proj", a.transpose(1, 2).reshape(n, 1, -1), lora)
             h = h + self._mlp(li, layer, layer.post_attention_layernorm(h), lora)
         cache.lengths[:n] += 1
-        return self.model.lm_head(self.inner.norm(h[:, 0])).float()
+        head = self.model.lm_head
+        return self._matmul(self.inner.norm(h[:, 0]), head.weight, head.bias).float()
 
     def _mlp(self, li: int, layer: torch.nn.Module, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         g, u = self._linear(li, "gate_up_proj", x, lora).chunk(2, dim=-1)
         return self._linear(li, "down_proj", layer.mlp.act_fn(g) * u, lora)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: `W ~= w8 * scale[:, None]`."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(1) / 127.0).clamp(min=1e-12)
+    w8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    return w8, scale.to(weight.dtype)
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
