@@ -93,9 +93,7 @@ class LlamaRunner:
 
     def _linear(self, layer: int, name: str, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         weight, bias, group, _ = self.fused[layer][name]
-        y = self._matmul(x, weight, bias)
-        d = lora.delta(group, x)
-        return y if d is None else y + d
+        return lora.add_delta(group, x, self._matmul(x, weight, bias))
 
     def _matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]

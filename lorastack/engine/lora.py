@@ -1,14 +1,18 @@
 """Multi-adapter LoRA math for inference: the only place LoRA deltas are applied at serving time.
 
-Each targeted Linear gets a *bank*: stacked `A [slots, r, in]` and `Bt [slots, r, out]`
-tensors (PEFT's scaling folded into B). A batch row carries a slot index. The base
-projection runs once for the whole batch; the LoRA part runs once per *distinct* adapter
-set in the batch: the used slots' A and B are concatenated along the rank
-(`[U*r, in]`, `[U*r, out]`), `x @ A_cat^T` is masked so each row keeps only its own slot's
-rank block, and one more matmul adds the deltas. On a CPU this beats per-row gathered
-`bmm` (Punica's BGMV) because it is two dense GEMMs with no per-row weight copies; the
-concatenation is cached while the set of used slots does not change (measured in
-bench/engine.py). Slot 0 is all zeros: the bare base.
+Each fused base projection (q|k|v, gate|up, o, down) gets a *bank*: stacked
+`A [slots, parts*r, in]` (the parts' A side by side: they read the same input) and, per
+part, `B [slots, r, out_part]` (PEFT's scaling folded in). A batch row carries its slots.
+The base projection runs once for the whole batch; the deltas are added in place with
+`addmm_` into each part's columns of the base output, so there is no separate add and no
+block-diagonal B full of zeros (which cost ~50% extra LoRA bytes per step, measured).
+
+Rows of a batch on *different* adapters: the used slots' A are concatenated part-major
+(`[parts*U*r, in]`), `x @ A_cat^T` is masked so each row keeps only its own slots' rank
+blocks, and one `addmm_` per part adds the deltas. On a CPU this beats per-row gathered
+`bmm` (Punica's BGMV): two dense GEMMs, no per-row weight copies, fewest ops (measured in
+bench/engine.py; decode here is bound by per-op cost and bytes, not FLOPs). The
+concatenation is cached while the set of used slots does not change. Slot 0 is all zeros.
 
 A weighted mixture `a:0.7+b:0.3` needs no slot of its own: its row's mask holds 0.7 on
 a's rank block and 0.3 on b's, which is exactly the weighted sum of the two deltas (PEFT's
@@ -91,8 +95,8 @@ class LoraBank:
         if max_resident < 1:
             raise LorastackError("max_resident must be >= 1")
         # A group is one fused base projection (e.g. q|k|v) and the modules it is made of,
-        # `[(module, in, out)]`; its bank holds each part's rank block side by side, with B
-        # block-diagonal, so one matmul pair serves all parts (fewer ops per decode step).
+        # `[(module, in, out)]`; its A bank holds each part's rank block side by side, and
+        # each part has its own B bank.
         self.groups = groups
         self.part_of = {m: (g, i) for g, parts in groups.items() for i, (m, _, _) in enumerate(parts)}
         self.dtype = dtype
@@ -100,11 +104,11 @@ class LoraBank:
         self.max_resident = max_resident
         self.max_cached = max(max_cached, max_resident)
         self.rank = 0
-        self.A: dict[str, torch.Tensor] = {}
-        self.Bt: dict[str, torch.Tensor] = {}
+        self.A: dict[str, torch.Tensor] = {}  # group -> [slots, parts*rank, in]
+        self.B: dict[str, list[torch.Tensor]] = {}  # group -> per part [slots, rank, out_part]
         self.version = 0  # bumped whenever slot contents change (invalidates concatenations)
-        self._concat: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
-        self._fp32: dict[tuple[str, int], tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._concat: dict[str, tuple[tuple, torch.Tensor, list[torch.Tensor]]] = {}
+        self._fp32: dict[tuple[str, int], tuple[int, torch.Tensor, list[torch.Tensor]]] = {}
         self.slots: OrderedDict[str, int] = OrderedDict()  # route key -> slot, in LRU order
         self.cache: OrderedDict[str, AdapterWeights] = OrderedDict()
         # Pins are per slot, not per name: a request keeps the exact weights it started with
@@ -145,14 +149,14 @@ class LoraBank:
         new_rank, old = max(rank, self.rank, 8), self.rank
         n = self.max_resident + 1
         for group, parts in self.groups.items():
-            fin, fout = parts[0][1], sum(o for _, _, o in parts)
+            fin = parts[0][1]
             a = torch.zeros(n, len(parts) * new_rank, fin, dtype=self.dtype)
-            b = torch.zeros(n, len(parts) * new_rank, fout, dtype=self.dtype)
+            bs = [torch.zeros(n, new_rank, o, dtype=self.dtype) for _, _, o in parts]
             if group in self.A:
                 for i in range(len(parts)):
                     a[:, i * new_rank : i * new_rank + old] = self.A[group][:, i * old : (i + 1) * old]
-                    b[:, i * new_rank : i * new_rank + old] = self.Bt[group][:, i * old : (i + 1) * old]
-            self.A[group], self.Bt[group] = a, b
+                    bs[i][:, :old] = self.B[group][i]
+            self.A[group], self.B[group] = a, bs
         self.rank = new_rank
         self.version += 1
 
@@ -164,9 +168,10 @@ class LoraBank:
             self._zero(slot)
 
     def _zero(self, slot: int) -> None:
-        for module in self.A:
-            self.A[module][slot].zero_()
-            self.Bt[module][slot].zero_()
+        for group in self.A:
+            self.A[group][slot].zero_()
+            for b in self.B[group]:
+                b[slot].zero_()
         self.version += 1
 
     def slots_for(self, route: Route) -> tuple[tuple[int, float], ...]:
@@ -196,9 +201,8 @@ class LoraBank:
         for module, (a, b) in w.modules.items():
             group, i = self.part_of[module]
             r = a.shape[0]
-            off = sum(o for _, _, o in self.groups[group][:i])
             self.A[group][slot, i * R : i * R + r] = a
-            self.Bt[group][slot, i * R : i * R + r, off : off + b.shape[0]] = b.t()
+            self.B[group][i][slot, :r] = b.t()
         self.slots[name] = slot
         self.version += 1
         return slot
@@ -220,27 +224,30 @@ class LoraBank:
     def resident(self) -> list[str]:
         return list(self.slots)
 
-    def fp32(self, module: str, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 copies of one slot's `A` and `Bt` for `module`, cached until slots change."""
-        key = (module, slot)
+    def fp32(self, group: str, slot: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """float32 copies of one slot's A and per-part B for `group`, cached until slots change."""
+        key = (group, slot)
         hit = self._fp32.get(key)
         if hit is not None and hit[0] == self.version:
             return hit[1], hit[2]
-        a, b = self.A[module][slot].float(), self.Bt[module][slot].float()
-        self._fp32[key] = (self.version, a, b)
-        return a, b
+        a, bs = self.A[group][slot].float(), [b[slot].float() for b in self.B[group]]
+        self._fp32[key] = (self.version, a, bs)
+        return a, bs
 
-    def concat(self, module: str, used: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`A_cat [U*r, in]` and `Bt_cat [U*r, out]` for the used slots, cached per module."""
+    def concat(self, group: str, used: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`A_cat [parts*U*r, in]` (part-major: part, then slot, then rank) and per part
+        `B_cat [U*r, out_part]` for the used slots, cached per group."""
         key = (used, self.version)
-        hit = self._concat.get(module)
+        hit = self._concat.get(group)
         if hit is not None and hit[0] == key:
             return hit[1], hit[2]
         idx = torch.tensor(used)
-        a = self.A[module].index_select(0, idx).reshape(-1, self.A[module].shape[-1])
-        b = self.Bt[module].index_select(0, idx).reshape(-1, self.Bt[module].shape[-1])
-        self._concat[module] = (key, a, b)
-        return a, b
+        parts = len(self.B[group])
+        a = self.A[group].index_select(0, idx)  # [U, parts*r, in]
+        a = a.view(len(used), parts, -1, a.shape[-1]).transpose(0, 1).reshape(-1, a.shape[-1])
+        bs = [b.index_select(0, idx).reshape(-1, b.shape[-1]) for b in self.B[group]]
+        self._concat[group] = (key, a, bs)
+        return a, bs
 
 
 SMALL_ROWS = 2  # at most this many rows: LoRA deltas of a uniform batch run in fp32 (see delta)
@@ -276,38 +283,56 @@ class LoraBatch:
                     self.segments.append((s, pos, pos + t))
                 pos += t
 
-    def _mask(self, width: int) -> torch.Tensor:
-        """Per row (or per packed token): the weight of each used slot on its rank block."""
-        m = self._masks.get(width)
+    def _mask(self, rank: int, parts: int) -> torch.Tensor:
+        """Per row (or per packed token): the weight of each used slot on its rank block,
+        laid out like `LoraBank.concat`'s A (part, slot, rank)."""
+        m = self._masks.get((rank, parts))
         if m is None:
             pos = {s: i for i, s in enumerate(self.used)}
-            m = torch.zeros(len(self.rows), len(self.used) * width, dtype=self.bank.dtype)
+            w = torch.zeros(len(self.rows), len(self.used))
             for row, entries in enumerate(self.rows):
-                for s, w in entries:
-                    m[row, pos[s] * width : (pos[s] + 1) * width] = w
+                for s, wt in entries:
+                    w[row, pos[s]] = wt
+            m = w[:, None, :, None].expand(-1, parts, -1, rank).reshape(len(self.rows), -1).to(self.bank.dtype)
             if self.tokens is not None:
-                m = m.repeat_interleave(torch.tensor(self.tokens), dim=0)[None]  # [1, total, W]
-            else:
-                m = m[:, None, :]  # [n, 1, W]
-            self._masks[width] = m
+                m = m.repeat_interleave(torch.tensor(self.tokens), dim=0)
+            self._masks[(rank, parts)] = m
         return m
 
-    def delta(self, module: str, x: torch.Tensor) -> torch.Tensor | None:
-        """LoRA delta for `x [n, t, in]`, or None when no row uses an adapter on `module`."""
-        if not self.used or module not in self.bank.A:
-            return None
+    def add_delta(self, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Add every row's LoRA delta for `group` to the base output `y [..., out]` in place
+        (x is `[..., in]`); returns y."""
+        if not self.used or group not in self.bank.A:
+            return y
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         if self.uniform is not None:
-            rows = x.numel() // x.shape[-1]
-            if rows <= SMALL_ROWS and x.dtype == torch.bfloat16:
+            a, bs = self.bank.A[group][self.uniform], [b[self.uniform] for b in self.bank.B[group]]
+            if x2.shape[0] <= SMALL_ROWS and x.dtype == torch.bfloat16:
                 # One or two rows: bf16 GEMMs this small cost ~40 us a pair in fixed overhead
                 # on the EPYC, fp32 ones ~12 us (measured), so tiny decodes use fp32 copies.
-                a, b = self.bank.fp32(module, self.uniform)
-                return ((x.float() @ a.t()) @ b).to(x.dtype)
-            return (x @ self.bank.A[module][self.uniform].t()) @ self.bank.Bt[module][self.uniform]
+                a, bs = self.bank.fp32(group, self.uniform)
+                t = x2.float() @ a.t()
+                out = y2.float()
+                _add_parts(out, t, bs)
+                y2.copy_(out)
+                return y
+            _add_parts(y2, x2 @ a.t(), bs)
+            return y
         if self.segments is not None:
-            out = torch.zeros(*x.shape[:-1], self.bank.Bt[module].shape[-1], dtype=x.dtype)
             for s, lo, hi in self.segments:
-                out[:, lo:hi] = (x[:, lo:hi] @ self.bank.A[module][s].t()) @ self.bank.Bt[module][s]
-            return out
-        a, b = self.bank.concat(module, self.used)
-        return ((x @ a.t()) * self._mask(self.bank.A[module].shape[1])) @ b
+                a, bs = self.bank.A[group][s], [b[s] for b in self.bank.B[group]]
+                _add_parts(y2[lo:hi], x2[lo:hi] @ a.t(), bs)
+            return y
+        a, bs = self.bank.concat(group, self.used)
+        t = (x2 @ a.t()) * self._mask(bs[0].shape[0] // len(self.used), len(bs))
+        _add_parts(y2, t, bs)
+        return y
+
+
+def _add_parts(y: torch.Tensor, t: torch.Tensor, bs: list[torch.Tensor]) -> None:
+    """`y[:, part's columns] += t[:, part's rank block] @ B_part` for each part, in place."""
+    col = 0
+    width = t.shape[-1] // len(bs)
+    for i, b in enumerate(bs):
+        y[:, col : col + b.shape[-1]].addmm_(t[:, i * width : (i + 1) * width], b)
+        col += b.shape[-1]
