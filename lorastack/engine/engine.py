@@ -106,9 +106,11 @@ class Engine:
         max_prefill_tokens: int = 4096,
         prefix_cache: int = 64,
         int8_rows: int = 0,
+        native: bool = True,
     ) -> None:
         """`int8_rows` > 0 decodes batches of at most that many rows with int8 weight-only
-        matmuls (bf16 bases only): ~1.6x faster batch-1 decode, slightly different rounding."""
+        matmuls (bf16 bases only): ~1.7x faster batch-1 decode, slightly different rounding.
+        `native` uses the compiled bf16 decode kernels (engine/native.py) where they build."""
         if not supports(base.model):
             raise LorastackError(f"the engine supports Llama-family bases, not {getattr(base.model.config, 'model_type', '?')}")
         self.base = base
@@ -120,8 +122,8 @@ class Engine:
         # one prompt, ~1200 for 32), so while rows are decoding, new ones are admitted in
         # groups of at least this many; an idle engine admits at once (latency unchanged).
         self.min_admit = max(1, max_batch // 8)
-        self.runner = LlamaRunner(base.model, int8_rows=int8_rows)
-        self.bank = LoraBank(self.runner.groups, base.dtype, self.resolve, max_resident=max_resident)
+        self.runner = LlamaRunner(base.model, int8_rows=int8_rows, native=native)
+        self.bank = LoraBank(self.runner.groups, base.dtype, self.resolve, max_resident=max_resident, native=self.runner.native)
         self.runner.bank = self.bank
         self.cache = self.runner.new_cache()
         self.prefixes = PrefixCache(max_entries=prefix_cache) if prefix_cache else None

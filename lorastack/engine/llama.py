@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .cache import KVCache
 from .lora import LoraBank, LoraBatch
+from .native import MAX_ROWS, Kernels, kernels
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -37,7 +38,7 @@ FUSED = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")), ("self_attn"
 
 
 class LlamaRunner:
-    def __init__(self, model: torch.nn.Module, bank: LoraBank | None = None, int8_rows: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, bank: LoraBank | None = None, int8_rows: int = 0, native: bool = True) -> None:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self.model = model
@@ -81,6 +82,9 @@ class LlamaRunner:
         # activations): aten's int8 GEMV is ~2x faster than the bf16 one at 1 row but slower
         # from ~8 rows, so the bf16 weights stay for prefill and larger batches.
         self.int8_rows = int8_rows if self.dtype == torch.bfloat16 else 0
+        # Compiled bf16 GEMV for decode batches of up to `native_rows` rows (see native.py).
+        self.native: Kernels | None = kernels() if native and self.dtype == torch.bfloat16 else None
+        self.native_rows = MAX_ROWS if self.native else 0
         self.q8: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.int8_rows:
             for mods in self.fused:
@@ -100,6 +104,9 @@ class LlamaRunner:
         if rows <= self.int8_rows:
             w8, scales = self.q8[id(weight)]
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), w8, scales).view(*x.shape[:-1], -1)
+            return y if bias is None else y + bias
+        if rows <= self.native_rows:
+            y = self.native.gemv(x.reshape(rows, -1).contiguous(), weight).view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
         return F.linear(x, weight, bias)
 

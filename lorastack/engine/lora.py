@@ -14,6 +14,11 @@ blocks, and one `addmm_` per part adds the deltas. On a CPU this beats per-row g
 bench/engine.py; decode here is bound by per-op cost and bytes, not FLOPs). The
 concatenation is cached while the set of used slots does not change. Slot 0 is all zeros.
 
+Decode steps in bfloat16 use the compiled kernel of engine/native.py instead when it is
+available: one call per projection in which each row reads only its own adapters (the
+masked concatenation multiplies every row by every used adapter and costs 2-4 torch ops).
+Prefill and float32 stay on the torch path above.
+
 A weighted mixture `a:0.7+b:0.3` needs no slot of its own: its row's mask holds 0.7 on
 a's rank block and 0.3 on b's, which is exactly the weighted sum of the two deltas (PEFT's
 `cat` combination) with no merge into the base and no extra memory.
@@ -21,6 +26,7 @@ a's rank block and 0.3 on b's, which is exactly the weighted sum of the two delt
 
 from __future__ import annotations
 
+import ctypes
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,6 +37,7 @@ import torch
 from ..adapter import Adapter
 from ..errors import LorastackError
 from ..route import Route
+from .native import Kernels
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -91,6 +98,7 @@ class LoraBank:
         resolve: Callable[[str], Adapter],
         max_resident: int = 16,
         max_cached: int = 64,
+        native: "Kernels | None" = None,
     ) -> None:
         if max_resident < 1:
             raise LorastackError("max_resident must be >= 1")
@@ -117,6 +125,8 @@ class LoraBank:
         self.pinned: dict[int, int] = {}  # slot -> number of in-flight rows using it
         self.stale: set[int] = set()
         self.load_seconds: list[float] = []
+        self.native = native  # compiled decode kernels (bf16), or None
+        self.native_args: dict[str, tuple] = {}  # group -> (B pointer array, out sizes array)
 
     # ------------------------------------------------------------ adapters
     def _weights(self, name: str) -> AdapterWeights:
@@ -157,6 +167,8 @@ class LoraBank:
                     a[:, i * new_rank : i * new_rank + old] = self.A[group][:, i * old : (i + 1) * old]
                     bs[i][:, :old] = self.B[group][i]
             self.A[group], self.B[group] = a, bs
+            self.native_args[group] = ((ctypes.c_int64 * len(bs))(*[b.data_ptr() for b in bs]),
+                                       (ctypes.c_int32 * len(bs))(*[o for _, _, o in parts]))
         self.rank = new_rank
         self.version += 1
 
@@ -266,7 +278,8 @@ class LoraBatch:
         self.used = tuple(sorted({s for r in rows for s, _ in r}))
         self.uniform: int | None = None
         self.segments: list[tuple[int, int, int]] | None = None
-        self._masks: dict[int, torch.Tensor] = {}
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self._native: tuple[torch.Tensor, torch.Tensor] | None = None
         plain = all(len(r) <= 1 and all(w == 1.0 for _, w in r) for r in rows)
         if self.used and plain and all(r == rows[0] for r in rows):
             self.uniform = self.used[0]
@@ -299,12 +312,30 @@ class LoraBatch:
             self._masks[(rank, parts)] = m
         return m
 
+    def _native_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: its slots `[n, K]` and weights `[n, K]` (weight 0 pads short rows)."""
+        if self._native is None:
+            k = max(1, max(len(r) for r in self.rows))
+            slots = torch.zeros(len(self.rows), k, dtype=torch.int64)
+            weights = torch.zeros(len(self.rows), k, dtype=torch.float32)
+            for i, entries in enumerate(self.rows):
+                for j, (s, w) in enumerate(entries):
+                    slots[i, j], weights[i, j] = s, w
+            self._native = (slots, weights)
+        return self._native
+
     def add_delta(self, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Add every row's LoRA delta for `group` to the base output `y [..., out]` in place
         (x is `[..., in]`); returns y."""
         if not self.used or group not in self.bank.A:
             return y
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        if self.bank.native is not None and self.tokens is None and x.dtype == torch.bfloat16:
+            # Decode: one compiled call per projection; each row reads only its own adapters.
+            slots, weights = self._native_rows()
+            b_ptrs, outs = self.bank.native_args[group]
+            self.bank.native.lora(x2.contiguous(), y2, self.bank.A[group], b_ptrs, outs, self.bank.rank, slots, weights)
+            return y
         if self.uniform is not None:
             a, bs = self.bank.A[group][self.uniform], [b[self.uniform] for b in self.bank.B[group]]
             if x2.shape[0] <= SMALL_ROWS and x.dtype == torch.bfloat16:

@@ -1,0 +1,116 @@
+"""Optional native decode kernels (kernels.c), compiled once per machine and loaded with ctypes.
+
+Why: for 1-8 decode rows in bfloat16, torch's GEMM streams the weights at well under half
+this CPU's memory bandwidth and every small LoRA GEMM carries tens of microseconds of fixed
+cost (bench/engine.py shows both). The kernels need gcc and AVX512-BF16; anywhere else, or
+with `LORASTACK_NATIVE=0`, `kernels()` is None and the engine uses torch throughout, with
+the same results up to bf16 rounding (tests/test_native.py checks both against fp32 math).
+
+The shared library is built into `$LORASTACK_CACHE/native/` keyed by a digest of the
+source, the compiler and the CPU, written under a temporary name and renamed (atomic), so
+concurrent first uses and upgrades never load a half-written file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..paths import cache_dir
+
+log = logging.getLogger("lorastack.native")
+SOURCE = Path(__file__).with_name("kernels.c")
+MAX_ROWS = 8  # must match kernels.c
+_NEEDED = ("avx512f", "avx512bw", "avx512_bf16")
+
+
+def _cpu() -> str | None:
+    """The CPU's model and flags line, or None when it lacks the instructions the kernels use."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    model = next((line for line in info.splitlines() if line.startswith("model name")), "")
+    if not all(f in flags.split() for f in _NEEDED):
+        return None
+    return model + flags
+
+
+def _build() -> Path | None:
+    if os.environ.get("LORASTACK_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    cpu = _cpu()
+    cc = shutil.which(os.environ.get("CC", "gcc"))
+    if cpu is None or cc is None:
+        return None
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + cpu.encode()).hexdigest()[:16]
+    out = cache_dir() / "native" / f"kernels-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            log.warning("native kernels did not compile, using torch: %s", res.stderr.strip()[:500])
+            return None
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+class Kernels:
+    """Thin typed wrappers; callers pass contiguous bf16 tensors."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))  # torch (imported above) already provides libgomp
+        p, i = ctypes.c_void_p, ctypes.c_int
+        self._gemv = lib.lorastack_gemv_bf16
+        self._gemv.argtypes = [p, p, p, i, i, i, i]
+        self._gemv.restype = None
+        self._lora = lib.lorastack_lora_bf16
+        self._lora.argtypes = [p, p, p, p, p, i, i, i, i, p, p, i, i]
+        self._lora.restype = None
+        self.path = path
+
+    def gemv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`x [m, in] @ weight[out, in]^T` for m <= MAX_ROWS."""
+        m, k = x.shape
+        y = torch.empty(m, weight.shape[0], dtype=torch.bfloat16)
+        self._gemv(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, k, weight.shape[0], torch.get_num_threads())
+        return y
+
+    def lora(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b_ptrs: "ctypes.Array", outs: "ctypes.Array",
+             rank: int, slots: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add every row's LoRA delta to `y [n, out]` in place (see kernels.c)."""
+        n, k = x.shape
+        parts = len(outs)
+        self._lora(x.data_ptr(), y.data_ptr(), a.data_ptr(), ctypes.addressof(b_ptrs), ctypes.addressof(outs),
+                   parts, rank, k, n, slots.data_ptr(), weights.data_ptr(), slots.shape[1], torch.get_num_threads())
+
+
+@functools.cache
+def kernels() -> Kernels | None:
+    """The compiled kernels, or None where they cannot run (the engine then uses torch)."""
+    try:
+        path = _build()
+        return Kernels(path) if path else None
+    except OSError as e:  # unwritable cache, loader failure: never fatal, just slower
+        log.warning("native kernels unavailable, using torch: %s", e)
+        return None
