@@ -60,31 +60,31 @@ void lorastack_gemv_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int 
     }
 }
 
-#define CHUNK 512 /* output columns per work item in the B phase */
-
 /* Per-row multi-LoRA delta, added in place: for row i and each of its K entries
  * (slot s, weight w), y[i, part p columns] += w * (x[i] @ A[s, p*R:(p+1)*R]^T) @ B_p[s].
  *   x [n, in]; y [n, sum(outs)]; A [S, P*R, in]; B_p [S, R, outs[p]] (pointers in `B`);
  *   slots [n, K] (int64), weights [n, K] (float; 0 = unused entry).
- * Phase 1 computes the rank-space activations t [n, K, P*R] in fp32; phase 2 adds
- * t @ B into y by column chunks, accumulating every entry of a row before one rounding. */
+ * Phase 1 computes the rank-space activations t [n, K, P*R] in fp32; phase 2 adds t @ B
+ * into y. A phase-2 job is one row's part (split in column ranges only when there are too
+ * few jobs for the threads), so it streams B_p[s] (R x out contiguous) front to back and
+ * accumulates every entry of the row before one rounding. */
 void lorastack_lora_bf16(const uint16_t *x, uint16_t *y, const uint16_t *A, const int64_t *B, const int32_t *outs,
                          int P, int R, int in, int n, const int64_t *slots, const float *weights, int K, int threads) {
     int PR = P * R;
-    int total_out = 0;
-    for (int p = 0; p < P; p++) total_out += outs[p];
+    int total_out = 0, max_out = 0;
+    int part_off[16];
+    for (int p = 0; p < P; p++) {
+        part_off[p] = total_out;
+        total_out += outs[p];
+        if (outs[p] > max_out) max_out = outs[p];
+    }
     float *t = (float *)malloc(sizeof(float) * (size_t)n * K * PR);
-    /* column chunk -> (part, first column); built once per call (tiny). */
-    int chunks_per_row = 0;
-    for (int p = 0; p < P; p++) chunks_per_row += (outs[p] + CHUNK - 1) / CHUNK;
-    int *chunk_part = (int *)malloc(sizeof(int) * chunks_per_row * 2);
-    for (int p = 0, c = 0; p < P; p++)
-        for (int col = 0; col < outs[p]; col += CHUNK, c++) chunk_part[2 * c] = p, chunk_part[2 * c + 1] = col;
-    int part_off[64];
-    for (int p = 0, off = 0; p < P && p < 64; p++) part_off[p] = off, off += outs[p];
+    int splits = n * P >= 2 * threads ? 1 : 2 * threads; /* column ranges per part */
+    int64_t jobs2 = (int64_t)n * P * splits;
 
 #pragma omp parallel num_threads(threads)
     {
+        float *acc = (float *)malloc(sizeof(float) * (size_t)(max_out + 16));
 #pragma omp for schedule(static)
         for (int64_t job = 0; job < (int64_t)n * K * PR; job++) {
             int64_t i = job / ((int64_t)K * PR), k = (job / PR) % K, j = job % PR;
@@ -92,16 +92,17 @@ void lorastack_lora_bf16(const uint16_t *x, uint16_t *y, const uint16_t *A, cons
             if (w == 0.0f) { t[job] = 0.0f; continue; }
             const uint16_t *a = A + (slots[i * K + k] * PR + j) * (int64_t)in;
             const uint16_t *xi = x + i * (int64_t)in;
-            __m512 acc = _mm512_setzero_ps();
-            for (int c = 0; c < in; c += 32) acc = _mm512_dpbf16_ps(acc, load32(a + c, in - c), load32(xi + c, in - c));
-            t[job] = w * _mm512_reduce_add_ps(acc);
+            __m512 av = _mm512_setzero_ps();
+            for (int c = 0; c < in; c += 32) av = _mm512_dpbf16_ps(av, load32(a + c, in - c), load32(xi + c, in - c));
+            t[job] = w * _mm512_reduce_add_ps(av);
         }
 #pragma omp for schedule(static)
-        for (int64_t job = 0; job < (int64_t)n * chunks_per_row; job++) {
-            int64_t i = job / chunks_per_row;
-            int c = (int)(job % chunks_per_row), p = chunk_part[2 * c], col = chunk_part[2 * c + 1];
-            int width = outs[p] - col < CHUNK ? outs[p] - col : CHUNK;
-            float acc[CHUNK];
+        for (int64_t job = 0; job < jobs2; job++) {
+            int64_t i = job / ((int64_t)P * splits);
+            int p = (int)((job / splits) % P), sp = (int)(job % splits);
+            int per = ((outs[p] + splits - 1) / splits + 15) / 16 * 16;
+            int col = sp * per, width = outs[p] - col < per ? outs[p] - col : per;
+            if (width <= 0) continue;
             for (int q = 0; q < width; q++) acc[q] = 0.0f;
             const uint16_t *Bp = (const uint16_t *)(intptr_t)B[p];
             for (int k = 0; k < K; k++) {
@@ -112,12 +113,11 @@ void lorastack_lora_bf16(const uint16_t *x, uint16_t *y, const uint16_t *A, cons
                     float tv = ti[r];
                     if (tv == 0.0f) continue;
                     const uint16_t *br = b + (int64_t)r * outs[p];
-                    int q = 0;
                     __m512 tvv = _mm512_set1_ps(tv);
+                    int q = 0;
                     for (; q + 16 <= width; q += 16) {
-                        __m512 cur = _mm512_loadu_ps(acc + q);
                         __m512 bv = bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)(br + q)));
-                        _mm512_storeu_ps(acc + q, _mm512_fmadd_ps(tvv, bv, cur));
+                        _mm512_storeu_ps(acc + q, _mm512_fmadd_ps(tvv, bv, _mm512_loadu_ps(acc + q)));
                     }
                     for (; q < width; q++) acc[q] += tv * bf16_to_f32(br[q]);
                 }
@@ -125,7 +125,7 @@ void lorastack_lora_bf16(const uint16_t *x, uint16_t *y, const uint16_t *A, cons
             uint16_t *yi = y + i * (int64_t)total_out + part_off[p] + col;
             for (int q = 0; q < width; q++) yi[q] = f32_to_bf16(bf16_to_f32(yi[q]) + acc[q]);
         }
+        free(acc);
     }
-    free(chunk_part);
     free(t);
 }

@@ -262,6 +262,7 @@ class LoraBank:
         return a, bs
 
 
+NATIVE_PREFILL_TOKENS_PER_RUN = 128  # measured: equal to torch at 256 tokens on one adapter, 1.35x faster for 8 adapters x 30
 SMALL_ROWS = 2  # at most this many rows: LoRA deltas of a uniform batch run in fp32 (see delta)
 RowSlots = tuple[tuple[int, float], ...]  # one row's adapters: (slot, weight); () is the base
 
@@ -321,8 +322,21 @@ class LoraBatch:
             for i, entries in enumerate(self.rows):
                 for j, (s, w) in enumerate(entries):
                     slots[i, j], weights[i, j] = s, w
+            if self.tokens is not None:  # packed prefill: every token carries its row's slots
+                counts = torch.tensor(self.tokens)
+                slots, weights = slots.repeat_interleave(counts, 0), weights.repeat_interleave(counts, 0)
             self._native = (slots, weights)
         return self._native
+
+    def _use_native(self, x: torch.Tensor) -> bool:
+        """Decode always; prefill while the adapters' token runs are short, where torch's
+        per-segment GEMMs are mostly fixed cost (the kernel does not block for long runs)."""
+        if self.bank.native is None or x.dtype != torch.bfloat16:
+            return False
+        if self.tokens is None:
+            return True
+        runs = max(1, len(self.segments) if self.segments is not None else len(self.used))
+        return sum(self.tokens) <= NATIVE_PREFILL_TOKENS_PER_RUN * runs
 
     def add_delta(self, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Add every row's LoRA delta for `group` to the base output `y [..., out]` in place
@@ -330,8 +344,8 @@ class LoraBatch:
         if not self.used or group not in self.bank.A:
             return y
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        if self.bank.native is not None and self.tokens is None and x.dtype == torch.bfloat16:
-            # Decode: one compiled call per projection; each row reads only its own adapters.
+        if self._use_native(x):
+            # One compiled call per projection; each row reads only its own adapters.
             slots, weights = self._native_rows()
             b_ptrs, outs = self.bank.native_args[group]
             self.bank.native.lora(x2.contiguous(), y2, self.bank.A[group], b_ptrs, outs, self.bank.rank, slots, weights)

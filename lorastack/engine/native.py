@@ -101,6 +101,8 @@ class Kernels:
         """Add every row's LoRA delta to `y [n, out]` in place (see kernels.c)."""
         n, k = x.shape
         parts = len(outs)
+        if parts > 16:  # kernels.c keeps part offsets in a fixed array
+            raise ValueError(f"a fused projection of {parts} parts; the kernel supports 16")
         self._lora(x.data_ptr(), y.data_ptr(), a.data_ptr(), ctypes.addressof(b_ptrs), ctypes.addressof(outs),
                    parts, rank, k, n, slots.data_ptr(), weights.data_ptr(), slots.shape[1], torch.get_num_threads())
 
