@@ -26,7 +26,6 @@ a's rank block and 0.3 on b's, which is exactly the weighted sum of the two delt
 
 from __future__ import annotations
 
-import ctypes
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -126,7 +125,7 @@ class LoraBank:
         self.stale: set[int] = set()
         self.load_seconds: list[float] = []
         self.native = native  # compiled decode kernels (bf16), or None
-        self.native_args: dict[str, tuple] = {}  # group -> (B pointer array, out sizes array)
+        self.native_args: dict[str, tuple] = {}  # group -> pointers for the native kernel
 
     # ------------------------------------------------------------ adapters
     def _weights(self, name: str) -> AdapterWeights:
@@ -167,8 +166,8 @@ class LoraBank:
                     a[:, i * new_rank : i * new_rank + old] = self.A[group][:, i * old : (i + 1) * old]
                     bs[i][:, :old] = self.B[group][i]
             self.A[group], self.B[group] = a, bs
-            self.native_args[group] = ((ctypes.c_int64 * len(bs))(*[b.data_ptr() for b in bs]),
-                                       (ctypes.c_int32 * len(bs))(*[o for _, _, o in parts]))
+            if self.native is not None:
+                self.native_args[group] = self.native.group_args(a, bs)
         self.rank = new_rank
         self.version += 1
 
@@ -281,6 +280,7 @@ class LoraBatch:
         self.segments: list[tuple[int, int, int]] | None = None
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
         self._native: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._native_call: tuple | None = None
         plain = all(len(r) <= 1 and all(w == 1.0 for _, w in r) for r in rows)
         if self.used and plain and all(r == rows[0] for r in rows):
             self.uniform = self.used[0]
@@ -346,9 +346,9 @@ class LoraBatch:
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         if self._use_native(x):
             # One compiled call per projection; each row reads only its own adapters.
-            slots, weights = self._native_rows()
-            b_ptrs, outs = self.bank.native_args[group]
-            self.bank.native.lora(x2.contiguous(), y2, self.bank.A[group], b_ptrs, outs, self.bank.rank, slots, weights)
+            if self._native_call is None:
+                self._native_call = self.bank.native.rows_args(*self._native_rows())
+            self.bank.native.lora_raw(x2.contiguous(), y2, self.bank.native_args[group], self.bank.rank, self._native_call)
             return y
         if self.uniform is not None:
             a, bs = self.bank.A[group][self.uniform], [b[self.uniform] for b in self.bank.B[group]]

@@ -96,6 +96,26 @@ class Kernels:
         self._gemv(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, k, weight.shape[0], torch.get_num_threads())
         return y
 
+    def lora_raw(self, x: torch.Tensor, y: torch.Tensor, group: tuple, rank: int, rows: tuple) -> None:
+        """`lora` with the per-projection pointers (`group_args`) and per-batch row tables
+        (`rows_args`) prepared once: this runs ~120 times a decode step."""
+        self._lora(x.data_ptr(), y.data_ptr(), group[0], group[1], group[2], group[3], rank, group[4], rows[0],
+                   rows[1], rows[2], rows[3], rows[4])
+
+    @staticmethod
+    def group_args(a: torch.Tensor, bs: list[torch.Tensor]) -> tuple:
+        """Pointers for one fused projection's bank; holds the ctypes arrays alive."""
+        if len(bs) > 16:  # kernels.c keeps part offsets in a fixed array
+            raise ValueError(f"a fused projection of {len(bs)} parts; the kernel supports 16")
+        b_ptrs = (ctypes.c_int64 * len(bs))(*[b.data_ptr() for b in bs])
+        outs = (ctypes.c_int32 * len(bs))(*[b.shape[-1] for b in bs])
+        return (a.data_ptr(), ctypes.addressof(b_ptrs), ctypes.addressof(outs), len(bs), a.shape[-1], b_ptrs, outs)
+
+    @staticmethod
+    def rows_args(slots: torch.Tensor, weights: torch.Tensor) -> tuple:
+        """Row count, slot and weight tables `[n, K]` (held alive), K, threads."""
+        return (slots.shape[0], slots.data_ptr(), weights.data_ptr(), slots.shape[1], torch.get_num_threads(), slots, weights)
+
     def lora(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b_ptrs: "ctypes.Array", outs: "ctypes.Array",
              rank: int, slots: torch.Tensor, weights: torch.Tensor) -> None:
         """Add every row's LoRA delta to `y [n, out]` in place (see kernels.c)."""
