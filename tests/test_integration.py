@@ -144,9 +144,12 @@ def test_engine_mixed_batch_matches_peft_on_embedded(dtype, tmp_path):
             assert req.tokens == expect.argmax(-1).tolist()[: len(req.tokens)]
         else:
             assert gap < 0.05 * scale, (str(route), gap, scale)  # bf16 rounding level, not a wrong adapter
-        agree += sum(a == b for a, b in zip(req.tokens, expect.argmax(-1).tolist()))
+        greedy = expect.argmax(-1).tolist()
+        agree += sum(a == b for a, b in zip(req.tokens, greedy))
         total += len(req.tokens)
-        print(f"{dtype} {route}: max logit gap {gap:.2e} (logit scale {scale:.1f})")
+        first = next((i for i, (a, b) in enumerate(zip(req.tokens, greedy)) if a != b), None)
+        print(f"{dtype} {route}: max logit gap {gap:.2e} (logit scale {scale:.1f}); first greedy divergence: "
+              f"{'none' if first is None else f'token {first}'}")
     print(f"{dtype}: greedy agreement {agree}/{total}")
     assert agree / total >= 0.9
 
