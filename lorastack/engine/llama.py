@@ -105,7 +105,7 @@ class LlamaRunner:
             w8, scales = self.q8[id(weight)]
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), w8, scales).view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
-        if rows <= self.native_rows:
+        if rows <= self.native_rows and weight.is_contiguous() and weight.dtype == x.dtype == torch.bfloat16:
             y = self.native.gemv(x.reshape(rows, -1).contiguous(), weight).view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
         return F.linear(x, weight, bias)
