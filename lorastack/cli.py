@@ -173,7 +173,7 @@ def train(
         raise typer.Exit(130)
     tr, m = adapter.card.training, adapter.card.metrics
     typer.echo(f"added {adapter.name}: {tr['steps']} steps in {tr['seconds']}s ({tr['tokens_per_s']} tok/s), "
-               f"loss {m['train_loss_first']:.3f} -> {m['train_loss_last']:.3f}"
+               f"loss {m['train_loss_first']:.3f} (first step) -> {m['train_loss_last']:.3f} (mean of the last {min(5, tr['steps'])} steps)"
                + (f", eval loss {m['eval_loss']:.3f}" if "eval_loss" in m else "")
                + (f", held-out exact match {m['eval_exact_match']:.1%} (n={m['eval_exact_match_n']})" if "eval_exact_match" in m else ""))
 
@@ -278,10 +278,20 @@ def route_cmd(
     if as_json:
         _print_json({"router": r.name, **decision.to_json()})
         return
-    typer.echo(f"{r.name}: {decision.route}{'  (abstained: no confident match)' if decision.abstained else ''}"
+    typer.echo(f"{r.name}: {decision.route}"
+               f"{'  (abstained: the best match is below the confidence threshold, so the bare base answers)' if decision.abstained else ''}"
                f"  [{decision.seconds * 1000:.1f} ms]")
+    if decision.scores:
+        typer.echo(f"  scores ({SCORE_MEANING.get(r.name, 'per-adapter router scores')}):")
     for name, score in sorted(decision.scores.items(), key=lambda kv: -kv[1]):
         typer.echo(f"  {score:6.3f}  {name}")
+
+
+SCORE_MEANING = {
+    "knn": "share of the nearest stored examples that belong to each adapter",
+    "arrow": "softmax over the adapters' prototype scores",
+    "learned": "gate probabilities",
+}
 
 
 @app.command("eval-routing")
@@ -368,6 +378,9 @@ def eval_cmd(
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(32, "--batch-size"),
     out: Optional[Path] = typer.Option(None, "--out", help="Per-example results JSONL (default: eval-<model>.jsonl)."),
+    full_outputs: bool = typer.Option(False, "--full-outputs", help="Decode every answer to the end. By default a "
+                                      "row stops once it can no longer match exactly (same score, faster; its output "
+                                      "is then the prefix so far, marked stopped_early)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Exact-match accuracy of a SPEC on a dataset or a built-in task."""
@@ -376,6 +389,8 @@ def eval_cmd(
 
     if (data is None) == (task is None):
         raise LorastackError("give exactly one of --data FILE or --task NAME")
+    if n < 1:
+        raise LorastackError(f"--n must be >= 1, not {n}")
     if task:
         from .tasks import get_task
 
@@ -386,7 +401,7 @@ def eval_cmd(
 
     rt = _runtime()
     routes = rt.routes_for(model, [prompt_text(r) for r in records])
-    result = evaluate(rt.generator, routes, records, batch_size=batch_size, label=model)
+    result = evaluate(rt.generator, routes, records, batch_size=batch_size, label=model, stop_early=not full_outputs)
     out = out or Path(f"eval-{model.replace('/', '_').replace(':', '_').replace('+', '_')}.jsonl")
     write_jsonl(out, result.rows)
     summary = {**result.summary(), "results": str(out)}
@@ -425,6 +440,8 @@ def serve(
     log_level: str = typer.Option("warning", "--log-level"),
 ) -> None:
     """Serve the base and the library over an OpenAI-compatible HTTP API."""
+    import socket
+
     import uvicorn
 
     from .runtime import Runtime
@@ -435,29 +452,66 @@ def serve(
                                       import_roots=tuple(import_root))
     from .base import Base
 
+    # Bind first: a busy port fails in a second, before the model loads and before we
+    # announce a URL; uvicorn then serves on this very socket (no window for a race).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise LorastackError(f"cannot listen on {host}:{port}: {e.strerror} (pick another --port or --host)") from None
     base = Base.load(OPTS.base, dtype=OPTS.dtype)
     rt = Runtime(base, _library(), max_batch=max_batch, max_resident=max_resident, int8_rows=4 if OPTS.int8 else 0)
     web = create_app(rt, settings)
     url = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
-    auth = ' -H "Authorization: Bearer $LORASTACK_API_KEY"' if settings.api_key else ""
+    if not settings.api_key:
+        auth = ""
+    elif api_key:  # given on the command line: do not echo the secret back
+        auth = ' -H "Authorization: Bearer YOUR_KEY"'
+    else:
+        auth = ' -H "Authorization: Bearer $LORASTACK_API_KEY"'
     typer.echo(f"lorastack serving {base.name} ({base.fingerprint}, {str(base.dtype).replace('torch.', '')}) with {len(rt.served())} adapters at {url}/v1")
     typer.echo(f"auth: {'API key required' if settings.api_key else 'none (set --api-key or LORASTACK_API_KEY)'}; "
                f"imports: {', '.join(str(r) for r in settings.import_roots) or 'off'}")
     typer.echo(f"try:  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
                f"""-d '{{"model": "auto", "messages": [{{"role": "user", "content": "Reverse the order of these words: red green blue"}}], "temperature": 0}}'""")
-    uvicorn.run(web, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    if auth.endswith('YOUR_KEY"'):
+        typer.echo("      (YOUR_KEY: the --api-key value)")
+    config = uvicorn.Config(web, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, exits, aborts) from click and from the click copy newer typers vendor
+    (`typer._click`, whose classes do not subclass click's): both must end in one line."""
+    usage, exits, aborts = [click.ClickException], [click.exceptions.Exit], [click.exceptions.Abort]
+    try:
+        from typer._click import exceptions as tce  # typer >= 0.2x
+
+        usage.append(tce.ClickException)
+    except ImportError:
+        pass
+    from typer import exceptions as te
+
+    exits += [c for c in (getattr(te, "Exit", None),) if c]
+    aborts += [c for c in (getattr(te, "Abort", None),) if c]
+    return tuple(usage), tuple(exits), tuple(aborts)
+
+
+USAGE_ERRORS, EXITS, ABORTS = _click_errors()
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     try:
         app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except EXITS as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except USAGE_ERRORS as e:
         e.show()
         sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*ABORTS, KeyboardInterrupt):
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except LorastackError as e:

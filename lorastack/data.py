@@ -59,7 +59,7 @@ def read_jsonl(path: str | Path, require_completion: bool = True) -> list[Record
                 continue
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # a trailing newline would move the error column to "line 2"
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not require_completion and isinstance(obj, dict) and "completion" not in obj:

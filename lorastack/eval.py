@@ -70,12 +70,14 @@ class EvalJob:
 
 
 def evaluate_many(generator: Any, jobs: list[EvalJob], max_tokens: int | None = None, progress: bool = True,
-                  desc: str = "eval") -> list[EvalResult]:
+                  desc: str = "eval", stop_early: bool = True) -> list[EvalResult]:
     """Greedy-decode every job's records and score them.
 
     With the engine, all jobs go in as one stream of requests with per-row routes, so
     batches stay full across cells (a matrix of routes x tasks costs one pass, not one per
-    cell). The reference generator runs job by job.
+    cell). The reference generator runs job by job. `stop_early` ends an exact-match row as
+    soon as its output can no longer match (same score, fewer steps; the row's output is
+    then the prefix generated so far, marked `stopped_early`).
     """
     from .engine.engine import Engine
 
@@ -88,7 +90,7 @@ def evaluate_many(generator: Any, jobs: list[EvalJob], max_tokens: int | None = 
             for j in jobs:
                 sampling = Sampling(max_tokens=max_tokens or max_new_tokens(generator.base, j.records))
                 routes = j.route if isinstance(j.route, list) else [j.route] * len(j.records)
-                reqs.append([generator.submit(messages_of(r), route, sampling, abandon_when=_divergence(j.scorer, r))
+                reqs.append([generator.submit(messages_of(r), route, sampling, abandon_when=_divergence(j.scorer, r) if stop_early else None)
                              for r, route in zip(j.records, routes)])
             pending = {r for rs in reqs for r in rs}
             while pending:
@@ -157,7 +159,9 @@ def evaluate(
     max_tokens: int | None = None,
     progress: bool = True,
     label: str | None = None,
+    stop_early: bool = True,
 ) -> EvalResult:
     """Greedy-decode every record under `route` and score it."""
     name = label or (str(route) if isinstance(route, Route) else "routed")
-    return evaluate_many(generator, [EvalJob(name, route, records, scorer)], max_tokens, progress, desc=f"eval {name}")[0]
+    return evaluate_many(generator, [EvalJob(name, route, records, scorer)], max_tokens, progress, desc=f"eval {name}",
+                         stop_early=stop_early)[0]

@@ -54,6 +54,9 @@ class AutoSpec:
     router: str | None = None
 
 
+MAX_WEIGHT = 10.0
+
+
 def parse_spec(spec: str) -> Route | AutoSpec:
     """Parse a SPEC into a Route (names not yet checked against a library) or an AutoSpec."""
     s = spec.strip()
@@ -85,6 +88,9 @@ def parse_spec(spec: str) -> Route | AutoSpec:
             raise SpecError(f"{spec!r}: a weight without an adapter name")
         if not math.isfinite(weight) or weight <= 0:
             raise SpecError(f"{spec!r}: weight of {name!r} must be a positive number, got {wtxt}")
+        if weight > MAX_WEIGHT:
+            raise SpecError(f"{spec!r}: weight of {name!r} is {wtxt}; at most {MAX_WEIGHT:g} (a delta scaled far beyond its "
+                            "trained size only adds noise)")
         if any(n == name for n, _ in entries):
             raise SpecError(f"{spec!r}: adapter {name!r} appears twice")
         entries.append((name, weight))

@@ -27,12 +27,31 @@ def test_tasks_list_and_make(tmp_path):
     (["tasks", "make", "revers_words"], "did you mean 'reverse_words'"),
     (["adapters", "show", "nope"], "unknown adapter 'nope'"),
     (["adapters", "rm", "../etc"], "adapter name"),
+    # usage mistakes, caught whichever click (click's or typer's vendored copy) raised them
+    (["frobnicate"], "No such command"),
+    (["generate"], "Missing argument"),
+    (["generate", "x", "--foo"], "No such option"),
+    (["generate", "x", "--max-tokens", "abc"], "--max-tokens"),
+    ([], "Usage"),
+    (["eval", "--task", "date_format", "--n", "0"], "--n must be >= 1"),
+    (["generate", "x", "--model", "a:1e9"], "at most 10"),
 ])
 def test_user_errors_have_no_traceback(args, needle):
     r = run(*args)
     assert r.returncode == 2
-    assert needle in r.stderr
-    assert "Traceback" not in r.stderr
+    assert needle in r.stderr + r.stdout  # help for a bare `lorastack` goes to stdout
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_serve_on_a_busy_port_fails_at_once_without_announcing_a_url():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        r = run("serve", "--port", str(busy.getsockname()[1]))
+    assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr
+    assert "serving" not in r.stdout and "Traceback" not in r.stderr
 
 
 def test_malformed_jsonl_error_names_file_and_line(tmp_path):
@@ -40,6 +59,7 @@ def test_malformed_jsonl_error_names_file_and_line(tmp_path):
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n')
     r = run("train", str(bad), "--name", "x")
     assert r.returncode == 2 and f"{bad}:2" in r.stderr and "Traceback" not in r.stderr
+    assert "at column 15" in r.stderr  # the column on that line, not "column 1" of a phantom next line
 
 
 def test_route_generate_and_eval_commands_on_a_tiny_base(tiny_base_dir, tmp_path):

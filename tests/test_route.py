@@ -27,6 +27,7 @@ def test_mixture_round_trips():
     ("a:1+a:2", "appears twice"),
     ("a:1++b:1", "empty term"),
     (":0.5", "without an adapter name"),
+    ("a:1e9", "at most 10"),
 ])
 def test_bad_specs_name_the_problem(spec, needle):
     with pytest.raises(SpecError, match=needle):
