@@ -144,7 +144,9 @@ def test_auth_errors_and_limits(runtime):
         r = c.post("/v1/chat/completions", json=chat_body("reverse_words", n=2), headers=ok)
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
         r = c.post("/v1/chat/completions", content=b"{not json", headers={**ok, "Content-Type": "application/json"})
-        assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "JSON" in r.json()["error"]["message"] and "at character 1" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", headers=ok)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "body"
         r = c.post("/v1/chat/completions", json={"model": "base"}, headers=ok)
         assert r.status_code == 422 and r.json()["error"]["param"] == "messages"
         r = c.post("/v1/chat/completions", json=chat_body("base", temperature=-1), headers=ok)

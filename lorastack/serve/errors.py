@@ -45,7 +45,11 @@ def install(app: FastAPI) -> None:
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
-            return JSONResponse(body(f"request body is not valid JSON: {first.get('msg')}", "invalid_request_error"), status_code=400)
+            why = (first.get("ctx") or {}).get("error") or "malformed"
+            where = f" ({why} at character {loc[0]})" if loc else f" ({why})"
+            return JSONResponse(body(f"request body is not valid JSON{where}", "invalid_request_error"), status_code=400)
+        if param is None and first.get("type") == "missing":  # no body at all
+            return JSONResponse(body("a JSON request body is required", "invalid_request_error", "body", "missing"), status_code=400)
         msg = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         if len(errors) > 1:
             msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
