@@ -352,7 +352,7 @@ def chat(
     typer.echo(f"chatting with {model} on {rt.base.name}; /reset, /quit", err=True)
     while True:
         try:
-            line = input("you> ")
+            line = input("you> " if sys.stdin.isatty() else "")  # piped input: no prompt glued to replies
         except (EOFError, KeyboardInterrupt):
             typer.echo("", err=True)
             return
