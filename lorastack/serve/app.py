@@ -171,7 +171,8 @@ class Server:
         base = self.runtime.base
         cards = [ModelCard(id="base", created=self.started, root=base.name, description=f"the bare base ({base.fingerprint})")]
         cards.append(ModelCard(id="auto", created=self.started, parent="base", description="routed per request by the default router"))
-        cards += [ModelCard(id=f"auto:{r}", created=self.started, parent="base", description=f"routed per request by the {r} router")
+        cards += [ModelCard(id=f"auto:{r}", created=self.started, parent="base", description=f"routed per request by the {r} router"
+                            + (" (after `lorastack router fit`)" if r == "learned" else ""))
                   for r in sorted(ROUTERS)]
         for a in self.runtime.library.list():
             if a.name in self.runtime.hidden:
