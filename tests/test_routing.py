@@ -117,12 +117,31 @@ def test_arrow_scores_prefer_the_aligned_adapter():
     assert s[1] > s[0]
 
 
+def test_arrow_centring_removes_a_shared_offset():
+    """Every input carries a large shared direction that adapter 0's prototype leans on:
+    raw scores pick adapter 0 for everything; centring on the mean input recovers adapter 1."""
+    from lorastack.routing.arrow import arrow_scores
+
+    rng = np.random.default_rng(1)
+    d = 16
+    e = np.eye(d, dtype=np.float32)
+    protos = np.zeros((2, 1, 1, 1, d), dtype=np.float32)
+    protos[0, 0, 0, 0] = (e[0] + e[2]) / np.sqrt(2)  # half on the shared direction e[2]
+    protos[1, 0, 0, 0] = e[1]
+    mean = np.zeros((1, 1, d), dtype=np.float32)
+    mean[0, 0] = 10 * e[2]
+    tokens = (mean[:, :, None, :] + e[1] * 2 + 0.1 * rng.normal(size=(1, 1, 5, d))).astype(np.float32)
+    raw, centred = arrow_scores(tokens, protos), arrow_scores(tokens, protos, mean)
+    assert raw[0] > raw[1] and centred[1] > centred[0]
+
+
 def test_arrow_router_runs_without_any_data(routed_runtime):
     rt = routed_runtime
     d = rt.router("arrow").route(["Rewrite the date 2031-04-09 in words"])[0]
     assert not d.route.is_base and set(d.scores) == set(TASKS)
     assert abs(sum(d.scores.values()) - 1) < 1e-3
     assert len(rt.library.signatures(rt.router("arrow")._kind())) == 3
+    assert rt.router("arrow")._mean is not None  # centred by default, on generic prompts only
 
 
 def test_learned_router_fit_and_route(routed_runtime):

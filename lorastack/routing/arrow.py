@@ -9,6 +9,14 @@ This implementation routes per sequence (pooled), with prototypes from the modul
 inputs are the layer norms' outputs (q/k/v and gate/up); per-token routing inside the
 model is not implemented.
 
+Centring (on by default; `[routing.arrow] centre = false` gives the paper's plain score):
+this base's layer inputs share one large mean direction (mean |cos(token, mean)| = 0.65,
+bench/arrow_diagnose.py), so `|<x, v>|` mostly measures each prototype's overlap with that
+direction, the same for every input, and a few adapters win everything. Subtracting the
+base's mean layer input — estimated from a fixed set of generic chat prompts (GENERIC
+below: no task data, no adapter data, so routing stays zero-shot) — before scoring took
+top-1 routing over 8 task adapters from 49% to 80% in a direct test.
+
 The top singular vector of `B A` comes from a QR of B (`B = Q R`): `B A = Q (R A)`, so it
 is the top right singular vector of the small `r x in` matrix `R A` — no `out x in` SVD.
 """
@@ -28,6 +36,14 @@ from .router import RouteDecision, register
 if TYPE_CHECKING:
     from ..runtime import Runtime
 
+# Generic requests (no task or benchmark data) whose layer inputs estimate the base's mean.
+GENERIC = (
+    "Write a short poem about the sea.", "What is the capital of France?", "Explain how photosynthesis works.",
+    "Give me three tips for better sleep.", "Translate 'good morning' into Spanish.", "Summarize the plot of a fairy tale.",
+    "How do I boil an egg?", "Tell me a joke about computers.", "What are the benefits of exercise?",
+    "Describe a sunset in one sentence.", "List some fruits that are red.", "Why is the sky blue?",
+    "Write a thank-you note to a friend.", "What does a bee do?", "Name a famous painter.", "How many days are in a week?",
+)
 ROUTED = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
 
 
@@ -56,11 +72,14 @@ def prototypes(weights: AdapterWeights, n_layers: int, dim: int) -> np.ndarray:
     return protos
 
 
-def arrow_scores(inputs: np.ndarray, protos: np.ndarray) -> np.ndarray:
+def arrow_scores(inputs: np.ndarray, protos: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
     """Mean over tokens, layers and present modules of |<x, v>| / |x|, per adapter.
 
-    `inputs [layers, 2, T, d]` are one sequence's layer-norm outputs; `protos [A, layers, 2, m, d]`.
+    `inputs [layers, 2, T, d]` are one sequence's layer-norm outputs; `protos [A, layers, 2, m, d]`;
+    `mean [layers, 2, d]`, if given, is subtracted from every token's input first.
     """
+    if mean is not None:
+        inputs = inputs - mean[:, :, None, :]
     x = inputs / np.maximum(np.linalg.norm(inputs, axis=-1, keepdims=True), 1e-8)
     dots = np.abs(np.einsum("lktd,alkmd->alkmt", x, protos)).mean(-1)  # [A, layers, 2, m]
     present = (np.abs(protos).sum(-1) > 0)  # [A, layers, 2, m]
@@ -70,9 +89,10 @@ def arrow_scores(inputs: np.ndarray, protos: np.ndarray) -> np.ndarray:
 class ArrowRouter:
     name = "arrow"
 
-    def __init__(self, runtime: "Runtime", temperature: float = 0.01, min_prob: float = 0.0) -> None:
+    def __init__(self, runtime: "Runtime", temperature: float = 0.01, min_prob: float = 0.0, centre: bool = True) -> None:
         self.runtime = runtime
-        self.temperature, self.min_prob = temperature, min_prob
+        self.temperature, self.min_prob, self.centre = temperature, min_prob, bool(centre)
+        self._mean: np.ndarray | None = None
         self._cache: tuple[tuple[str, ...], np.ndarray] | None = None
 
     def _kind(self) -> str:
@@ -105,11 +125,14 @@ class ArrowRouter:
         if not names or runner is None:
             return [RouteDecision(BASE_ROUTE, {}, True, time.perf_counter() - t0) for _ in texts]
         base = self.runtime.base
+        if self.centre and self._mean is None:  # once per router: 16 short forwards
+            self._mean = np.mean([runner.layer_inputs(base.chat_ids([{"role": "user", "content": g}])).numpy().mean(2)
+                                  for g in GENERIC], 0)
         out = []
         for text in texts:
             ids = base.chat_ids([{"role": "user", "content": text}])
             inputs = runner.layer_inputs(ids).numpy()
-            s = arrow_scores(inputs, protos)
+            s = arrow_scores(inputs, protos, self._mean if self.centre else None)
             p = np.exp((s - s.max()) / self.temperature)
             p /= p.sum()
             top = int(np.argmax(p))
