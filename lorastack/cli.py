@@ -465,19 +465,18 @@ def serve(
     rt = Runtime(base, _library(), max_batch=max_batch, max_resident=max_resident, int8_rows=4 if OPTS.int8 else 0)
     web = create_app(rt, settings)
     url = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
-    if not settings.api_key:
-        auth = ""
-    elif api_key:  # given on the command line: do not echo the secret back
-        auth = ' -H "Authorization: Bearer YOUR_KEY"'
-    else:
+    auth, key_note = "", ""
+    if api_key:  # given on the command line: do not echo the secret back
+        auth, key_note = ' -H "Authorization: Bearer YOUR_KEY"', "      (YOUR_KEY: the --api-key value)"
+    elif settings.api_key:
         auth = ' -H "Authorization: Bearer $LORASTACK_API_KEY"'
     typer.echo(f"lorastack serving {base.name} ({base.fingerprint}, {str(base.dtype).replace('torch.', '')}) with {len(rt.served())} adapters at {url}/v1")
     typer.echo(f"auth: {'API key required' if settings.api_key else 'none (set --api-key or LORASTACK_API_KEY)'}; "
                f"imports: {', '.join(str(r) for r in settings.import_roots) or 'off'}")
     typer.echo(f"try:  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
                f"""-d '{{"model": "auto", "messages": [{{"role": "user", "content": "Reverse the order of these words: red green blue"}}], "temperature": 0}}'""")
-    if auth.endswith('YOUR_KEY"'):
-        typer.echo("      (YOUR_KEY: the --api-key value)")
+    if key_note:
+        typer.echo(key_note)
     config = uvicorn.Config(web, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
 

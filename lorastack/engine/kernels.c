@@ -3,8 +3,7 @@
  * Why hand-written: at 1-8 rows a decode step is a chain of matrix-vector products, and
  * the bf16 GEMM that torch ships (oneDNN) runs them at ~13.5 GB/s on the 2-core EPYC this
  * project targets, against ~32 GB/s of read bandwidth (bench/engine.py prints the ratio).
- * A plain loop of `vdpbf16ps` over each weight row streams the weights at close to the
- * bandwidth. The LoRA kernel replaces 2-4 small torch GEMMs per projection (each with
+ * A plain loop of `vdpbf16ps` over each weight row streams them at ~23 GB/s there. The LoRA kernel replaces 2-4 small torch GEMMs per projection (each with
  * ~20-40 us of fixed cost) by one call that reads each row's own adapter only.
  *
  * Built at first use by lorastack/engine/native.py with -O3 -march=native -fopenmp and

@@ -14,10 +14,11 @@ blocks, and one `addmm_` per part adds the deltas. On a CPU this beats per-row g
 bench/engine.py; decode here is bound by per-op cost and bytes, not FLOPs). The
 concatenation is cached while the set of used slots does not change. Slot 0 is all zeros.
 
-Decode steps in bfloat16 use the compiled kernel of engine/native.py instead when it is
-available: one call per projection in which each row reads only its own adapters (the
-masked concatenation multiplies every row by every used adapter and costs 2-4 torch ops).
-Prefill and float32 stay on the torch path above.
+In bfloat16, decode steps and prefills whose per-adapter token runs are short use the
+compiled kernel of engine/native.py instead when it is available: one call per projection
+in which each row reads only its own adapters (the masked concatenation multiplies every
+row by every used adapter and costs 2-4 torch ops). Long prefills and float32 stay on the
+torch path above.
 
 A weighted mixture `a:0.7+b:0.3` needs no slot of its own: its row's mask holds 0.7 on
 a's rank block and 0.3 on b's, which is exactly the weighted sum of the two deltas (PEFT's
@@ -279,8 +280,7 @@ class LoraBatch:
         self.uniform: int | None = None
         self.segments: list[tuple[int, int, int]] | None = None
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
-        self._native: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._native_call: tuple | None = None
+        self._native_call: tuple | None = None  # the kernel's row tables, built on first use
         plain = all(len(r) <= 1 and all(w == 1.0 for _, w in r) for r in rows)
         if self.used and plain and all(r == rows[0] for r in rows):
             self.uniform = self.used[0]
@@ -313,9 +313,10 @@ class LoraBatch:
             self._masks[(rank, parts)] = m
         return m
 
-    def _native_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: its slots `[n, K]` and weights `[n, K]` (weight 0 pads short rows)."""
-        if self._native is None:
+    def _native_rows(self) -> tuple:
+        """The kernel's row tables: per row its slots `[n, K]` and weights `[n, K]` (weight 0
+        pads short rows), prepared once per batch."""
+        if self._native_call is None:
             k = max(1, max(len(r) for r in self.rows))
             slots = torch.zeros(len(self.rows), k, dtype=torch.int64)
             weights = torch.zeros(len(self.rows), k, dtype=torch.float32)
@@ -325,8 +326,8 @@ class LoraBatch:
             if self.tokens is not None:  # packed prefill: every token carries its row's slots
                 counts = torch.tensor(self.tokens)
                 slots, weights = slots.repeat_interleave(counts, 0), weights.repeat_interleave(counts, 0)
-            self._native = (slots, weights)
-        return self._native
+            self._native_call = self.bank.native.rows_args(slots, weights)
+        return self._native_call
 
     def _use_native(self, x: torch.Tensor) -> bool:
         """Decode always; prefill while the adapters' token runs are short, where torch's
@@ -346,9 +347,7 @@ class LoraBatch:
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         if self._use_native(x):
             # One compiled call per projection; each row reads only its own adapters.
-            if self._native_call is None:
-                self._native_call = self.bank.native.rows_args(*self._native_rows())
-            self.bank.native.lora_raw(x2.contiguous(), y2, self.bank.native_args[group], self.bank.rank, self._native_call)
+            self.bank.native.lora_raw(x2.contiguous(), y2, self.bank.native_args[group], self.bank.rank, self._native_rows())
             return y
         if self.uniform is not None:
             a, bs = self.bank.A[group][self.uniform], [b[self.uniform] for b in self.bank.B[group]]

@@ -116,15 +116,11 @@ class Kernels:
         """Row count, slot and weight tables `[n, K]` (held alive), K, threads."""
         return (slots.shape[0], slots.data_ptr(), weights.data_ptr(), slots.shape[1], torch.get_num_threads(), slots, weights)
 
-    def lora(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b_ptrs: "ctypes.Array", outs: "ctypes.Array",
-             rank: int, slots: torch.Tensor, weights: torch.Tensor) -> None:
-        """Add every row's LoRA delta to `y [n, out]` in place (see kernels.c)."""
-        n, k = x.shape
-        parts = len(outs)
-        if parts > 16:  # kernels.c keeps part offsets in a fixed array
-            raise ValueError(f"a fused projection of {parts} parts; the kernel supports 16")
-        self._lora(x.data_ptr(), y.data_ptr(), a.data_ptr(), ctypes.addressof(b_ptrs), ctypes.addressof(outs),
-                   parts, rank, k, n, slots.data_ptr(), weights.data_ptr(), slots.shape[1], torch.get_num_threads())
+    def lora(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], rank: int,
+             slots: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add every row's LoRA delta to `y [n, out]` in place (see kernels.c); the one-off form
+        of `lora_raw`, preparing its arguments on the spot."""
+        self.lora_raw(x, y, self.group_args(a, bs), rank, self.rows_args(slots, weights))
 
 
 @functools.cache
