@@ -1,10 +1,12 @@
 /* Decode-time kernels for bfloat16 on x86 CPUs with AVX512-BF16.
  *
  * Why hand-written: at 1-8 rows a decode step is a chain of matrix-vector products, and
- * the bf16 GEMM that torch ships (oneDNN) runs them at ~13.5 GB/s on the 2-core EPYC this
- * project targets, against ~32 GB/s of read bandwidth (bench/engine.py prints the ratio).
- * A plain loop of `vdpbf16ps` over each weight row streams them at ~23 GB/s there. The LoRA kernel replaces 2-4 small torch GEMMs per projection (each with
- * ~20-40 us of fixed cost) by one call that reads each row's own adapter only.
+ * the bf16 GEMM that torch ships (oneDNN) streams the weights at ~14 GB/s on the 2-core
+ * EPYC this project targets, against ~32 GB/s of read bandwidth; a plain loop of
+ * `vdpbf16ps` over each weight row streams them at ~25-30 GB/s (python bench/kernels.py
+ * measures both side by side). The LoRA kernel replaces 2-4 small torch GEMMs per
+ * projection (each with ~20-40 us of fixed cost) by one call that reads each row's own
+ * adapters only.
  *
  * Built at first use by lorastack/engine/native.py with -O3 -march=native -fopenmp and
  * loaded with ctypes; torch's own libgomp serves the OpenMP threads. All tensors are

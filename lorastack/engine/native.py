@@ -2,9 +2,10 @@
 
 Why: for 1-8 decode rows in bfloat16, torch's GEMM streams the weights at well under half
 this CPU's memory bandwidth and every small LoRA GEMM carries tens of microseconds of fixed
-cost (bench/engine.py shows both). The kernels need gcc and AVX512-BF16; anywhere else, or
-with `LORASTACK_NATIVE=0`, `kernels()` is None and the engine uses torch throughout, with
-the same results up to bf16 rounding (tests/test_native.py checks both against fp32 math).
+cost (bench/kernels.py and bench/engine.py measure both). The kernels need gcc and
+AVX512-BF16; anywhere else, or with `LORASTACK_NATIVE=0`, `kernels()` is None and the
+engine uses torch throughout, with the same results up to bf16 rounding
+(tests/test_native.py checks both against fp32 math).
 
 The shared library is built into `$LORASTACK_CACHE/native/` keyed by a digest of the
 source, the compiler and the CPU, written under a temporary name and renamed (atomic), so
