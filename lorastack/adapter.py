@@ -8,6 +8,7 @@ from safetensors only: a pickle (`.bin`) can run code on load, so it is refused.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -57,13 +58,40 @@ class AdapterCard(BaseModel):
     card_version: int = CARD_VERSION
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
+MAX_JSON_BYTES = 1 << 20  # configs and cards are a few KB; a bigger one is not an adapter's
+MAX_RANK = 1024
+MAX_ALPHA = 65536.0
+
+
+def regular_file(path: Path, max_bytes: int | None = None) -> Path:
+    """`path` if it is a regular file (after symlinks) of at most `max_bytes`: a FIFO or a
+    device would block or never end when read."""
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        st = path.stat()
     except FileNotFoundError:
-        raise AdapterError(f"{path.parent}: missing {path.name} ({what})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+        raise AdapterError(f"missing {path.name}") from None
+    except OSError as e:
+        raise AdapterError(f"{path.name}: cannot read ({e.strerror})") from None
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        raise AdapterError(f"{path.name} is not a regular file")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise AdapterError(f"{path.name} is {st.st_size} bytes; at most {max_bytes} are accepted")
+    return path
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.exists():
+        raise AdapterError(f"{path.parent.name}: missing {path.name} ({what})")
+    try:
+        obj = json.loads(regular_file(path, MAX_JSON_BYTES).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdapterError(f"{path.parent.name}: missing {path.name} ({what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        raise AdapterError(f"{path.name}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise AdapterError(f"{path.name}: not valid JSON (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise AdapterError(f"{path}: expected a JSON object")
     return obj
@@ -99,7 +127,7 @@ class Adapter:
         try:
             card = AdapterCard.model_validate(raw)
         except ValidationError as e:
-            raise AdapterError(f"{card_path}: invalid card: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+            raise AdapterError(f"{CARD_FILE}: invalid card: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
         return cls(path=path, card=card)
 
     def config(self) -> dict[str, Any]:
@@ -112,14 +140,29 @@ class Adapter:
         try:
             return load_file(str(weights_path(self.path)))
         except Exception as e:  # a truncated or foreign file: say which
-            raise AdapterError(f"{weights_path(self.path)}: cannot read safetensors ({e})") from None
+            raise AdapterError(f"{WEIGHTS_FILE}: cannot read safetensors ({e})") from None
 
     def examples(self) -> list[str]:
         """Sample inputs stored with the adapter (for routing signatures)."""
+        from .data import DataError, parse_json_line
+
         p = self.path / EXAMPLES_FILE
         if not p.exists():
             return []
-        return [json.loads(line)["text"] for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = []
+        with open(p, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                where = f"{EXAMPLES_FILE}:{lineno}"
+                try:
+                    obj = parse_json_line(raw, where)
+                except DataError as e:
+                    raise AdapterError(str(e)) from None
+                if obj is None:
+                    continue
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise AdapterError(f"{where}: expected an object with a string 'text'")
+                texts.append(obj["text"])
+        return texts
 
     def write_card(self) -> None:
         from .atomic import write_text_atomic
@@ -136,23 +179,29 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
     config = read_json(path / CONFIG_FILE, "PEFT adapter config")
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
-        raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; lorastack handles LoRA adapters only")
-    if not isinstance(config.get("r"), int) or config["r"] < 1:
-        raise AdapterError(f"{path / CONFIG_FILE}: 'r' must be a positive integer, got {config.get('r')!r}")
+        raise AdapterError(f"{CONFIG_FILE}: peft_type is {config.get('peft_type')!r}; lorastack handles LoRA adapters only")
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
+        raise AdapterError(f"{CONFIG_FILE}: 'r' must be an integer from 1 to {MAX_RANK}, got {r!r}")
+    alpha = config.get("lora_alpha", r)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or not 0 < alpha <= MAX_ALPHA:
+        raise AdapterError(f"{CONFIG_FILE}: 'lora_alpha' must be a number in (0, {MAX_ALPHA:g}], got {alpha!r}")
+    if config.get("use_dora"):
+        raise AdapterError(f"{CONFIG_FILE}: DoRA adapters (use_dora) are not supported; only plain LoRA")
     return config
 
 
 def weights_path(path: Path) -> Path:
     p = path / WEIGHTS_FILE
-    if p.is_file():
-        return p
+    if p.exists():
+        return regular_file(p)
     pickles = [f for f in PICKLE_FILES if (path / f).exists()]
     if pickles:
         raise AdapterError(
-            f"{path}: has {pickles[0]} (pickle) but no {WEIGHTS_FILE}; lorastack never loads pickle weights "
+            f"{path.name}: has {pickles[0]} (pickle) but no {WEIGHTS_FILE}; lorastack never loads pickle weights "
             "because they can run code. Re-save with safetensors (PEFT's save_pretrained does by default)."
         )
-    raise AdapterError(f"{path}: missing {WEIGHTS_FILE}")
+    raise AdapterError(f"{path.name}: missing {WEIGHTS_FILE}")
 
 
 def lora_modules(tensors: dict[str, "torch.Tensor"]) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -166,41 +215,100 @@ def lora_modules(tensors: dict[str, "torch.Tensor"]) -> dict[str, dict[str, tupl
     return out
 
 
-def check_compatible(path: Path, base: "Base", fingerprint: str | None) -> None:
-    """Every LoRA pair must sit on a Linear of `base` with matching in/out features."""
+def check_compatible(path: Path, base: "Base", fingerprint: str | None, label: str | None = None,
+                     values: bool = False) -> None:
+    """Every LoRA pair must sit on a Linear of `base` with matching in/out features, with the
+    rank the config declares; every configured target must exist in `base`. With `values`,
+    every tensor is also read and must be a finite float tensor (what import and training
+    check before anything reaches the library). Errors name `label` (default: the folder)."""
+    label = label or path.name
     if fingerprint and fingerprint != base.fingerprint:
         raise IncompatibleError(
-            f"{path.name}: adapter was trained for base {fingerprint}, but the base is {base.fingerprint} ({base.name})"
+            f"{label}: adapter was trained for base {fingerprint}, but the base is {base.fingerprint} ({base.name})"
         )
     from safetensors import safe_open
 
+    config = read_adapter_config(path)
     shapes = base.linear_shapes()
     try:
         with safe_open(str(weights_path(path)), framework="pt") as f:
             tensors = {k: f.get_slice(k) for k in f.keys()}
             modules = lora_modules({k: _Shape(s.get_shape()) for k, s in tensors.items()})
+            dtypes = {k: s.get_dtype() for k, s in tensors.items()}
     except LorastackError:
         raise
     except Exception as e:
-        raise AdapterError(f"{weights_path(path)}: cannot read safetensors ({e})") from None
+        raise AdapterError(f"{label}: {WEIGHTS_FILE}: cannot read safetensors ({e})") from None
     if not modules:
-        raise IncompatibleError(f"{path.name}: no LoRA weights found in {WEIGHTS_FILE}")
+        raise IncompatibleError(f"{label}: no LoRA weights found in {WEIGHTS_FILE}")
+    bad_dtype = next((k for k, d in dtypes.items() if d not in _FLOAT_DTYPES), None)
+    if bad_dtype:
+        raise AdapterError(f"{label}: tensor {bad_dtype!r} has dtype {dtypes[bad_dtype]}; LoRA weights must be floating point")
+    _check_targets(config, shapes, label, base)
+    patterned = bool(config.get("rank_pattern"))
     for module, parts in sorted(modules.items()):
         if module not in shapes:
             near = [s for s in shapes if s.rsplit(".", 1)[-1] == module.rsplit(".", 1)[-1]][:2]
             raise IncompatibleError(
-                f"{path.name}: LoRA targets module {module!r}, which this base ({base.fingerprint}) does not have"
+                f"{label}: LoRA targets module {module!r}, which this base ({base.fingerprint}) does not have"
                 + (f" (it has e.g. {', '.join(near)})" if near else "")
             )
         if set(parts) != {"A", "B"}:
-            raise IncompatibleError(f"{path.name}: module {module!r} has lora_{'A' if 'A' in parts else 'B'} but not its pair")
+            raise IncompatibleError(f"{label}: module {module!r} has lora_{'A' if 'A' in parts else 'B'} but not its pair")
         in_f, out_f = shapes[module]
         a, b = parts["A"], parts["B"]
         if len(a) != 2 or len(b) != 2 or a[1] != in_f or b[0] != out_f or a[0] != b[1]:
             raise IncompatibleError(
-                f"{path.name}: shape mismatch at {module}: adapter has A {list(a)}, B {list(b)}, but the base "
+                f"{label}: shape mismatch at {module}: adapter has A {list(a)}, B {list(b)}, but the base "
                 f"({base.fingerprint}) layer maps {in_f} -> {out_f} features (needs A [r, {in_f}], B [{out_f}, r])"
             )
+        if not patterned and a[0] != config["r"]:
+            raise IncompatibleError(f"{label}: {CONFIG_FILE} says r={config['r']}, but {module} has rank {a[0]}")
+    if values:
+        check_finite(path, label)
+
+
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def _check_targets(config: dict[str, Any], shapes: dict[str, Any], label: str, base: "Base") -> None:
+    """PEFT's `target_modules`: a list of module-name suffixes or one regex; each must hit a
+    Linear of `base`, else the config describes a different model."""
+    targets = config.get("target_modules")
+    if not targets:
+        return
+    names = list(shapes)
+    if targets == "all-linear":
+        return
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise AdapterError(f"{label}: {CONFIG_FILE}: target_modules regex does not compile ({e})") from None
+        if not any(pattern.fullmatch(n) for n in names):
+            raise IncompatibleError(f"{label}: {CONFIG_FILE}: target_modules {targets!r} matches no layer of this base ({base.fingerprint})")
+        return
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise AdapterError(f"{label}: {CONFIG_FILE}: target_modules must be a list of names or a regex string")
+    missing = [t for t in targets if t != "all-linear" and not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        have = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise IncompatibleError(f"{label}: {CONFIG_FILE}: target_modules {missing} do not exist in this base "
+                                f"({base.fingerprint}; its linear layers are {', '.join(have)})")
+
+
+def check_finite(path: Path, label: str | None = None) -> None:
+    """Every tensor finite: one NaN in a LoRA factor turns every output of its route into
+    NaN logits, which would only show up later as empty replies."""
+    import torch
+    from safetensors import safe_open
+
+    label = label or path.name
+    with safe_open(str(weights_path(path)), framework="pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if not bool(torch.isfinite(t).all()):
+                raise AdapterError(f"{label}: tensor {key!r} holds NaN or infinite values")
 
 
 class _Shape:

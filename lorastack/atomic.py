@@ -3,18 +3,46 @@
 A crash or Ctrl-C at any point leaves either the old state or the new one, never a
 half-written directory under the final name. Temporary siblings start with `.tmp-` so a
 later open can sweep them away.
+
+Several processes may share one library (a server importing while the CLI lists or
+trains), so a staging directory carries its owner: the writing process holds an exclusive
+`flock` on it until it is published or removed. A sweep removes only directories whose lock
+it can take (the owner is gone, even by SIGKILL: the kernel drops the lock with the
+process) and that are older than a short grace period (the instant between `mkdtemp` and
+`flock`). `locked` serialises whole writes (stage, check, publish, index) across processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import os
 import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
+# A staging directory younger than this is never swept, locked or not: its owner may be
+# between creating and locking it. Files (`write_text_atomic`) are not locked and live for
+# milliseconds, so they are swept only once clearly abandoned.
+STAGING_GRACE_S = 5.0
+STALE_FILE_S = 600.0
+
+
+@contextlib.contextmanager
+def locked(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive inter-process lock on `lock_file` (created if missing)."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def fsync_dir(path: Path) -> None:
@@ -39,15 +67,18 @@ def fsync_tree(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def staging_dir(parent: Path) -> Iterator[Path]:
-    """A fresh temporary directory inside `parent` (same filesystem, so rename is atomic).
+def staging_dir(parent: Path, prefix: str = TMP_PREFIX) -> Iterator[Path]:
+    """A fresh temporary directory inside `parent` (same filesystem, so rename is atomic),
+    locked by this process while the block runs (see the module docstring).
 
     Removed on any exception, including KeyboardInterrupt; the caller publishes it with
     `publish_dir` before the block ends.
     """
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    fd = os.open(tmp, os.O_RDONLY)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -55,6 +86,8 @@ def staging_dir(parent: Path) -> Iterator[Path]:
     else:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def publish_dir(tmp: Path, final: Path, replace: bool = False) -> None:
@@ -68,7 +101,11 @@ def publish_dir(tmp: Path, final: Path, replace: bool = False) -> None:
     if final.exists():
         if not replace:
             raise FileExistsError(final)
-        old = final.with_name(f"{TMP_PREFIX}old-{final.name}-{os.getpid()}")
+        if _exchange(tmp, final):  # one atomic swap: readers never see `final` missing
+            fsync_dir(final.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the old version
+            return
+        old = final.with_name(f"{TMP_PREFIX}old-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.rename(final, old)
     os.rename(tmp, final)
     fsync_dir(final.parent)
@@ -76,15 +113,65 @@ def publish_dir(tmp: Path, final: Path, replace: bool = False) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def sweep_tmp(parent: Path) -> list[Path]:
-    """Delete leftovers of interrupted writes; returns what was removed."""
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False where the
+    system or filesystem cannot, and the caller falls back to rename-aside + rename."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            _renameat2 = libc.renameat2
+            _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        except (OSError, AttributeError):
+            _renameat2 = False
+    if not _renameat2:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+_renameat2 = None  # resolved on first use
+
+
+def sweep_tmp(parent: Path, prefix: str = TMP_PREFIX) -> list[Path]:
+    """Delete leftovers of interrupted writes whose owner is gone; returns what was removed."""
     removed = []
-    if parent.is_dir():
-        for p in parent.iterdir():
-            if p.name.startswith(TMP_PREFIX):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if not parent.is_dir():
+        return removed
+    now = time.time()
+    for p in parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        try:
+            st = p.lstat()
+        except FileNotFoundError:
+            continue  # its owner just published or removed it
+        if p.is_dir() and not p.is_symlink():
+            if now - st.st_mtime < STAGING_GRACE_S:
+                continue
+            if _remove_unowned_dir(p):
                 removed.append(p)
+        elif now - st.st_mtime >= STALE_FILE_S:
+            p.unlink(missing_ok=True)
+            removed.append(p)
     return removed
+
+
+def _remove_unowned_dir(path: Path) -> bool:
+    """Remove `path` if no live process holds its lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live owner is still writing it
+        shutil.rmtree(path, ignore_errors=True)
+        return not path.exists()
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -438,6 +438,7 @@ def serve(
     max_body: int = typer.Option(1 << 20, "--max-body-bytes"),
     import_root: list[Path] = typer.Option([], "--import-root", help="Directory HTTP imports may read from (repeatable; none = imports off)."),
     log_level: str = typer.Option("warning", "--log-level"),
+    docs: bool = typer.Option(True, "--docs/--no-docs", help="Serve /docs and /openapi.json (behind the API key when one is set)."),
 ) -> None:
     """Serve the base and the library over an OpenAI-compatible HTTP API."""
     import socket
@@ -449,7 +450,7 @@ def serve(
 
     settings = ServeSettings.with_env(api_key=api_key, max_queue=max_queue, max_tokens_cap=max_tokens,
                                       default_max_tokens=min(256, max_tokens), max_body_bytes=max_body,
-                                      import_roots=tuple(import_root))
+                                      import_roots=tuple(import_root), docs=docs)
     from .base import Base
 
     # Bind first: a busy port fails in a second, before the model loads and before we

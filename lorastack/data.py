@@ -47,21 +47,40 @@ def validate_record(obj: Any, where: str) -> Record:
     return obj
 
 
+def parse_json_line(raw: bytes, where: str) -> Any:
+    """One JSONL line as a Python value (None for a blank line); every failure is a
+    DataError naming `where`: bad UTF-8, bad JSON, nesting too deep for the parser."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+    line = line.rstrip("\r\n")  # a trailing newline would move the error column to "line 2"
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer literal too long to convert
+        raise DataError(f"{where}: invalid JSON ({e})") from None
+
+
 def read_jsonl(path: str | Path, require_completion: bool = True) -> list[Record]:
     """Read and validate a JSONL dataset; blank lines are allowed and skipped."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     records: list[Record] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
+    # Read bytes and decode per line, so a bad byte is reported at its line instead of as
+    # a UnicodeDecodeError from deep inside the file iterator.
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
             where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line.rstrip("\r\n"))  # a trailing newline would move the error column to "line 2"
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            obj = parse_json_line(raw, where)
+            if obj is None:
+                continue
             if not require_completion and isinstance(obj, dict) and "completion" not in obj:
                 obj = {**obj, "completion": ""}
             records.append(validate_record(obj, where))

@@ -27,6 +27,11 @@ class IncompatibleError(LorastackError):
     """An adapter does not fit the base it is used with."""
 
 
+class EngineError(LorastackError):
+    """A request failed inside the engine (not because of what the client sent); the
+    engine itself goes on serving every other request."""
+
+
 def unknown_name_message(kind: str, name: str, known: Iterable[str]) -> str:
     """Say what was asked for and which known names are close, so typos fix themselves."""
     known = sorted(known)

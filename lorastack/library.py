@@ -12,9 +12,11 @@ publishes it with one `rename`, so readers see the old adapter or the new one, n
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -29,8 +31,10 @@ from .adapter import (
     AdapterCard,
     AdapterError,
     check_compatible,
+    read_json,
 )
-from .atomic import TMP_PREFIX, publish_dir, staging_dir, sweep_tmp
+from pydantic import ValidationError
+from .atomic import TMP_PREFIX, locked, publish_dir, staging_dir, sweep_tmp
 from .errors import LorastackError, NotFoundError, unknown_name_message
 from .names import validate_name
 from .paths import default_library_dir
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
     from .base import Base
 
 INDEX_FILE = "index.sqlite"
+LOCK_FILE = ".lock"
 
 # Schema migrations, applied in order; PRAGMA user_version records how many have run.
 MIGRATIONS: list[str] = [
@@ -69,6 +74,20 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def check_inside(src: Path, files: tuple[str, ...], roots: tuple[Path, ...]) -> None:
+    """Refuse if any of `files` in `src` resolves (through symlinks) outside every root."""
+    for f in files:
+        p = src / f
+        if not p.exists() and not p.is_symlink():
+            continue
+        try:
+            real = p.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise PermissionError(f"{f} in the import directory is a broken or looping link") from None
+        if not any(real == r or r in real.parents for r in roots):
+            raise PermissionError(f"{f} in the import directory points outside the server's import roots")
+
+
 class Library:
     """A directory of adapters; safe against crashes and concurrent readers."""
 
@@ -80,8 +99,16 @@ class Library:
             self.adapters_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise LorastackError(f"cannot create library at {self.root}: {e.strerror}") from None
-        self._migrate()
-        self.reconcile()
+        with self._writing():  # two processes opening a new library must not both migrate it
+            self._migrate()
+            self._reconcile()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One writer at a time, across threads and processes: stage, check, publish and
+        index happen as one step (a long training run holds nothing, only its final add)."""
+        with self._lock, locked(self.root / LOCK_FILE):
+            yield
 
     # ------------------------------------------------------------ index
     @contextmanager
@@ -116,7 +143,12 @@ class Library:
         )
 
     def reconcile(self) -> dict[str, list[str]]:
-        """Sweep interrupted writes and make the index match the directories on disk."""
+        """Sweep interrupted writes (of processes that are gone) and make the index match the
+        directories on disk."""
+        with self._writing():
+            return self._reconcile()
+
+    def _reconcile(self) -> dict[str, list[str]]:
         swept = [p.name for p in sweep_tmp(self.adapters_dir)]
         on_disk: dict[str, Adapter] = {}
         for d in sorted(self.adapters_dir.iterdir()):
@@ -192,62 +224,88 @@ class Library:
         src = Path(src)
         final = self._path(name)
         if final.exists() and not overwrite:
-            raise LorastackError(f"adapter {name!r} already exists in the library; use --force to replace it")
+            raise self._exists(name)
         source = Adapter.open(src, name=name)
         card = source.card.model_dump()
         card.update(card_updates or {})
         card["name"] = name
         if base is not None:
-            check_compatible(src, base, card.get("base_fingerprint"))
-            card["base_fingerprint"] = base.fingerprint
             card["base_name"] = card.get("base_name") or base.name
-        card_obj = AdapterCard.model_validate(card)
-        with self._lock, staging_dir(self.adapters_dir) as tmp:
+        try:
+            card_obj = AdapterCard.model_validate(card)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise AdapterError(f"{name}: invalid card field {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        texts = examples if examples is not None else source.examples()
+        with self._writing(), staging_dir(self.adapters_dir) as tmp:
+            if final.exists() and not overwrite:  # added by another process meanwhile
+                raise self._exists(name)
+            # Checks run on the staged copy, which is exactly what gets published (a source
+            # changed after the check cannot slip in); errors name the adapter, not the folder.
             for f in (CONFIG_FILE, WEIGHTS_FILE):
-                shutil.copy2(src / f, tmp / f)
+                shutil.copyfile(src / f, tmp / f)
+            if base is not None:
+                check_compatible(tmp, base, card.get("base_fingerprint"), label=name, values=True)
+                card_obj.base_fingerprint = base.fingerprint
             (tmp / CARD_FILE).write_text(card_obj.model_dump_json(indent=2), encoding="utf-8")
-            texts = examples if examples is not None else source.examples()
             if texts:
                 (tmp / EXAMPLES_FILE).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
             Adapter.open(tmp).weights()  # the copy must be readable before it is published
             publish_dir(tmp, final, replace=overwrite)
-        adapter = Adapter(final, card_obj)
-        with self._db() as con:
-            con.execute("DELETE FROM signatures WHERE adapter = ?", (name,))
-            self._index(con, adapter)
+            adapter = Adapter(final, card_obj)
+            with self._db() as con:
+                con.execute("DELETE FROM signatures WHERE adapter = ?", (name,))
+                self._index(con, adapter)
         return adapter
 
-    def import_dir(self, src: str | Path, name: str | None = None, *, base: "Base", overwrite: bool = False) -> Adapter:
-        """Import a PEFT LoRA trained elsewhere; refuses one that does not fit `base`."""
+    @staticmethod
+    def _exists(name: str) -> LorastackError:
+        return LorastackError(f"adapter {name!r} already exists in the library; use --force to replace it")
+
+    def import_dir(self, src: str | Path, name: str | None = None, *, base: "Base", overwrite: bool = False,
+                   roots: tuple[Path, ...] | None = None) -> Adapter:
+        """Import a PEFT LoRA trained elsewhere; refuses one that does not fit `base`.
+
+        With `roots` (the server's import roots), every file that will be read must resolve
+        inside one of them, so a symlinked weights file cannot pull in data from elsewhere.
+        """
         src = Path(src).expanduser()
         if not src.is_dir():
             raise AdapterError(f"{src}: not a directory (expected a PEFT LoRA directory)")
+        if roots is not None:
+            check_inside(src, (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, EXAMPLES_FILE), roots)
         if name is None:
             card_path = src / CARD_FILE
-            name = json.loads(card_path.read_text())["name"] if card_path.exists() else src.resolve().name
+            card_name = read_json(card_path, "adapter card").get("name") if card_path.exists() else None
+            name = card_name if isinstance(card_name, str) else src.resolve().name
         return self.add(src, name, base=base, overwrite=overwrite)
 
     def update_card(self, name: str, **fields: Any) -> Adapter:
         """Change card fields (description, metrics, ...) atomically."""
-        adapter = self.get(name)
-        adapter.card = AdapterCard.model_validate({**adapter.card.model_dump(), **fields, "name": name})
-        adapter.write_card()
-        with self._db() as con:
-            self._index(con, adapter)
+        with self._writing():
+            adapter = self.get(name)
+            try:
+                adapter.card = AdapterCard.model_validate({**adapter.card.model_dump(), **fields, "name": name})
+            except ValidationError as e:
+                first = e.errors()[0]
+                raise LorastackError(f"{name}: invalid card field {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+            adapter.write_card()
+            with self._db() as con:
+                self._index(con, adapter)
         return adapter
 
     def remove(self, name: str) -> None:
         """Delete an adapter: renamed aside first, so a crash leaves it either whole or gone."""
         path = self._path(name)
-        if not path.is_dir():
-            raise NotFoundError(unknown_name_message("adapter", name, self.names()))
-        with self._lock:
-            doomed = path.with_name(f"{TMP_PREFIX}rm-{name}")
+        with self._writing():
+            if not path.is_dir():  # also when another process removed it a moment ago
+                raise NotFoundError(unknown_name_message("adapter", name, self.names()))
+            doomed = path.with_name(f"{TMP_PREFIX}rm-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             path.rename(doomed)
             with self._db() as con:
                 con.execute("DELETE FROM signatures WHERE adapter = ?", (name,))
                 con.execute("DELETE FROM adapters WHERE name = ?", (name,))
-            shutil.rmtree(doomed, ignore_errors=True)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def export(self, name: str, dest: str | Path) -> Path:
         """Copy an adapter out as a plain PEFT directory (card included) at `dest`."""

@@ -12,7 +12,8 @@ import re
 from .errors import LorastackError
 
 MAX_NAME_LEN = 64
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Matched with `fullmatch`: `$` alone would accept a trailing newline ("base\n").
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 RESERVED = {"base", "auto", "stack"}
 
 
@@ -28,7 +29,7 @@ def validate_name(name: str) -> str:
         raise InvalidNameError(f"adapter name is {len(name)} characters; the limit is {MAX_NAME_LEN}")
     if ".." in name:
         raise InvalidNameError(f"adapter name {name!r} must not contain '..'")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise InvalidNameError(
             f"adapter name {name!r} may use only letters, digits, '.', '_' and '-', starting with a letter or digit"
         )

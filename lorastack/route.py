@@ -59,13 +59,18 @@ MAX_WEIGHT = 10.0
 
 def parse_spec(spec: str) -> Route | AutoSpec:
     """Parse a SPEC into a Route (names not yet checked against a library) or an AutoSpec."""
-    s = spec.strip()
+    s = spec.strip(" ")
     if not s:
         raise SpecError("empty model spec; use 'base', an adapter name, or 'a:0.7+b:0.3'")
+    if any(ord(c) < 32 or ord(c) == 127 for c in s):
+        raise SpecError(f"{spec!r}: model spec contains a control character (newline, tab, ...)")
     if s == "base":
         return BASE_ROUTE
     if s == "auto" or s.startswith("auto:"):
-        return AutoSpec(s[5:] or None)
+        router = s[5:]
+        if s.startswith("auto:") and not router:
+            raise SpecError(f"{spec!r}: name a router after 'auto:' (e.g. auto:knn) or use plain 'auto'")
+        return AutoSpec(router or None)
     if s.startswith("stack/"):
         raise SpecError(f"{s!r}: stacks are not available in this version")
     parts = s.split("+")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import staging_dir, sweep_tmp
 from .base import Base
 from .data import Record, messages_of, prompt_text, split_holdout
 from .errors import LorastackError
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .library import Library
 
 IGNORE = -100
+TRAIN_SCRATCH_PREFIX = "lorastack-train-"
 
 
 @dataclass
@@ -285,7 +287,11 @@ def train_to_library(
     validate_name(name)
     if not overwrite and name in library.names():
         raise LorastackError(f"adapter {name!r} already exists in the library; use --force to replace it")
-    with tempfile.TemporaryDirectory(prefix="lorastack-train-") as tmp:
+    # The scratch directory is locked by this process; runs that were killed (SIGKILL skips
+    # every cleanup) leave theirs unlocked, and the next run sweeps them.
+    scratch_root = Path(tempfile.gettempdir())
+    sweep_tmp(scratch_root, prefix=TRAIN_SCRATCH_PREFIX)
+    with staging_dir(scratch_root, prefix=TRAIN_SCRATCH_PREFIX) as tmp:
         result = train_adapter(
             base, records, name, config, Path(tmp), eval_records=eval_records, description=description,
             data_info=data_info, scorer=scorer, progress=progress,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -125,13 +128,38 @@ def test_crash_leftovers_are_swept_and_index_reconciled(tiny_base, tmp_path):
     lib = Library(tmp_path / "lib")
     lib.add(make_peft_adapter(tiny_base, tmp_path / "a"), "a", base=tiny_base)
     lib.add(make_peft_adapter(tiny_base, tmp_path / "b"), "b", base=tiny_base)
-    (tmp_path / "lib" / "adapters" / ".tmp-half").mkdir()  # an interrupted write
+    half = tmp_path / "lib" / "adapters" / ".tmp-half"
+    half.mkdir()  # an interrupted write of a process that is gone (nobody holds its lock)
+    os.utime(half, (time.time() - 60, time.time() - 60))
     import shutil
 
     shutil.rmtree(tmp_path / "lib" / "adapters" / "b")  # a directory lost behind the index's back
     lib2 = Library(tmp_path / "lib")
     assert lib2.names() == ["a"]
     assert not (tmp_path / "lib" / "adapters" / ".tmp-half").exists()
+
+
+def test_sweep_spares_a_staging_dir_whose_owner_is_alive(tiny_base, tmp_path):
+    """Opening the library (any CLI command) while another writer stages must not delete
+    the writer's directory, however old it looks; once the owner lets go, it is swept."""
+    from lorastack.atomic import staging_dir
+
+    lib = Library(tmp_path / "lib")
+    with staging_dir(lib.adapters_dir) as tmp:
+        (tmp / "adapter_model.safetensors").write_bytes(b"partial")
+        os.utime(tmp, (time.time() - 3600, time.time() - 3600))
+        Library(tmp_path / "lib")
+        assert (tmp / "adapter_model.safetensors").exists()
+        young = lib.adapters_dir / ".tmp-just-made"
+        young.mkdir()  # unlocked but inside the grace period: its owner may be about to lock it
+        Library(tmp_path / "lib")
+        assert young.exists()
+        leaked = Path(str(tmp) + "-copy")
+        shutil.copytree(tmp, leaked)  # same age, nobody holds it
+        os.utime(leaked, (time.time() - 3600, time.time() - 3600))
+        Library(tmp_path / "lib")
+        assert not leaked.exists()
+    assert not tmp.exists()
 
 
 def test_errors_for_unknown_existing_and_traversal(tiny_base, tmp_path):

@@ -304,7 +304,11 @@ def test_schema_fuzz_has_no_server_errors(runtime, tmp_path):
             if operation.path == "/metrics":
                 continue
 
-            @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+            # The generation endpoints get more cases: their schema is the widest, and both
+            # rejections and real generations must show up among them.
+            n_examples = 60 if operation.path in ("/v1/chat/completions", "/v1/completions") else 25
+
+            @settings(max_examples=n_examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
             # Half the cases keep the fuzzed `model`; the rest use a real one so generation runs.
             @given(case=operation.as_strategy(), model=st.sampled_from([None, "base", "auto", "reverse_words", "a:1+b:1"]))
             def check(case, model):

@@ -66,6 +66,11 @@ class KVCache:
         self.n -= 1
         return moved
 
+    def truncate(self, n: int) -> None:
+        """Drop rows `[n, self.n)` (rows just added for a prefill that failed)."""
+        self.lengths[n : self.n] = 0
+        self.n = min(self.n, n)
+
     def trim(self) -> None:
         """Release memory when idle (all rows gone) by shrinking to the initial size."""
         if self.n == 0 and self.capacity[1] > 1024:

@@ -13,6 +13,7 @@ through each request's queue.
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -24,7 +25,7 @@ import torch
 
 from ..adapter import Adapter
 from ..base import Base
-from ..errors import LorastackError
+from ..errors import EngineError, LorastackError
 from ..route import Route
 from .lora import LoraBank, LoraBatch
 from .prefix import PrefixCache
@@ -32,6 +33,7 @@ from .llama import LlamaRunner, supports
 from .sampling import Generation, Messages, Sampling, pick_tokens
 
 _ids = itertools.count(1)
+log = logging.getLogger("lorastack.engine")
 
 
 @dataclass(eq=False)
@@ -134,7 +136,9 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "batch_rows_sum": 0}
+        self.failure: BaseException | None = None  # what ended the last loop thread, if anything did
+        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "batch_rows_sum": 0,
+                      "failed_steps": 0, "failed_rows": 0, "restarts": 0}
 
     # ------------------------------------------------------------ submitting
     def submit(self, prompt: str | Messages, route: Route, sampling: Sampling = Sampling(),
@@ -186,6 +190,10 @@ class Engine:
 
     # ------------------------------------------------------------ background loop
     def start(self) -> None:
+        """Start the background loop; also restarts one that died (see `_loop`)."""
+        if self._thread is not None and not self._thread.is_alive():
+            self._thread = None
+            self.stats["restarts"] += 1
         if self._thread is None:
             self._stop = False
             self._thread = threading.Thread(target=self._loop, name="lorastack-engine", daemon=True)
@@ -199,14 +207,27 @@ class Engine:
             self._thread.join()
             self._thread = None
 
+    @property
+    def alive(self) -> bool:
+        """Whether the background loop is running (health checks report this)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stop and not self.waiting and not self.running:
-                    self._wake.wait()
-                if self._stop:
-                    return
-            self.step()
+        """`step` isolates faults per row and per step; anything that still escapes it is
+        recorded in `failure`, fails every queued request (no client waits forever) and
+        ends the thread, which `alive` then reports and `start` replaces."""
+        try:
+            while True:
+                with self._wake:
+                    while not self._stop and not self.waiting and not self.running:
+                        self._wake.wait()
+                    if self._stop:
+                        return
+                self.step()
+        except BaseException as e:  # noqa: BLE001 - recorded, reported and recovered from
+            log.exception("engine loop died")
+            self.failure = e
+            self._fail_all(EngineError(f"the engine stopped ({type(e).__name__}: {e}); retry the request"))
 
     @property
     def queue_depth(self) -> int:
@@ -220,9 +241,35 @@ class Engine:
         if admitted:
             self._prefill(admitted)
         if self.running:
-            self._decode()
+            try:
+                self._decode()
+            except Exception as e:  # noqa: BLE001 - a failed step fails its rows, not the engine
+                self._fail_step(list(self.running), "decode", e)
         elif not self.waiting:
             self.cache.trim()
+
+    def _fail_step(self, reqs: list[Request], stage: str, e: Exception) -> None:
+        log.exception("engine %s step failed for %d request(s)", stage, len(reqs))
+        self.stats["failed_steps"] += 1
+        for req in reqs:
+            req.error = req.error or EngineError(f"request failed in the engine's {stage} step ({type(e).__name__}: {e})")
+            req.finish_reason = "error"
+            self._retire(req)
+
+    def _fail_all(self, error: LorastackError) -> None:
+        """Fail every running and waiting request (the loop is going away)."""
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for req in list(self.running):
+            req.error = req.error or error
+            req.finish_reason = "error"
+            try:
+                self._retire(req)
+            except Exception:  # noqa: BLE001 - the state is already broken; the client must still hear
+                self._finish(req, "error")
+        for req in waiting:
+            req.error = error
+            self._finish(req, "error")
 
     def _in_flight(self) -> int:
         return sum(len(r.prompt_ids) + r.sampling.max_tokens for r in self.running)
@@ -269,6 +316,26 @@ class Engine:
         return LoraBatch(self.bank, [r._slots for r in reqs])
 
     def _prefill(self, reqs: list[Request]) -> None:
+        """Prefill `reqs` together; if that fails, they fail (their new cache rows are
+        dropped and their adapter slots released) and the rows already decoding go on."""
+        n_before = self.cache.n
+        try:
+            logits = self._prefill_rows(reqs)
+        except Exception as e:  # noqa: BLE001
+            self.running = [r for r in self.running if r not in set(reqs)]
+            self.cache.truncate(n_before)
+            log.exception("engine prefill failed for %d request(s)", len(reqs))
+            self.stats["failed_steps"] += 1
+            for req in reqs:
+                self.bank.unpin(req._slots)
+                req.error = req.error or EngineError(f"request failed in the engine's prefill step ({type(e).__name__}: {e})")
+                self._finish(req, "error")
+            return
+        self.stats["prefills"] += 1
+        self._emit(reqs, logits, list(range(n_before, n_before + len(reqs))))
+
+    def _prefill_rows(self, reqs: list[Request]) -> torch.Tensor:
+        """Cache rows, prefix-cache hits and one packed prefill; returns each row's last logits."""
         reqs.sort(key=lambda r: r._slots)  # contiguous LoRA segments (see LoraBatch)
         prompts = [r.prompt_ids for r in reqs]
         hits = [self.prefixes.lookup(str(r.route), r.prompt_ids) if self.prefixes else (None, 0) for r in reqs]
@@ -287,8 +354,7 @@ class Engine:
                                     [k[first + i, :, :ln].clone() for k in self.cache.k],
                                     [v[first + i, :, :ln].clone() for v in self.cache.v])
         self.running.extend(reqs)
-        self.stats["prefills"] += 1
-        self._emit(reqs, logits, list(range(first, first + len(reqs))))
+        return logits
 
     def _decode(self) -> None:
         need = max(int(self.cache.lengths[i]) + 1 for i in range(self.cache.n))
@@ -307,14 +373,22 @@ class Engine:
         for req, tok in zip(reqs, picks):
             if req.first_token_at is None:
                 req.first_token_at = now
-            if tok == eos and not req.sampling.ignore_eos:
-                req.finish_reason = "stop"
-            else:
-                req.tokens.append(tok)
-                self.stats["tokens"] += 1
-                self._update_text(req)
-                if req.finish_reason is None and len(req.tokens) >= req.sampling.max_tokens:
-                    req.finish_reason = "length"
+            try:
+                if isinstance(tok, Exception):
+                    raise tok
+                if tok == eos and not req.sampling.ignore_eos:
+                    req.finish_reason = "stop"
+                else:
+                    req.tokens.append(tok)
+                    self.stats["tokens"] += 1
+                    self._update_text(req)
+                    if req.finish_reason is None and len(req.tokens) >= req.sampling.max_tokens:
+                        req.finish_reason = "length"
+            except Exception as e:  # noqa: BLE001 - this row fails alone; the batch goes on
+                self.stats["failed_rows"] += 1
+                req.error = e if isinstance(e, LorastackError) else EngineError(
+                    f"request failed while sampling or decoding its text ({type(e).__name__}: {e})")
+                req.finish_reason = "error"
             if req.finish_reason or req.cancelled:
                 done.append(req)
         for req in done:

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 
-from ..errors import LorastackError
+from ..errors import EngineError, LorastackError
 
 Messages = list[dict[str, str]]
+
+# Below these a temperature or top_p leaves one candidate token (or, in float32, none:
+# 1e-300 rounds to 0 and the division or the nucleus mask then produces NaN/empty rows), so
+# they mean greedy decoding.
+MIN_TEMPERATURE = 1e-4
+MIN_TOP_P = 1e-6
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,11 @@ class Sampling:
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
     def __post_init__(self) -> None:
+        for field_name in ("temperature", "top_p"):
+            if not math.isfinite(getattr(self, field_name)):
+                raise LorastackError(f"{field_name} must be a finite number, got {getattr(self, field_name)}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise LorastackError(f"seed must fit in 64 bits ({SEED_MIN} to {SEED_MAX}), got {self.seed}")
         if self.max_tokens < 1:
             raise LorastackError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
@@ -32,6 +46,12 @@ class Sampling:
             raise LorastackError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise LorastackError(f"top_k must be >= 0, got {self.top_k}")
+        if self.temperature < MIN_TEMPERATURE or self.top_p < MIN_TOP_P or self.top_k == 1:
+            object.__setattr__(self, "temperature", 0.0)  # degenerate settings are greedy decoding
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
 
 
 @dataclass
@@ -42,24 +62,42 @@ class Generation:
     finish_reason: str  # "stop" (EOS or stop string) or "length"
 
 
-def pick_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list[torch.Generator | None]) -> list[int]:
-    """Next token per row; greedy rows share one argmax, sampled rows use their own RNG."""
-    greedy = logits.argmax(-1).tolist()
+class SamplingError(EngineError):
+    """One row's logits cannot be decoded (NaN: a broken adapter); a server fault, not the client's."""
+
+
+def pick_tokens(logits: torch.Tensor, samplings: list[Sampling],
+                generators: list[torch.Generator | None]) -> list[int | Exception]:
+    """Next token per row; greedy rows share one argmax, sampled rows use their own RNG.
+
+    A row that cannot be sampled gets its exception in place of a token, so the caller
+    fails that request alone and every other row of the batch goes on.
+    """
+    picks: list[int | Exception] = list(logits.argmax(-1).tolist())
+    broken = torch.isnan(logits).any(-1).tolist()  # argmax would silently pick a NaN
     for i, s in enumerate(samplings):
-        if s.temperature > 0:
-            greedy[i] = _sample(logits[i].float(), s, generators[i])
-    return greedy
+        if broken[i]:
+            picks[i] = SamplingError("the model produced NaN logits for this request (does an adapter on its route hold NaN weights?)")
+        elif s.temperature > 0:
+            try:
+                picks[i] = _sample(logits[i].float(), s, generators[i])
+            except Exception as e:  # noqa: BLE001 - isolated to this row by design
+                picks[i] = e
+    return picks
 
 
 def _sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
-    logits = logits / s.temperature
+    if not bool(torch.isfinite(logits).any()):
+        raise SamplingError("the model produced no finite logits for this request (is an adapter's weight NaN/Inf?)")
+    logits = torch.nan_to_num(logits, nan=float("-inf")).clamp(max=1e30) / s.temperature
     if s.top_k and s.top_k < logits.shape[-1]:
         kth = torch.topk(logits, s.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, -1)
     if s.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, -1) - sorted_p < s.top_p  # always keeps the top token
+        keep = torch.cumsum(sorted_p, -1) - sorted_p < s.top_p
+        keep[0] = True  # the top token always stays, whatever rounding did to top_p
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=gen))

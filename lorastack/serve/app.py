@@ -30,8 +30,8 @@ from ..names import validate_name
 from ..routing import ROUTERS
 from ..runtime import Runtime
 from . import errors as api_errors
-from .errors import ApiError, from_lorastack
-from .guard import Guard
+from .errors import ApiError, from_lorastack, request_error
+from .guard import DISCONNECTED_KEY, Guard
 from .metrics import Metrics
 from .schemas import (
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion, CompletionChoice,
@@ -159,7 +159,7 @@ class Server:
 
     def finished(self, req: EngineRequest, endpoint: str) -> None:
         if req.error is not None:
-            raise from_lorastack(req.error) if isinstance(req.error, LorastackError) else req.error
+            raise request_error(req.error)
         self.metrics.tokens.labels("completion").inc(len(req.tokens))
         end = req.finished_at or time.perf_counter()
         self.metrics.latency.labels(endpoint).observe(end - req.submitted_at)
@@ -196,8 +196,10 @@ class Server:
                 raise ApiError(409, f"adapter {name!r} already exists; pass overwrite=true to replace it", param="name",
                                code="already_exists")
             try:
-                adapter = await run_in_threadpool(self.runtime.library.import_dir, src, name,
-                                                  base=self.runtime.base, overwrite=overwrite)
+                adapter = await run_in_threadpool(self.runtime.library.import_dir, src, name, base=self.runtime.base,
+                                                  overwrite=overwrite, roots=self.settings.import_roots)
+            except PermissionError as e:
+                raise ApiError(403, str(e), type="permission_error", param="path") from e
             except LorastackError as e:
                 if "already exists" in str(e):
                     raise ApiError(409, str(e), param="name", code="already_exists") from e
@@ -219,11 +221,26 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         finally:
             srv.engine.stop()
 
+    # The interactive docs and the schema describe every endpoint, so with an API key they
+    # sit behind it too (added below); `docs=False` turns them off altogether.
+    open_docs = settings.docs and settings.api_key is None
     app = FastAPI(title="lorastack", version=__version__, lifespan=lifespan,
+                  docs_url="/docs" if open_docs else None, redoc_url="/redoc" if open_docs else None,
+                  openapi_url="/openapi.json" if open_docs else None,
                   description="OpenAI-compatible API over a base model and a library of LoRA experts.")
     app.state.server = srv
     api_errors.install(app)
     auth = [Depends(srv.check_key)]
+    if settings.docs and not open_docs:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+        async def openapi_json() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
+        @app.get("/docs", dependencies=auth, include_in_schema=False)
+        async def docs_page() -> Response:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="lorastack API")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
@@ -370,10 +387,18 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
 
     # ------------------------------------------------------------ operations
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        alive = srv.engine._thread is not None and srv.engine._thread.is_alive()
-        return {"status": "ok" if alive else "starting", "base": runtime.base.name, "fingerprint": runtime.base.fingerprint,
-                "adapters": len(runtime.served()), "queue_depth": srv.engine.queue_depth, "running": len(srv.engine.running)}
+    async def health() -> JSONResponse:
+        """200 while the engine loop runs; 503 once it has died (the next generation request
+        restarts it, and the body says what stopped it), so a supervisor never sees a hang as healthy."""
+        engine = srv.engine
+        failure = engine.failure
+        status = "ok" if engine.alive else ("engine stopped" if failure is not None else "starting")
+        body = {"status": status, "base": runtime.base.name, "fingerprint": runtime.base.fingerprint,
+                "adapters": len(runtime.served()), "queue_depth": engine.queue_depth, "running": len(engine.running),
+                "restarts": engine.stats["restarts"]}
+        if failure is not None and not engine.alive:
+            body["error"] = f"{type(failure).__name__}: {failure}"
+        return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     @app.get("/metrics", dependencies=auth, response_class=PlainTextResponse)
     async def metrics() -> Response:
@@ -401,6 +426,7 @@ def _sse(srv: Server, request: Request, req: EngineRequest, pieces: asyncio.Queu
 
     async def events() -> AsyncIterator[str]:
         first = True
+        completed = False
         try:
             while True:
                 piece = await pieces.get()
@@ -409,8 +435,8 @@ def _sse(srv: Server, request: Request, req: EngineRequest, pieces: asyncio.Queu
                 yield f"data: {json.dumps(chunk(piece, None, first))}\n\n"
                 first = False
             if req.error is not None:
-                msg = str(req.error) if isinstance(req.error, LorastackError) else f"internal error: {type(req.error).__name__}"
-                yield f"data: {json.dumps(api_errors.body(msg, 'server_error'))}\n\n"
+                err = request_error(req.error)
+                yield f"data: {json.dumps(api_errors.body(err.message, err.type, err.param, err.code))}\n\n"
             else:
                 srv.finished(req, endpoint)
                 final = chunk(None, _finish(req), first)
@@ -419,8 +445,11 @@ def _sse(srv: Server, request: Request, req: EngineRequest, pieces: asyncio.Queu
                     usage = {**final, "choices": [], "usage": _usage(req).model_dump()}
                     yield f"data: {json.dumps(usage)}\n\n"
             yield "data: [DONE]\n\n"
+            completed = True
         finally:
             # Reached on normal end and when the client disconnects (the task is cancelled).
+            if not completed:
+                setattr(request.state, DISCONNECTED_KEY, True)
             srv.cancel(req)
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import IncompatibleError, LorastackError, NotFoundError
+from ..errors import EngineError, IncompatibleError, LorastackError, NotFoundError
 
 
 class ApiError(Exception):
@@ -31,6 +31,16 @@ def from_lorastack(e: LorastackError, param: str | None = None) -> ApiError:
     if isinstance(e, IncompatibleError):
         return ApiError(400, str(e), param=param, code="incompatible_adapter")
     return ApiError(400, str(e), param=param)
+
+
+def request_error(e: BaseException) -> ApiError:
+    """The HTTP error for a generation that failed in the engine: the engine's own faults
+    are 500s that say what failed (the server keeps serving), user errors keep their 4xx."""
+    if isinstance(e, EngineError):
+        return ApiError(500, str(e), type="server_error", code="engine_error")
+    if isinstance(e, LorastackError):
+        return from_lorastack(e)
+    return ApiError(500, f"internal error: {type(e).__name__}", type="server_error")
 
 
 def install(app: FastAPI) -> None:

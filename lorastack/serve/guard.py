@@ -15,6 +15,9 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+DISCONNECTED = 499  # the status counted for a request whose client went away
+DISCONNECTED_KEY = "lorastack_disconnected"
+
 # Endpoint labels for metrics: a fixed set, so a client cannot blow up label cardinality.
 _ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/adapters", "/v1/load_lora_adapter",
               "/v1/unload_lora_adapter", "/health", "/metrics"}
@@ -82,10 +85,13 @@ class Guard:
                 return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
             return await receive()
 
+        state = scope.setdefault("state", {})  # Starlette's request.state lives here
         try:
             await self.app(scope, replay, counting_send)
         finally:
-            self.on_response(label, status["code"])
+            # A stream whose client left mid-way started as a 200; count it apart (nginx's
+            # 499) so requests_total tells completed streams from abandoned ones.
+            self.on_response(label, DISCONNECTED if state.get(DISCONNECTED_KEY) else status["code"])
 
     async def _reject(self, send: Send, size: str) -> None:
         body = json.dumps({"error": {"message": f"request body is too large ({size} bytes; the limit is {self.max_body_bytes})",

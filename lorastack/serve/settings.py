@@ -24,6 +24,8 @@ class ServeSettings:
     # imports over HTTP are disabled (a server must not read arbitrary paths for a client).
     import_roots: tuple[Path, ...] = field(default_factory=tuple)
     retry_after_s: int = 1
+    # /docs, /redoc and /openapi.json; behind the API key when one is set.
+    docs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_body_bytes", "max_tokens_cap", "default_max_tokens", "max_prompt_tokens"):

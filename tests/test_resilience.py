@@ -1,0 +1,312 @@
+"""The hostile-user table of issue #15, replayed: every case gets a clear 4xx (or one-line
+CLI error), nothing invalid reaches the library, and the server keeps serving after each."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorastack.errors import LorastackError
+from lorastack.library import Library
+from test_library import make_peft_adapter
+from test_serve import chat_body, client, live_server, runtime  # noqa: F401 - fixtures
+
+REVERSE = "Reverse the order of these words: red green blue"
+
+
+def assert_still_serving(c) -> None:
+    r = c.post("/v1/chat/completions", json=chat_body("reverse_words"))
+    assert r.status_code == 200, r.text
+    assert c.get("/health").status_code == 200
+
+
+# ------------------------------------------------------------------ sampling parameters
+@pytest.mark.parametrize("extra", [{"temperature": 1e-300}, {"temperature": 0.8, "top_p": 1e-300},
+                                   {"temperature": 5e-324, "top_p": 5e-324}])
+def test_degenerate_temperature_or_top_p_is_greedy_and_the_engine_lives(runtime, extra):
+    with client(runtime) as c:
+        greedy = c.post("/v1/chat/completions", json=chat_body("reverse_words")).json()["choices"][0]["message"]["content"]
+        r = c.post("/v1/chat/completions", json={**chat_body("reverse_words"), **extra})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == greedy
+        assert_still_serving(c)
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**30])
+def test_seed_beyond_64_bits_is_a_4xx_naming_seed(runtime, seed):
+    with client(runtime) as c:
+        r = c.post("/v1/chat/completions", json={**chat_body("reverse_words"), "seed": seed, "temperature": 0.7})
+        assert 400 <= r.status_code < 500 and r.json()["error"]["param"] == "seed", r.text
+        r = c.post("/v1/chat/completions", json={**chat_body("reverse_words"), "seed": 2**64 - 1, "temperature": 0.7})
+        assert r.status_code == 200, r.text
+        assert_still_serving(c)
+
+
+def test_cli_generate_with_degenerate_temperature_prints_no_traceback(tiny_base_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lorastack.cli", "--base", str(tiny_base_dir), "--library", str(tmp_path / "lib"),
+                        "generate", "hello", "--temperature", "1e-300", "--max-tokens", "3"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_adapter_with_nan_weights_behind_the_librarys_back_fails_its_requests_only(runtime, tmp_path):
+    """Import refuses NaN weights (below); one written into the library by hand must still
+    not stop the engine: its requests fail with a clear 500, everyone else is served."""
+    lib = runtime.library
+    bad = lib.adapters_dir / "poisoned"
+    shutil.copytree(lib.get("date_format").path, bad)
+    weights = load_file(bad / "adapter_model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, bad / "adapter_model.safetensors")
+    (bad / "card.json").write_text(json.dumps({**json.loads((bad / "card.json").read_text()), "name": "poisoned"}))
+    lib.reconcile()
+    assert "poisoned" in lib.names()
+    with client(runtime) as c:
+        with ThreadPoolExecutor(6) as pool:
+            bad_calls = [pool.submit(c.post, "/v1/chat/completions", json={**chat_body("poisoned"), "temperature": t})
+                         for t in (0, 0.9, 0.9)]
+            good_calls = [pool.submit(c.post, "/v1/chat/completions", json=chat_body("reverse_words")) for _ in range(6)]
+        for f in bad_calls:
+            r = f.result()
+            assert r.status_code == 500 and "NaN" in r.json()["error"]["message"], r.text
+        assert all(f.result().status_code == 200 for f in good_calls)
+        r = c.post("/v1/chat/completions", json={**chat_body("poisoned"), "stream": True, "temperature": 0.9})
+        assert "NaN" in r.text and "[DONE]" in r.text  # the stream ends with an error event, not a hang
+        assert_still_serving(c)
+
+
+# ------------------------------------------------------------------ names and specs
+@pytest.mark.parametrize("model", ["reverse_words\n", "auto:", "base\n", "reverse_words\t", "a:0.5\n+b:0.5"])
+def test_model_specs_with_control_characters_or_empty_router_are_4xx(runtime, model):
+    with client(runtime) as c:
+        r = c.post("/v1/chat/completions", json=chat_body(model))
+        assert 400 <= r.status_code < 500 and r.json()["error"]["param"] == "model", r.text
+        assert_still_serving(c)
+
+
+@pytest.mark.parametrize("name", ["base\n", "nl\n", "x\ty", "ok\r", "\nlead"])
+def test_adapter_names_with_control_characters_are_refused_everywhere(runtime, tiny_base, tmp_path, name):
+    root = tmp_path / "imports"
+    src = make_peft_adapter(tiny_base, root / "src")
+    before = sorted(p.name for p in runtime.library.adapters_dir.iterdir())
+    with client(runtime, import_roots=(root,)) as c:
+        r = c.post("/v1/adapters", json={"path": str(src), "name": name})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "name", r.text
+        r = c.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(src)})
+        assert r.status_code == 400, r.text
+    assert sorted(p.name for p in runtime.library.adapters_dir.iterdir()) == before
+
+
+def test_cli_import_refuses_a_name_with_a_newline(tiny_base_dir, tmp_path):
+    from lorastack.base import Base
+
+    src = make_peft_adapter(Base.load(str(tiny_base_dir)), tmp_path / "src")
+    r = subprocess.run([sys.executable, "-m", "lorastack.cli", "--base", str(tiny_base_dir), "--library", str(tmp_path / "lib"),
+                        "adapters", "import", str(src), "--name", "nl\n"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "adapter name" in r.stderr and "Traceback" not in r.stderr
+    assert Library(tmp_path / "lib").names() == []
+
+
+# ------------------------------------------------------------------ adapters on the way in
+def corrupt(src, how: str):
+    """Make one kind of bad adapter out of a good PEFT directory."""
+    cfg_path, w_path = src / "adapter_config.json", src / "adapter_model.safetensors"
+    cfg = json.loads(cfg_path.read_text())
+    w = load_file(w_path)
+    key = next(k for k in w if "lora_B" in k)
+    if how == "nan":
+        w[key][0, 0] = float("nan")
+    elif how == "inf":
+        w[key][0, 0] = float("inf")
+    elif how == "int":
+        w[key] = w[key].to(torch.int32)
+    elif how == "alpha":
+        cfg["lora_alpha"] = 1e300
+    elif how == "rank":
+        cfg["r"] = 10**12
+    elif how == "rank_mismatch":
+        cfg["r"] = cfg["r"] * 2
+    elif how == "targets":
+        cfg["target_modules"] = ["q_proj", "frobnicate_proj"]
+    elif how == "card":
+        (src / "card.json").write_text(json.dumps({"name": "x", "rank": "not a number"}))
+    elif how == "deep_card":
+        (src / "card.json").write_text("[" * 100_000)
+    elif how == "examples":
+        (src / "examples.jsonl").write_bytes(b'{"text": "ok"}\n\xff\xfe\n')
+    cfg_path.write_text(json.dumps(cfg))
+    save_file(w, w_path)
+    return src
+
+
+@pytest.mark.parametrize("how, needle", [
+    ("nan", "NaN or infinite"), ("inf", "NaN or infinite"), ("int", "floating point"), ("alpha", "lora_alpha"),
+    ("rank", "'r' must be an integer"), ("rank_mismatch", "has rank"), ("targets", "frobnicate_proj"),
+    ("card", "invalid card"), ("deep_card", "nested too deeply"), ("examples", "not valid UTF-8"),
+])
+def test_invalid_adapters_are_refused_with_a_clear_400_and_the_library_is_unchanged(runtime, tiny_base, tmp_path, how, needle):
+    root = tmp_path / "imports"
+    src = corrupt(make_peft_adapter(tiny_base, root / "bad"), how)
+    lib = runtime.library
+    before = (lib.names(), sorted(p.name for p in lib.adapters_dir.iterdir()))
+    with client(runtime, import_roots=(root,)) as c:
+        r = c.post("/v1/adapters", json={"path": str(src), "name": "bad"})
+        assert r.status_code == 400, r.text
+        msg = r.json()["error"]["message"]
+        assert needle in msg, msg
+        assert ".tmp-" not in msg and str(lib.root) not in msg  # no internal paths
+        assert_still_serving(c)
+    assert (lib.names(), sorted(p.name for p in lib.adapters_dir.iterdir())) == before
+    # The CLI and training go through the same check (Library.add).
+    with pytest.raises(LorastackError, match=re.escape(needle)):
+        lib.import_dir(src, "bad", base=tiny_base)
+    assert (lib.names(), sorted(p.name for p in lib.adapters_dir.iterdir())) == before
+
+
+def test_symlinked_weights_outside_the_import_root_are_refused(runtime, tiny_base, tmp_path):
+    root = tmp_path / "imports"
+    outside = make_peft_adapter(tiny_base, tmp_path / "secret", seed=3)
+    src = make_peft_adapter(tiny_base, root / "innocent")
+    (src / "adapter_model.safetensors").unlink()
+    (src / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    with client(runtime, import_roots=(root,)) as c:
+        r = c.post("/v1/adapters", json={"path": str(src), "name": "innocent"})
+        assert r.status_code == 403 and "outside the server's import roots" in r.json()["error"]["message"], r.text
+        assert str(outside) not in r.json()["error"]["message"]
+        assert "innocent" not in runtime.library.names()
+        # A link that stays inside the root is fine.
+        inside = make_peft_adapter(tiny_base, root / "real", seed=4)
+        (src / "adapter_model.safetensors").unlink()
+        (src / "adapter_model.safetensors").symlink_to(inside / "adapter_model.safetensors")
+        assert c.post("/v1/adapters", json={"path": str(src), "name": "innocent"}).status_code == 201
+
+
+def test_fifo_in_an_import_dir_is_refused_without_blocking(runtime, tiny_base, tmp_path):
+    import os
+
+    root = tmp_path / "imports"
+    src = make_peft_adapter(tiny_base, root / "fifo")
+    (src / "adapter_config.json").unlink()
+    os.mkfifo(src / "adapter_config.json")
+    with client(runtime, import_roots=(root,)) as c:
+        r = c.post("/v1/adapters", json={"path": str(src), "name": "fifo"})
+        assert r.status_code == 400 and "not a regular file" in r.json()["error"]["message"], r.text
+
+
+# ------------------------------------------------------------------ training data
+@pytest.mark.parametrize("content, needle", [
+    (b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff\xfe", "completion": "b"}\n', ":2: not valid UTF-8"),
+    (b'{"prompt": "a", "completion": "b"}\n' + b"[" * 100_000 + b"\n", ":2: invalid JSON (nested too deeply)"),
+    (b'{"prompt": "a", "completion": ' + b"9" * 5000 + b"}\n", ":1: invalid JSON"),
+])
+def test_bad_training_files_give_file_line_errors(tmp_path, content, needle):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    r = subprocess.run([sys.executable, "-m", "lorastack.cli", "train", str(bad), "--name", "x"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert f"{bad}{needle}" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ docs and metrics
+def test_docs_and_schema_are_behind_the_api_key(runtime):
+    with client(runtime, api_key="sekrit") as c:
+        for path in ("/docs", "/openapi.json"):
+            assert c.get(path).status_code == 401
+            assert c.get(path, headers={"Authorization": "Bearer sekrit"}).status_code == 200
+        assert c.get("/redoc").status_code in (401, 404)
+        assert c.get("/health").status_code == 200  # liveness stays open for supervisors
+    with client(runtime, docs=False) as c:
+        assert c.get("/docs").status_code == 404 and c.get("/openapi.json").status_code == 404
+    with client(runtime) as c:
+        assert c.get("/docs").status_code == 200 and "paths" in c.get("/openapi.json").json()
+
+
+def test_disconnected_streams_are_counted_apart_from_completed_ones(runtime):
+    runtime.base.model.config.max_position_embeddings = 4096
+    with live_server(runtime) as (url, _):
+        with httpx.Client(base_url=url, timeout=30) as h:
+            with h.stream("POST", "/v1/chat/completions", json=chat_body("base", max_tokens=1000, ignore_eos=True, stream=True)) as r:
+                next(r.iter_lines())
+            r = h.post("/v1/chat/completions", json=chat_body("base", stream=True))
+            assert "[DONE]" in r.text
+            deadline = threading.Event()
+            for _ in range(200):
+                metrics = h.get("/metrics").text
+                if 'endpoint="/v1/chat/completions",status="499"' in metrics:
+                    break
+                deadline.wait(0.05)
+    assert 'lorastack_requests_total{endpoint="/v1/chat/completions",status="499"} 1.0' in metrics
+    assert 'lorastack_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in metrics
+
+
+def test_dead_engine_loop_makes_health_503_and_the_next_request_restarts_it(runtime, monkeypatch):
+    engine = runtime.engine
+    with client(runtime) as c:
+        assert c.get("/health").status_code == 200
+        real = engine.step
+        monkeypatch.setattr(engine, "step", lambda: (_ for _ in ()).throw(SystemExit("injected")))
+        r = c.post("/v1/chat/completions", json=chat_body("reverse_words"))
+        assert r.status_code == 500 and "engine stopped" in r.json()["error"]["message"], r.text
+        engine._thread.join(timeout=10)
+        h = c.get("/health")
+        assert h.status_code == 503 and h.json()["status"] == "engine stopped" and "injected" in h.json()["error"]
+        monkeypatch.setattr(engine, "step", real)
+        assert_still_serving(c)  # the request restarted the loop
+        assert c.get("/health").json()["restarts"] == 1
+
+
+# ------------------------------------------------------------------ routing determinism
+def test_the_same_input_gets_the_same_route_alone_in_batches_and_under_load(runtime):
+    from lorastack.tasks import get_task
+
+    prompt = get_task("reverse_words").generate(1, "test", seed=11)[0]["prompt"]
+    others = [r["prompt"] for t in ("date_format", "add_numbers", "reverse_words") for r in get_task(t).generate(3, "test", seed=5)]
+    alone = runtime.decide("auto", [prompt])[0]
+    for size in (2, 4, 8):
+        batch = others[: size - 1]
+        got = runtime.decide("auto", batch[: size // 2] + [prompt] + batch[size // 2 :])[size // 2]
+        assert (str(got.route), got.scores, got.abstained) == (str(alone.route), alone.scores, alone.abstained)
+    with client(runtime) as c:  # many concurrent requests, decoding while they are routed
+        with ThreadPoolExecutor(12) as pool:
+            bodies = [chat_body("auto", content=p, max_tokens=16) for p in [prompt] * 24 + others * 2]
+            specs = [r.json()["lorastack"] for r in pool.map(lambda b: c.post("/v1/chat/completions", json=b), bodies)]
+    mine = specs[:24]
+    assert all(s["spec"] == str(alone.route) and s["scores"] == alone.scores for s in mine), {s["spec"] for s in mine}
+
+
+def test_route_does_not_flap_while_the_same_adapter_is_replaced(runtime, tiny_base, tmp_path):
+    """Overwriting an adapter swaps its directory atomically, so a reader never finds it
+    missing (routing used to trim the route to the bare base in that window)."""
+    from lorastack.tasks import get_task
+
+    prompt = get_task("reverse_words").generate(1, "test", seed=11)[0]["prompt"]
+    want = str(runtime.decide("auto", [prompt])[0].route)
+    src = make_peft_adapter(tiny_base, tmp_path / "again", seed=0)
+    examples = runtime.library.get("reverse_words").examples()
+    stop = threading.Event()
+
+    def replace_repeatedly() -> None:
+        while not stop.is_set():
+            runtime.library.add(src, "reverse_words", base=tiny_base, overwrite=True, examples=examples)
+
+    t = threading.Thread(target=replace_repeatedly)
+    t.start()
+    try:
+        seen = [runtime.library.get("reverse_words").name for _ in range(300)]
+    finally:
+        stop.set()
+        t.join()
+    assert seen == ["reverse_words"] * 300
+    assert str(runtime.decide("auto", [prompt])[0].route) == want
