@@ -184,7 +184,12 @@ class Library:
         path = self._path(name)
         if not path.is_dir():
             raise NotFoundError(unknown_name_message("adapter", name, self.names()))
-        return Adapter.open(path)
+        try:
+            return Adapter.open(path)
+        except AdapterError:
+            if not path.is_dir():  # removed by another thread or process while we opened it
+                raise NotFoundError(unknown_name_message("adapter", name, self.names())) from None
+            raise
 
     def list(self) -> list[Adapter]:
         with self._db() as con:

@@ -101,7 +101,7 @@ class Runtime:
         if not isinstance(parsed, AutoSpec):
             return [RouteDecision(parsed) for _ in texts]
         with self._route_lock:
-            decisions = self.router(parsed.router).route(texts)
+            decisions = self._route_retrying(parsed.router, texts)
         for d in decisions:
             kept = tuple((n, w) for n, w in d.route.entries if self.fits(n))
             if len(kept) != len(d.route.entries):
@@ -109,6 +109,17 @@ class Runtime:
                 d.route = Route(tuple((n, w / total) for n, w in kept)) if kept and total > 0 else Route()
                 d.abstained = d.abstained or not kept
         return decisions
+
+    def _route_retrying(self, router: str | None, texts: list[str]) -> list:
+        """Route `texts`; an adapter removed while the router read the library makes it
+        read again (optimistic: removals are rare and the next read no longer sees it)."""
+        for attempt in range(3):
+            try:
+                return self.router(router).route(texts)
+            except NotFoundError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def router_name(self, spec: str) -> str | None:
         parsed = parse_spec(spec)

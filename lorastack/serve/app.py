@@ -135,14 +135,13 @@ class Server:
         self.metrics.tokens.labels("prompt").inc(len(ids))
         return req, pieces
 
-    async def collect(self, request: Request, req: EngineRequest, pieces: asyncio.Queue, endpoint: str) -> None:
-        """Wait for `req` (submitted with stream=False) to finish; a client that goes away
-        cancels it and frees its batch row."""
+    async def next_event(self, request: Request, req: EngineRequest, pieces: asyncio.Queue) -> str | None:
+        """The next text piece of `req` (None at its end); a client that goes away while we
+        wait cancels the request and frees its batch row."""
         try:
             while True:
                 try:
-                    if await asyncio.wait_for(pieces.get(), timeout=0.2) is None:
-                        break
+                    return await asyncio.wait_for(pieces.get(), timeout=0.2)
                 except TimeoutError:
                     if await request.is_disconnected():
                         self.cancel(req)
@@ -150,6 +149,11 @@ class Server:
         except asyncio.CancelledError:
             self.cancel(req)
             raise
+
+    async def collect(self, request: Request, req: EngineRequest, pieces: asyncio.Queue, endpoint: str) -> None:
+        """Wait for `req` (submitted with stream=False, so only its final None arrives)."""
+        while await self.next_event(request, req, pieces) is not None:
+            pass
         self.finished(req, endpoint)
 
     def cancel(self, req: EngineRequest) -> None:
@@ -265,7 +269,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(srv, request, req, pieces, lambda piece, finish, first: {
+            return await _sse(srv, request, req, pieces, lambda piece, finish, first: {
                 "id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                 "choices": [{"index": 0, "delta": ({"role": "assistant"} if first else {}) | ({"content": piece} if piece else {}),
                              "finish_reason": finish}],
@@ -297,7 +301,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         if body.stream:
             req, pieces = srv.submit(all_ids[0], decisions[0], sampling, True)
             echo = prompts[0] if body.echo else ""
-            return _sse(srv, request, req, pieces, lambda piece, finish, first: {
+            return await _sse(srv, request, req, pieces, lambda piece, finish, first: {
                 "id": rid, "object": "text_completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "text": (echo if first else "") + (piece or ""), "finish_reason": finish, "logprobs": None}],
                 **({"lorastack": [infos[0].model_dump()]} if first else {}),
@@ -420,20 +424,26 @@ def _usage(req: EngineRequest) -> Usage:
                  total_tokens=len(req.prompt_ids) + len(req.tokens))
 
 
-def _sse(srv: Server, request: Request, req: EngineRequest, pieces: asyncio.Queue, chunk, include_usage: bool,
-         endpoint: str) -> StreamingResponse:
-    """Server-sent events: one chunk per text piece, a final chunk with finish_reason, [DONE]."""
+async def _sse(srv: Server, request: Request, req: EngineRequest, pieces: asyncio.Queue, chunk, include_usage: bool,
+               endpoint: str) -> StreamingResponse:
+    """Server-sent events: one chunk per text piece, a final chunk with finish_reason, [DONE].
+
+    The first piece is awaited before the 200 goes out, so a request that fails before
+    producing anything (its adapter was deleted meanwhile, a fault in prefill) gets a real
+    error status instead of a 200 stream holding an error event."""
+    head = await srv.next_event(request, req, pieces)
+    if head is None and req.error is not None:
+        raise request_error(req.error)
 
     async def events() -> AsyncIterator[str]:
         first = True
         completed = False
+        piece = head
         try:
-            while True:
-                piece = await pieces.get()
-                if piece is None:
-                    break
+            while piece is not None:
                 yield f"data: {json.dumps(chunk(piece, None, first))}\n\n"
                 first = False
+                piece = await pieces.get()
             if req.error is not None:
                 err = request_error(req.error)
                 yield f"data: {json.dumps(api_errors.body(err.message, err.type, err.param, err.code))}\n\n"
