@@ -331,9 +331,13 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: list[str] = typer.Option([], "--stop"),
 ) -> None:
-    """Generate one reply to PROMPT."""
+    """Generate one reply to PROMPT (a stack: `--model stack/NAME`, its stages' own settings apply)."""
     sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
     rt = _runtime()
+    stack = _stack_for(rt, model)
+    if stack is not None:
+        typer.echo(stack[0].run(stack[1], prompt).output)
+        return
     typer.echo(rt.generate(prompt, model, sampling).text)
 
 
@@ -346,7 +350,9 @@ def chat(
 ) -> None:
     """Interactive chat; /reset clears the history, /quit or Ctrl-D leaves."""
     rt = _runtime()
-    rt.route(model)  # fail before the first prompt on a bad SPEC
+    stack = _stack_for(rt, model)
+    if stack is None:
+        rt.route(model)  # fail before the first prompt on a bad SPEC
     sampling = _sampling(max_tokens, temperature, 1.0, 0, None, [])
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     typer.echo(f"chatting with {model} on {rt.base.name}; /reset, /quit", err=True)
@@ -364,7 +370,8 @@ def chat(
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        reply = rt.generate(history, model, sampling).text
+        # A stack answers each message on its own (its stages' prompts take one input).
+        reply = stack[0].run(stack[1], line).output if stack else rt.generate(history, model, sampling).text
         history.append({"role": "assistant", "content": reply})
         typer.echo(f"{model}> {reply}")
 
@@ -400,8 +407,14 @@ def eval_cmd(
     from .data import prompt_text
 
     rt = _runtime()
-    routes = rt.routes_for(model, [prompt_text(r) for r in records])
-    result = evaluate(rt.generator, routes, records, batch_size=batch_size, label=model, stop_early=not full_outputs)
+    stack = _stack_for(rt, model)
+    if stack is not None:
+        from .stacks.evaluate import evaluate_stack
+
+        result = evaluate_stack(stack[0], stack[1], records, label=model)
+    else:
+        routes = rt.routes_for(model, [prompt_text(r) for r in records])
+        result = evaluate(rt.generator, routes, records, batch_size=batch_size, label=model, stop_early=not full_outputs)
     out = out or Path(f"eval-{model.replace('/', '_').replace(':', '_').replace('+', '_')}.jsonl")
     write_jsonl(out, result.rows)
     summary = {**result.summary(), "results": str(out)}
@@ -480,6 +493,105 @@ def serve(
         typer.echo(key_note)
     config = uvicorn.Config(web, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _stack_for(rt, model: str):
+    """(runner, spec) when `model` is `stack/NAME`, else None."""
+    from .route import StackRef, parse_spec
+
+    parsed = parse_spec(model)
+    if not isinstance(parsed, StackRef):
+        return None
+    from .stacks import StackRunner, StackStore
+
+    return StackRunner(rt), StackStore(rt.library.root).get(parsed.name)
+
+
+# ------------------------------------------------------------------ stacks
+stack_app = typer.Typer(no_args_is_help=True, help="Stacks: pipelines of experts defined in YAML (`--model stack/NAME`).")
+app.add_typer(stack_app, name="stack")
+
+
+def _stack_source(spec_or_name: str):
+    """A YAML file path, or `stack/NAME` / `NAME` of a stored stack."""
+    from .stacks import StackStore, load_stack
+
+    if spec_or_name.endswith((".yaml", ".yml")) or Path(spec_or_name).is_file():
+        return load_stack(spec_or_name)
+    return StackStore(_library().root).get(spec_or_name.removeprefix("stack/"))
+
+
+@stack_app.command("run")
+def stack_run(
+    spec: str = typer.Argument(..., help="A stack YAML file, or stack/NAME from the library."),
+    text: str = typer.Argument(..., help="The input."),
+    trace: bool = typer.Option(False, "--trace", help="Print every stage: input, route, output, time."),
+    as_json: bool = typer.Option(False, "--json", help="The whole result with its trace as JSON."),
+) -> None:
+    """Run a stack on one input."""
+    from .stacks import StackRunner
+
+    stack = _stack_source(spec)
+    result = StackRunner(_runtime()).run(stack, text)
+    if as_json:
+        _print_json(result.to_json())
+    elif trace:
+        for t in result.trace:
+            route = f" [{t.route}]" if t.route else ""
+            typer.echo(f"--- {t.stage} ({t.kind}){route} {t.ms:.0f} ms, {t.completion_tokens} tokens", err=True)
+            typer.echo(f"    in : {t.input!r}", err=True)
+            if t.scores:
+                typer.echo(f"    scores: {t.scores}", err=True)
+            typer.echo(f"    out: {t.output!r}", err=True)
+    if result.error:
+        raise LorastackError(f"stack {stack.name!r} failed at {result.error}")
+    if not as_json:
+        typer.echo(result.output)
+
+
+@stack_app.command("add")
+def stack_add(spec: Path = typer.Argument(..., help="A stack YAML file."),
+              force: bool = typer.Option(False, "--force", help="Replace a stored stack of the same name.")) -> None:
+    """Validate a stack (its adapters must exist) and store it in the library as stack/NAME."""
+    from .stacks import StackRunner, StackStore, load_stack
+
+    stack = load_stack(spec)
+    StackRunner(_runtime()).check(stack)
+    StackStore(_library().root).add(stack, overwrite=force)
+    typer.echo(f"added stack/{stack.name} ({len(stack.stages)} stages)")
+
+
+@stack_app.command("list")
+def stack_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Stored stacks."""
+    from .stacks import StackStore
+
+    store = StackStore(_library().root)
+    specs = [store.get(n) for n in store.names()]
+    if as_json:
+        _print_json([{"name": f"stack/{s.name}", "stages": [st.name for st in s.stages], "description": s.description} for s in specs])
+        return
+    if not specs:
+        typer.echo("no stacks yet (lorastack stack add SPEC.yaml)", err=True)
+    for s in specs:
+        typer.echo(f"stack/{s.name:<24} {' -> '.join(' & '.join(w) for w in s.order)}  {s.description}")
+
+
+@stack_app.command("show")
+def stack_show(name: str) -> None:
+    """Print a stored stack's YAML."""
+    from .stacks.spec import dump_stack
+
+    typer.echo(dump_stack(_stack_source(name)), nl=False)
+
+
+@stack_app.command("rm")
+def stack_rm(name: str) -> None:
+    """Remove a stored stack (its adapters stay)."""
+    from .stacks import StackStore
+
+    StackStore(_library().root).remove(name.removeprefix("stack/"))
+    typer.echo(f"removed stack/{name.removeprefix('stack/')}")
 
 
 def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:

@@ -7,6 +7,7 @@ point (CLI `--model`, Python API, server `model` field) parses the same SPEC:
     NAME                 one adapter at weight 1
     a:0.7+b:0.3          a weighted mixture of LoRA deltas
     auto[:ROUTER]        chosen per input by a router (see lorastack.routing)
+    stack/NAME           a stored multi-stage stack (see lorastack.stacks)
 """
 
 from __future__ import annotations
@@ -54,10 +55,17 @@ class AutoSpec:
     router: str | None = None
 
 
+@dataclass(frozen=True)
+class StackRef:
+    """`stack/<name>`: a stack stored in the library, run stage by stage (lorastack.stacks)."""
+
+    name: str
+
+
 MAX_WEIGHT = 10.0
 
 
-def parse_spec(spec: str) -> Route | AutoSpec:
+def parse_spec(spec: str) -> Route | AutoSpec | StackRef:
     """Parse a SPEC into a Route (names not yet checked against a library) or an AutoSpec."""
     s = spec.strip(" ")
     if not s:
@@ -72,7 +80,12 @@ def parse_spec(spec: str) -> Route | AutoSpec:
             raise SpecError(f"{spec!r}: name a router after 'auto:' (e.g. auto:knn) or use plain 'auto'")
         return AutoSpec(router or None)
     if s.startswith("stack/"):
-        raise SpecError(f"{s!r}: stacks are not available in this version")
+        from .names import InvalidNameError, validate_name
+
+        try:
+            return StackRef(validate_name(s[6:]))
+        except InvalidNameError as e:
+            raise SpecError(f"{spec!r}: stack {e}".replace("adapter name", "name")) from None
     parts = s.split("+")
     entries: list[tuple[str, float]] = []
     for part in parts:

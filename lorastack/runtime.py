@@ -18,7 +18,7 @@ from .engine.llama import supports
 from .engine.sampling import Generation, Messages, Sampling
 from .errors import IncompatibleError, LorastackError, NotFoundError, unknown_name_message
 from .library import Library
-from .route import AutoSpec, Route, parse_spec
+from .route import AutoSpec, Route, SpecError, StackRef, parse_spec
 
 
 @dataclass
@@ -153,6 +153,8 @@ class Runtime:
         if isinstance(parsed, AutoSpec):
             self.router(parsed.router)  # unknown router names fail here, with close names
             return parsed
+        if isinstance(parsed, StackRef):
+            raise SpecError(f"{spec!r} is a stack: run it with lorastack.stacks (CLI and server do), not as one route")
         known = set(self.served())
         for name in parsed.names:
             if name not in known:

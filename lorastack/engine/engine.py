@@ -76,6 +76,10 @@ class Request:
             except Exception:  # noqa: BLE001 - a broken listener must not stall the engine
                 self.on_event = None
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request has finished (or `timeout` passes); True if it has."""
+        return self._done.wait(timeout)
+
     def cancel(self) -> None:
         """Stop generating (a disconnected client); the row is freed at the next step."""
         self.cancelled = True

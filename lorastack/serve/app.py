@@ -27,6 +27,7 @@ from ..engine.engine import Engine, Request as EngineRequest
 from ..engine.sampling import Sampling
 from ..errors import LorastackError, NotFoundError
 from ..names import validate_name
+from ..route import StackRef, parse_spec
 from ..routing import ROUTERS
 from ..runtime import Runtime
 from . import errors as api_errors
@@ -170,6 +171,82 @@ class Server:
         if req.first_token_at is not None:
             self.metrics.ttft.observe(req.first_token_at - req.submitted_at)
 
+    # ------------------------------------------------------------ stacks
+    def is_stack(self, model: str) -> bool:
+        try:
+            return isinstance(parse_spec(model), StackRef)
+        except LorastackError as e:
+            raise from_lorastack(e, "model") from e
+
+    def stack(self, model: str) -> tuple[Any, Any]:
+        """The runner and the stored spec for `stack/<name>`, checked against the library."""
+        from ..stacks import StackRunner, StackStore
+
+        name = parse_spec(model).name  # type: ignore[union-attr]
+        try:
+            spec = StackStore(self.runtime.library.root).get(name)
+            runner = StackRunner(self.runtime)
+            runner.check(spec)
+        except NotFoundError as e:
+            raise ApiError(404, str(e), param="model", code="model_not_found") from e
+        except LorastackError as e:
+            raise from_lorastack(e, "model") from e
+        return runner, spec
+
+    async def stack_chat(self, body: ChatCompletionRequest, text: str) -> Any:
+        """Run a stored stack on the last user message. Its stages use their own sampling
+        settings; a stream carries the output stage's tokens and the trace in its last chunk."""
+        runner, spec = self.stack(body.model)
+        self.engine.start()
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+
+        def on_output(piece: str | None) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+        def work() -> Any:
+            try:
+                return runner.run(spec, text, on_output=on_output if body.stream else None)
+            finally:
+                on_output(None)  # the reader always sees an end, even when a stage failed
+
+        task = asyncio.ensure_future(run_in_threadpool(work))
+        self.metrics.adapter_requests.labels(f"stack/{spec.name}").inc()
+
+        def info(result: Any) -> RouteInfo:
+            return RouteInfo(spec=f"stack/{spec.name}", route=[], trace=[t.to_json() for t in result.trace])
+
+        def usage(result: Any) -> Usage:
+            return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                         total_tokens=result.prompt_tokens + result.completion_tokens)
+
+        if not body.stream:
+            result = await task
+            if result.error:
+                raise ApiError(500, f"stack/{spec.name} failed at {result.error}", type="server_error", code="stack_error")
+            return ChatCompletion(id=rid, created=created, model=body.model, usage=usage(result), lorastack=info(result),
+                                  choices=[ChatChoice(index=0, message=AssistantMessage(content=result.output), finish_reason="stop")])
+
+        async def events() -> AsyncIterator[str]:
+            first = True
+            while (piece := await pieces.get()) is not None:
+                if piece:
+                    delta = ({"role": "assistant"} if first else {}) | {"content": piece}
+                    yield f"data: {json.dumps({'id': rid, 'object': 'chat.completion.chunk', 'created': created, 'model': body.model, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': None}]})}\n\n"
+                    first = False
+            result = await task
+            if result.error:
+                yield f"data: {json.dumps(api_errors.body(f'stack/{spec.name} failed at {result.error}', 'server_error', None, 'stack_error'))}\n\n"
+            else:
+                final = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "lorastack": info(result).model_dump(),
+                         "usage": usage(result).model_dump()}
+                yield f"data: {json.dumps(final)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
     # ------------------------------------------------------------ models
     def models(self) -> ModelList:
         base = self.runtime.base
@@ -178,6 +255,11 @@ class Server:
         cards += [ModelCard(id=f"auto:{r}", created=self.started, parent="base", description=f"routed per request by the {r} router"
                             + (" (after `lorastack router fit`)" if r == "learned" else ""))
                   for r in sorted(ROUTERS)]
+        from ..stacks import StackStore
+
+        store = StackStore(self.runtime.library.root)
+        cards += [ModelCard(id=f"stack/{n}", created=self.started, parent="base", description="a stack of experts (YAML)")
+                  for n in store.names()]
         for a in self.runtime.library.list():
             if a.name in self.runtime.hidden:
                 continue
@@ -261,6 +343,8 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
             ids = runtime.base.chat_ids(messages)
         except Exception as e:  # noqa: BLE001 - a template that rejects the conversation is the client's error
             raise ApiError(400, f"messages: the chat template rejected this conversation ({e})", param="messages") from e
+        if srv.is_stack(body.model):
+            return await srv.stack_chat(body, users[-1] if users else messages[-1]["content"])
         decision = await srv.decide(body.model, users[-1] if users else messages[-1]["content"])
         sampling = srv.sampling(body, len(ids))
         srv.check_prompt(ids, sampling, "messages")

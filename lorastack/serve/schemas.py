@@ -88,6 +88,8 @@ class RouteInfo(BaseModel):
     abstained: bool = False
     scores: dict[str, float] = Field(default_factory=dict)
     routing_ms: float = 0.0
+    # `stack/<name>` requests: every stage's input, route (and router scores), output and time.
+    trace: list[dict[str, Any]] | None = None
 
 
 class AssistantMessage(BaseModel):

@@ -1,0 +1,245 @@
+"""Running stacks through the engine: every stage is an ordinary engine request.
+
+Many executions advance together in one event loop: whenever a stage's inputs are ready
+its request is submitted, so stage 2 of one input decodes in the same batch as stage 1 of
+another (and beside plain requests, when the server's engine loop is running). Independent
+stages of one execution (the same wave of the DAG) are in flight at the same time, and a
+map stage's items are all submitted at once. Every stage leaves a trace: rendered input,
+route (with the router's scores for `auto`), raw and parsed output, tokens, time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..engine.engine import Engine, Request
+from ..engine.sampling import Sampling
+from ..errors import LorastackError
+from ..route import AutoSpec
+from .spec import MAX_MAP_ITEMS, Stage, StackError, StackSpec
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+
+@dataclass
+class StageTrace:
+    stage: str
+    kind: str
+    input: str | list[str]
+    route: str | list[str] | None = None
+    scores: dict[str, float] | list[dict[str, float]] | None = None
+    abstained: bool | None = None
+    raw: str | list[str] | None = None
+    output: str = ""
+    ms: float = 0.0
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class StackResult:
+    stack: str
+    input: str
+    output: str
+    trace: list[StageTrace]
+    seconds: float
+    error: str | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(t.completion_tokens for t in self.trace)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(t.prompt_tokens for t in self.trace)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stack": self.stack, "input": self.input, "output": self.output, "error": self.error,
+                "seconds": round(self.seconds, 4), "completion_tokens": self.completion_tokens,
+                "prompt_tokens": self.prompt_tokens, "trace": [t.to_json() for t in self.trace]}
+
+
+@dataclass
+class _Execution:
+    input: str
+    outputs: dict[str, str] = field(default_factory=dict)
+    started: set[str] = field(default_factory=set)
+    traces: dict[str, StageTrace] = field(default_factory=dict)
+    t0: float = field(default_factory=time.perf_counter)
+    stage_t0: dict[str, float] = field(default_factory=dict)
+    inflight: dict[str, list[Request]] = field(default_factory=dict)
+    error: str | None = None
+    finished: float | None = None
+    reported: bool = False
+
+
+class StackRunner:
+    """Executes stack specs on a Runtime's engine."""
+
+    def __init__(self, runtime: "Runtime") -> None:
+        if not isinstance(runtime.generator, Engine):
+            raise LorastackError("stacks run on the engine, which supports Llama-family bases")
+        self.runtime = runtime
+        self.engine: Engine = runtime.generator
+
+    def check(self, spec: StackSpec) -> None:
+        """Every stage's model SPEC must parse and name served adapters (one-line error)."""
+        for s in spec.stages:
+            if s.model is not None:
+                try:
+                    self.runtime.route(s.model)
+                except LorastackError as e:
+                    raise StackError(f"stack {spec.name!r}, stage {s.name!r}: {e}") from None
+
+    def run(self, spec: StackSpec, text: str, on_output: Callable[[str | None], None] | None = None) -> StackResult:
+        """One execution. `on_output` receives the answer's text pieces as the output stage
+        decodes (model stages without parse steps stream token by token), then None."""
+        return self.run_many(spec, [text], on_output=on_output)[0]
+
+    def run_many(self, spec: StackSpec, texts: list[str], on_output: Callable[[str | None], None] | None = None,
+                 on_done: Callable[[int], None] | None = None) -> list[StackResult]:
+        self.check(spec)
+        runs = [_Execution(t) for t in texts]
+        stream_output = on_output is not None and len(runs) == 1
+        while True:
+            progressed = False
+            for ex in runs:
+                if ex.finished is None:
+                    progressed |= self._advance(spec, ex, stream_output and on_output or None)
+            live = [r for ex in runs if ex.finished is None for reqs in ex.inflight.values() for r in reqs]
+            newly = [ex for ex in runs if ex.finished is not None and not ex.reported]
+            for ex in newly:
+                ex.reported = True
+            if newly and on_done:
+                on_done(len(newly))
+            if all(ex.finished is not None for ex in runs):
+                break
+            if live and not progressed:
+                self._wait(live)
+        results = []
+        for ex in runs:
+            trace = [ex.traces[s.name] for s in spec.stages if s.name in ex.traces]
+            results.append(StackResult(spec.name, ex.input, ex.outputs.get(spec.output, ""), trace,
+                                       (ex.finished or ex.t0) - ex.t0, ex.error))
+        if on_output is not None and not stream_output:
+            on_output(results[0].output if results else "")
+            on_output(None)
+        return results
+
+    # ------------------------------------------------------------ one execution
+    def _advance(self, spec: StackSpec, ex: _Execution, on_output: Callable[[str | None], None] | None) -> bool:
+        """Collect finished stages and start the ones whose inputs are ready; True if anything moved."""
+        moved = False
+        for name, reqs in list(ex.inflight.items()):
+            if all(r.done for r in reqs):
+                del ex.inflight[name]
+                self._collect(spec.stage(name), ex, reqs)
+                moved = True
+        if ex.error is None:
+            for wave in spec.order:
+                for name in wave:
+                    stage = spec.stage(name)
+                    if name in ex.started or not all(r in ex.outputs for r in stage.refs):
+                        continue
+                    ex.started.add(name)
+                    ex.stage_t0[name] = time.perf_counter()
+                    moved = True
+                    try:
+                        self._start(stage, ex, on_output if name == spec.output else None)
+                    except LorastackError as e:
+                        ex.error = f"stage {name!r}: {e}"
+        if ex.error is not None and not ex.inflight:
+            ex.finished = time.perf_counter()
+        elif spec.output in ex.outputs and not ex.inflight:
+            ex.finished = time.perf_counter()
+        elif ex.error is not None:
+            for reqs in ex.inflight.values():
+                for r in reqs:
+                    r.cancel()
+        return moved
+
+    def _start(self, stage: Stage, ex: _Execution, on_output: Callable[[str | None], None] | None) -> None:
+        if stage.kind == "transform":
+            rendered = stage.prompt.render(ex.input, ex.outputs)
+            ex.outputs[stage.name] = stage.finish(rendered)
+            ex.traces[stage.name] = StageTrace(stage.name, "transform", rendered, raw=rendered, output=ex.outputs[stage.name],
+                                               ms=_ms(ex.stage_t0[stage.name]))
+            return
+        if stage.kind == "model":
+            prompts = [stage.prompt.render(ex.input, ex.outputs)]
+        else:
+            items = _items(stage.over.render(ex.input, ex.outputs), stage.split)  # type: ignore[union-attr]
+            if len(items) > MAX_MAP_ITEMS:
+                raise StackError(f"map over {len(items)} items; at most {MAX_MAP_ITEMS}")
+            prompts = [stage.prompt.render(ex.input, ex.outputs, item=it) for it in items]
+        decisions = self.runtime.decide(stage.model, prompts) if prompts else []  # type: ignore[arg-type]
+        sampling = Sampling(max_tokens=stage.max_tokens, temperature=stage.temperature, stop=stage.stop)
+        stream = on_output if (stage.kind == "model" and not stage.parse) else None
+        reqs = [self.engine.submit(p, d.route, sampling, on_event=stream) for p, d in zip(prompts, decisions)]
+        routed = isinstance(_parsed(self.runtime, stage.model), AutoSpec)
+        trace = StageTrace(stage.name, stage.kind, prompts[0] if stage.kind == "model" else prompts,
+                           route=str(decisions[0].route) if stage.kind == "model" else [str(d.route) for d in decisions])
+        if routed:
+            trace.scores = decisions[0].scores if stage.kind == "model" else [d.scores for d in decisions]
+            trace.abstained = decisions[0].abstained if stage.kind == "model" else None
+        ex.traces[stage.name] = trace
+        if not reqs:  # a map over an empty list
+            ex.outputs[stage.name] = stage.finish("")
+            trace.raw, trace.output = [], ex.outputs[stage.name]
+            return
+        ex.inflight[stage.name] = reqs
+
+    def _collect(self, stage: Stage, ex: _Execution, reqs: list[Request]) -> None:
+        trace = ex.traces[stage.name]
+        failed = next((r.error for r in reqs if r.error is not None), None)
+        trace.completion_tokens = sum(len(r.tokens) for r in reqs)
+        trace.prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
+        trace.ms = _ms(ex.stage_t0[stage.name])
+        if failed is not None:
+            ex.error = ex.error or f"stage {stage.name!r}: {failed}"
+            return
+        texts = [r.text for r in reqs]
+        if stage.kind == "model":
+            trace.raw = texts[0]
+            ex.outputs[stage.name] = stage.finish(texts[0])
+        else:
+            trace.raw = texts
+            ex.outputs[stage.name] = stage.join.join(stage.finish(t) for t in texts)
+        trace.output = ex.outputs[stage.name]
+
+    def _wait(self, live: list[Request]) -> None:
+        if self.engine.alive:
+            live[0].wait(0.02)
+        else:
+            self.engine.step()
+
+
+def _parsed(runtime: "Runtime", spec: str | None):
+    from ..route import parse_spec
+
+    return parse_spec(spec) if spec else None
+
+
+def _items(text: str, split: str) -> list[str]:
+    """A map stage's items: a JSON list if the text is one, else the text split on `split`."""
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            value = json.loads(stripped)
+            if isinstance(value, list):
+                return [v if isinstance(v, str) else json.dumps(v) for v in value]
+        except ValueError:
+            pass
+    return [p.strip() for p in text.split(split) if p.strip()]
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 2)
