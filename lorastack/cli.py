@@ -98,12 +98,14 @@ def tasks_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """List the built-in task families."""
     from .tasks import list_tasks
 
-    tasks = list_tasks()
+    from .stacks.composite import COMPOSITE
+
+    tasks = list_tasks() + list(COMPOSITE.values())
     if as_json:
-        _print_json([{"name": t.name, "description": t.description} for t in tasks])
+        _print_json([{"name": t.name, "description": t.description, "composite": t.name in COMPOSITE} for t in tasks])
         return
     for t in tasks:
-        typer.echo(f"{t.name:<16} {t.description}")
+        typer.echo(f"{t.name:<16} {t.description}{'  (composite: lorastack stack train)' if t.name in COMPOSITE else ''}")
 
 
 @tasks_app.command("make")
@@ -118,7 +120,10 @@ def tasks_make(
     from .data import write_jsonl
     from .tasks import get_task
 
-    records = get_task(name).generate(n, split=split, seed=seed)
+    from .stacks.composite import COMPOSITE
+
+    # Composite tasks (stacks' benchmarks) also have a "long" split: longer inputs than training.
+    records = (COMPOSITE[name] if name in COMPOSITE else get_task(name)).generate(n, split=split, seed=seed)
     if out:
         write_jsonl(out, records)
         typer.echo(f"wrote {len(records)} {split} records of {name} to {out}", err=True)
@@ -559,6 +564,45 @@ def stack_add(spec: Path = typer.Argument(..., help="A stack YAML file."),
     StackRunner(_runtime()).check(stack)
     StackStore(_library().root).add(stack, overwrite=force)
     typer.echo(f"added stack/{stack.name} ({len(stack.stages)} stages)")
+
+
+@stack_app.command("train")
+def stack_train(
+    spec: Path = typer.Argument(..., help="A stack YAML whose trainable stages say `train: true`."),
+    data: Path = typer.Argument(..., help="JSONL records {prompt, completion, stages: {STAGE: reference output}}."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Steps per stage (default: one epoch)."),
+    rank: int = typer.Option(16, "--rank"),
+    alpha: float = typer.Option(32.0, "--alpha"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Replace stage adapters that already exist."),
+    add: bool = typer.Option(True, "--add/--no-add", help="Also store the stack in the library as stack/NAME."),
+) -> None:
+    """Train one adapter per `train: true` stage from one file, then store the stack."""
+    from .base import Base
+    from .data import read_jsonl
+    from .stacks import StackRunner, StackStore, load_stack
+    from .stacks.train import stage_records, train_stack
+    from .train import TrainConfig
+
+    stack = load_stack(spec)
+    records = read_jsonl(data)
+    stage_records(stack, records)  # data problems fail before any training starts
+    cfg = TrainConfig(rank=rank, alpha=alpha, steps=steps, lr=lr, seed=seed)
+    cfg.validate()
+    library = _library()
+    try:
+        adapters = train_stack(Base.load(OPTS.base, dtype="float32"), library, stack, records, cfg, overwrite=force)
+    except KeyboardInterrupt:
+        typer.echo("training interrupted; stages already trained stay in the library, the rest are unchanged", err=True)
+        raise typer.Exit(130)
+    for a in adapters:
+        typer.echo(f"trained {a.name}: loss {a.card.metrics.get('train_loss_first', float('nan')):.3f} -> "
+                   f"{a.card.metrics.get('train_loss_last', float('nan')):.3f}")
+    if add:
+        StackRunner(_runtime()).check(stack)
+        StackStore(library.root).add(stack, overwrite=True)
+        typer.echo(f"added stack/{stack.name}")
 
 
 @stack_app.command("list")

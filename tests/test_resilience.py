@@ -81,7 +81,8 @@ def test_adapter_with_nan_weights_behind_the_librarys_back_fails_its_requests_on
             assert r.status_code == 500 and "NaN" in r.json()["error"]["message"], r.text
         assert all(f.result().status_code == 200 for f in good_calls)
         r = c.post("/v1/chat/completions", json={**chat_body("poisoned"), "stream": True, "temperature": 0.9})
-        assert "NaN" in r.text and "[DONE]" in r.text  # the stream ends with an error event, not a hang
+        # It fails before its first token, so the stream answers with the real status, not a 200.
+        assert r.status_code == 500 and "NaN" in r.json()["error"]["message"], r.text
         assert_still_serving(c)
 
 

@@ -342,3 +342,67 @@ def test_stack_in_the_server_with_the_openai_client_and_concurrent_requests(runt
         assert r.status_code == 404 and "unknown stack" in r.json()["error"]["message"]
     steps = runtime.engine.stats
     assert steps["batch_rows_sum"] > steps["steps"]  # stages of different requests shared decode steps
+
+
+# ------------------------------------------------------------------ composite tasks and training
+def test_composite_tasks_carry_intermediate_targets_and_a_longer_split():
+    from lorastack.stacks.composite import COMPOSITE
+    from lorastack.tasks.task import split_of
+
+    assert len(COMPOSITE) >= 4
+    for task in COMPOSITE.values():
+        train, test, long = (task.generate(30, s, seed=0) for s in ("train", "test", "long"))
+        assert all(set(r["stages"]) == set(task.stage_order) for r in train + test + long)
+        assert all(r["stages"][task.stage_order[-1]] == r["completion"] for r in train)
+        assert all(split_of(r["prompt"]) == "train" for r in train) and all(split_of(r["prompt"]) == "test" for r in test + long)
+        assert not {r["prompt"] for r in train} & {r["prompt"] for r in test + long}
+        size = (lambda r: len(r["completion"])) if task.name == "word_problem" else (lambda r: len(r["prompt"]))
+        assert max(size(r) for r in train) < sum(size(r) for r in long) / len(long)  # bigger than anything trained on
+        lib, trained = parse_stack(task.library_stack()), parse_stack(task.trained_stack())
+        assert [s.name for s in trained.stages] == list(task.stage_order)
+        # The library stack's model-free stages compute exactly what its next model stage expects.
+        for r in test[:5]:
+            outs: dict[str, str] = {}
+            for s in lib.stages:
+                if s.kind != "transform":
+                    break
+                outs[s.name] = s.finish(s.prompt.render(r["prompt"], outs))
+            nxt = next(s for s in lib.stages if s.kind != "transform")
+            rendered = nxt.prompt.render(r["prompt"], {**outs, **{k: v for k, v in r["stages"].items()}})
+            assert "{" not in rendered.replace('{"', "") or nxt.name == "extract"
+            if task.name == "word_problem":
+                assert outs["expr"] == r["stages"]["expr"]
+
+
+def test_stage_records_are_teacher_forced_and_missing_targets_are_named():
+    from lorastack.data import DataError
+    from lorastack.stacks.composite import get_composite
+    from lorastack.stacks.train import stage_records
+
+    task = get_composite("sort_desc")
+    spec = parse_stack(task.trained_stack())
+    recs = task.generate(4, "train", seed=1)
+    per = stage_records(spec, recs)
+    assert [x["prompt"] for x in per["sort"]] == [r["prompt"] for r in recs]
+    assert [x["prompt"] for x in per["reverse"]] == [r["stages"]["sort"] for r in recs]  # the reference, not a model output
+    assert [x["completion"] for x in per["reverse"]] == [r["completion"] for r in recs]
+    broken = [dict(recs[0], stages={"reverse": "x"})]
+    with pytest.raises(DataError, match="record 1: 'stages' has no reference output for stage 'sort'"):
+        stage_records(spec, broken)
+    with pytest.raises(StackError, match="no stage is marked"):
+        stage_records(spec_of(SMALLEST), recs)
+
+
+def test_stack_train_makes_one_adapter_per_stage_and_the_stack_runs(runtime):
+    from lorastack.stacks.composite import get_composite
+    from lorastack.stacks.train import train_stack
+    from lorastack.train import TrainConfig
+
+    task = get_composite("caesar_title")
+    spec = parse_stack(task.trained_stack(prefix="ct"))
+    adapters = train_stack(runtime.base, runtime.library, spec, task.generate(16, "train", seed=0),
+                           TrainConfig(rank=2, alpha=4, steps=2, batch_size=4, eval_generate=0), progress=False)
+    assert [a.name for a in adapters] == ["ct-decode", "ct-title"]
+    assert adapters[1].card.data["stage"] == "title"
+    res = StackRunner(runtime).run(spec, task.generate(1, "test", seed=0)[0]["prompt"])
+    assert res.error is None and [t.route for t in res.trace] == ["ct-decode", "ct-title"]

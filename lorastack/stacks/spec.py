@@ -33,7 +33,7 @@ SUSPECT = re.compile(r"\{[A-Za-z_][\w.-]*\}")
 STAGE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 MAX_STAGES = 32
 MAX_MAP_ITEMS = 64
-PARSERS = ("regex", "json_field", "strip", "first_line", "split", "join", "lower")
+PARSERS = ("regex", "replace", "json_field", "strip", "first_line", "split", "join", "lower")
 
 
 class StackError(LorastackError):
@@ -99,6 +99,9 @@ class ParseStep:
         if self.kind == "regex":
             m = self.arg.search(text)
             return m.group(self.group) if m else ""
+        if self.kind == "replace":
+            pattern, repl = self.arg
+            return pattern.sub(repl, text)
         if self.kind == "json_field":
             try:
                 obj = json.loads(text)
@@ -176,6 +179,18 @@ def _parse_steps(raw: Any, where: str) -> tuple[ParseStep, ...]:
             if not isinstance(group, int) or not 0 <= group <= arg.groups:
                 raise StackError(f"{at}: group {group!r} does not exist in regex {item[kind]!r}")
             steps.append(ParseStep(kind, arg, group))
+            continue
+        if kind == "replace":
+            if not isinstance(arg, list) or len(arg) != 2 or not all(isinstance(a, str) for a in arg):
+                raise StackError(f"{at}: replace takes [PATTERN, REPLACEMENT]")
+            try:
+                pattern = re.compile(arg[0])
+                names = {i: n for n, i in pattern.groupindex.items()}
+                same_groups = "".join(f"(?P<{names[i]}>)" if i in names else "()" for i in range(1, pattern.groups + 1))
+                re.compile(same_groups).match("").expand(arg[1])  # a bad group reference fails here, not mid-run
+            except re.error as e:
+                raise StackError(f"{at}: replace {arg!r} does not compile ({e})") from None
+            steps.append(ParseStep(kind, (pattern, arg[1])))
             continue
         if kind in ("split", "join", "json_field") and (not isinstance(arg, str) or (kind != "join" and not arg)):
             raise StackError(f"{at}: {kind} needs a string argument")

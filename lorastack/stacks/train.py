@@ -1,0 +1,72 @@
+"""Training a stack from one file: one adapter per stage marked `train: true`.
+
+Records carry the intermediate targets (`{"prompt", "stages": {"extract": ...}, "completion"}`).
+Each trainable stage learns on the inputs it will see at run time — its prompt template
+rendered over the record's input and the *reference* outputs of the stages it reads
+(teacher forcing) — with that stage's reference output as the target (the final stage may
+use `completion`). The stage's `model` names the adapter that training writes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..data import Record, prompt_text
+from ..errors import DataError
+from ..names import validate_name
+from ..route import Route, parse_spec
+from .spec import StackError, StackSpec
+
+if TYPE_CHECKING:
+    from ..adapter import Adapter
+    from ..base import Base
+    from ..library import Library
+    from ..train import TrainConfig
+
+
+def stage_records(spec: StackSpec, records: list[Record]) -> dict[str, list[Record]]:
+    """Per trainable stage, the (rendered prompt, reference output) records it learns from."""
+    trainable = [s for s in spec.stages if s.train]
+    if not trainable:
+        raise StackError(f"stack {spec.name!r}: no stage is marked 'train: true'")
+    for s in trainable:
+        if s.kind != "model":
+            raise StackError(f"stack {spec.name!r}, stage {s.name!r}: only model stages can be trained (this is a {s.kind} stage)")
+        route = parse_spec(s.model or "")
+        if not isinstance(route, Route) or len(route.entries) != 1 or route.entries[0][1] != 1.0:
+            raise StackError(f"stack {spec.name!r}, stage {s.name!r}: a trained stage's model must be one adapter name, not {s.model!r}")
+        validate_name(route.names[0])
+    out: dict[str, list[Record]] = {s.name: [] for s in trainable}
+    for i, r in enumerate(records, start=1):
+        refs = r.get("stages")
+        if not isinstance(refs, dict):
+            raise DataError(f"record {i}: needs 'stages' with each stage's reference output (e.g. {{\"{trainable[0].name}\": \"...\"}})")
+        outputs = {k: v for k, v in refs.items() if isinstance(v, str)}
+        outputs.setdefault(spec.output, r["completion"])
+        text = prompt_text(r)
+        for s in trainable:
+            missing = [ref for ref in s.refs if ref not in outputs]
+            if s.name not in outputs or missing:
+                need = [s.name] if s.name not in outputs else missing
+                raise DataError(f"record {i}: 'stages' has no reference output for stage {need[0]!r}")
+            out[s.name].append({"prompt": s.prompt.render(text, outputs), "completion": outputs[s.name]})
+    return out
+
+
+def train_stack(base: "Base", library: "Library", spec: StackSpec, records: list[Record], config: "TrainConfig",
+                overwrite: bool = False, progress: bool = True) -> list["Adapter"]:
+    """Train every `train: true` stage's adapter into the library; returns them in stage order."""
+    from ..train import train_to_library
+
+    per_stage = stage_records(spec, records)
+    adapters = []
+    for s in spec.stages:
+        if s.name not in per_stage:
+            continue
+        name = parse_spec(s.model or "").names[0]  # type: ignore[union-attr]
+        adapters.append(train_to_library(
+            base, library, per_stage[s.name], name, config, overwrite=overwrite, progress=progress,
+            description=f"stage {s.name!r} of stack {spec.name!r}",
+            data_info={"stack": spec.name, "stage": s.name, "records": len(per_stage[s.name])},
+        ))
+    return adapters
