@@ -94,10 +94,10 @@ def evaluate_many(generator: Any, jobs: list[EvalJob], max_tokens: int | None = 
                              for r, route in zip(j.records, routes)])
             pending = {r for rs in reqs for r in rs}
             while pending:
-                if generator._thread is None:
+                if not generator.alive:
                     generator.step()
                 else:
-                    next(iter(pending))._done.wait(0.05)
+                    next(iter(pending)).wait(0.05)
                 finished = {r for r in pending if r.done}
                 bar.update(len(finished))
                 pending -= finished

@@ -167,6 +167,6 @@ class Runtime:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         route = self.routes_for(model, [messages[-1]["content"]])[0]
         if isinstance(self.generator, Engine):
-            return self.generator.submit(messages, route, sampling).result() if self.generator._thread else \
+            return self.generator.submit(messages, route, sampling).result() if self.generator.alive else \
                 self.generator.generate([messages], route, sampling)[0]
         return self.generator.generate([messages], route, sampling)[0]

@@ -207,3 +207,17 @@ def test_sampling_keeps_the_top_token_whatever_top_p_rounds_to():
     s = Sampling(temperature=1.0, top_p=1e-5)  # above the greedy floor, tiny after float32 rounding
     assert not s.greedy
     assert all(sampling_mod._sample(logits, s, gen) == 1 for _ in range(20))
+
+
+def test_prefix_cache_keeps_only_the_start_of_long_prompts(engine):
+    """Bounded memory: a long prompt's cached K/V is cut to `max_entry_tokens`, and reusing
+    that cut prefix still gives the same output as a cold prefill."""
+    expected = reference(engine)
+    engine.prefixes.clear()
+    engine.prefixes.max_entry_tokens = 6
+    for _ in range(2):  # the second pass reuses the stored (cut) prefixes
+        got = [engine.generate([[{"role": "user", "content": p}]], parse_spec(r), Sampling(max_tokens=8))[0].text
+               for p, r in zip(PROMPTS, ROUTES)]
+        assert got == expected
+    assert engine.prefixes.entries and all(len(e.ids) <= 6 and e.k[0].shape[1] <= 6 for e in engine.prefixes.entries.values())
+    assert engine.prefixes.hits > 0

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -260,7 +261,10 @@ def test_dead_engine_loop_makes_health_503_and_the_next_request_restarts_it(runt
         monkeypatch.setattr(engine, "step", lambda: (_ for _ in ()).throw(SystemExit("injected")))
         r = c.post("/v1/chat/completions", json=chat_body("reverse_words"))
         assert r.status_code == 500 and "engine stopped" in r.json()["error"]["message"], r.text
-        engine._thread.join(timeout=10)
+        for _ in range(500):  # the loop thread ends right after failing the request
+            if not engine.alive:
+                break
+            time.sleep(0.02)
         h = c.get("/health")
         assert h.status_code == 503 and h.json()["status"] == "engine stopped" and "injected" in h.json()["error"]
         monkeypatch.setattr(engine, "step", real)
@@ -311,3 +315,25 @@ def test_route_does_not_flap_while_the_same_adapter_is_replaced(runtime, tiny_ba
         t.join()
     assert seen == ["reverse_words"] * 300
     assert str(runtime.decide("auto", [prompt])[0].route) == want
+
+
+# ------------------------------------------------------------------ no silent acceptance
+@pytest.mark.parametrize("field, value", [("logprobs", True), ("top_logprobs", 2), ("response_format", {"type": "json_object"}),
+                                          ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                          ("presence_penalty", 0.5), ("frequency_penalty", 1), ("logit_bias", {"5": 10}),
+                                          ("best_of", 3)])
+def test_unsupported_parameters_are_refused_by_name(runtime, field, value):
+    with client(runtime) as c:
+        r = c.post("/v1/chat/completions", json={**chat_body("reverse_words"), field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        r = c.post("/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+@pytest.mark.parametrize("extra", [{"presence_penalty": 0}, {"frequency_penalty": 0.0}, {"logprobs": False}, {"tools": []},
+                                   {"response_format": {"type": "text"}}, {"tool_choice": "none"}, {"user": "u1"},
+                                   {"logprobs": None}])
+def test_neutral_values_of_unsupported_parameters_are_accepted(runtime, extra):
+    with client(runtime) as c:
+        r = c.post("/v1/chat/completions", json={**chat_body("reverse_words"), **extra})
+        assert r.status_code == 200, r.text

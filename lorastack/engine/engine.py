@@ -353,8 +353,8 @@ class Engine:
         logits = self.runner.prefill(self.cache, first, prompts, LoraBatch(self.bank, [r._slots for r in reqs], [len(p) - s for p, s in zip(prompts, starts)]), starts)
         if self.prefixes is not None:
             for i, r in enumerate(reqs):
-                ln = len(r.prompt_ids)
-                self.prefixes.store(str(r.route), r.prompt_ids,
+                ln = min(len(r.prompt_ids), self.prefixes.max_entry_tokens)
+                self.prefixes.store(str(r.route), r.prompt_ids[:ln],
                                     [k[first + i, :, :ln].clone() for k in self.cache.k],
                                     [v[first + i, :, :ln].clone() for v in self.cache.v])
         self.running.extend(reqs)

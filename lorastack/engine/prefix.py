@@ -32,8 +32,13 @@ def common_prefix(a: tuple[int, ...], b: list[int]) -> int:
 
 
 class PrefixCache:
-    def __init__(self, max_entries: int = 64, per_route: int = 8, min_tokens: int = 4) -> None:
+    """LRU of prompt K/V per route. Only a prompt's first `max_entry_tokens` are kept: the
+    shared part (template + instruction) is at the start, and without this bound 64 long
+    prompts from one client would pin gigabytes of K/V (SmolLM2-135M: ~23 KB a token)."""
+
+    def __init__(self, max_entries: int = 64, per_route: int = 8, min_tokens: int = 4, max_entry_tokens: int = 512) -> None:
         self.max_entries = max_entries
+        self.max_entry_tokens = max_entry_tokens
         self.per_route = per_route
         self.min_tokens = min_tokens
         self.entries: OrderedDict[tuple[str, tuple[int, ...]], PrefixEntry] = OrderedDict()

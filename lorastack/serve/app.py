@@ -78,6 +78,10 @@ class Server:
         """Validated sampling; an unset max_tokens is the default, shrunk to fit the context."""
         if body.n != 1:
             raise ApiError(400, "only n=1 is supported", param="n")
+        refused = body.unsupported()
+        if refused:
+            raise ApiError(400, f"{refused[1]}; remove '{refused[0]}' from the request", param=refused[0],
+                           code="unsupported_parameter")
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:
             max_tokens = max(1, min(self.settings.default_max_tokens, self.context() - prompt_tokens))

@@ -15,6 +15,12 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class _Keeping(BaseModel):
+    """Keeps unknown fields (in `model_extra`) so unsupported ones can be named in a 400."""
+
+    model_config = ConfigDict(extra="allow")
+
+
 class TextPart(_Lenient):
     type: Literal["text"] = "text"
     text: str
@@ -36,7 +42,34 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class _Sampling(_Lenient):
+# OpenAI parameters this server does not implement. Sent with a value that would change the
+# answer, they get a 400 naming them instead of being silently ignored (a client asking for
+# logprobs or JSON mode must not get a plain answer it mistakes for one). Neutral values
+# (0, false, null, "text", "none", empty) are accepted.
+UNSUPPORTED = {
+    "logprobs": "logprobs are not supported yet",
+    "top_logprobs": "logprobs are not supported yet",
+    "response_format": "structured output (response_format) is not supported yet",
+    "tools": "tools / function calling are not supported",
+    "tool_choice": "tools / function calling are not supported",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "presence_penalty": "presence_penalty is not supported",
+    "frequency_penalty": "frequency_penalty is not supported",
+    "repetition_penalty": "repetition_penalty is not supported",
+    "logit_bias": "logit_bias is not supported",
+    "best_of": "best_of is not supported",
+    "suffix": "suffix (insertion) is not supported",
+    "min_p": "min_p is not supported",
+}
+NEUTRAL: dict[str, tuple[Any, ...]] = {  # values that ask for nothing (type-exact: True is not 1)
+    "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},), "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0), "repetition_penalty": (1, 1.0), "best_of": (1,), "min_p": (0, 0.0),
+    "tools": ([],), "functions": ([],), "logit_bias": ({},), "suffix": ("",),
+}
+
+
+class _Sampling(_Keeping):
     model: str = Field(min_length=1, max_length=512)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -57,6 +90,17 @@ class _Sampling(_Lenient):
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
         return v
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, reason) of the first unsupported parameter sent with a non-neutral value."""
+        extra = self.model_extra or {}
+        for name, why in UNSUPPORTED.items():
+            if name not in extra or extra[name] is None or extra[name] is False:
+                continue
+            if any(extra[name] == v and type(extra[name]) is type(v) for v in NEUTRAL.get(name, ())):
+                continue
+            return name, why
+        return None
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
