@@ -1,5 +1,8 @@
 """Datasets: JSONL records `{"prompt" | "messages", "completion"}`, validated line by line.
 
+The usual shapes from other tools load too (`normalize_record`): OpenAI/TRL chat
+`messages` ending in an assistant turn, `{input, output}`, Alpaca `{instruction, input, output}`.
+
 Every problem names the file and the line, because a user with a 10k-line file must be
 able to jump straight to the bad record.
 """
@@ -18,13 +21,52 @@ Record = dict[str, Any]
 ROLES = {"system", "user", "assistant"}
 
 
+FORMATS = ("{prompt, completion}", "{messages, completion}", "{messages} ending with an assistant turn (OpenAI/TRL chat)",
+           "{input, output}", "{instruction, input?, output} (Alpaca)")
+
+
+def normalize_record(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """Bring the common dataset shapes to lorastack's `{prompt | messages, completion}`.
+
+    - OpenAI/TRL chat `{"messages": [..., {"role": "assistant", ...}]}` with no completion:
+      the last assistant turn is the completion (loss on it), the turns before are the prompt.
+    - `{"input", "output"}`: input is the prompt.
+    - Alpaca `{"instruction", "input"?, "output"}`: instruction, then the input on its own
+      paragraph when there is one.
+    Other keys (task, stages, ...) are kept.
+    """
+    if "completion" in obj:
+        return obj
+    if "messages" in obj and isinstance(obj["messages"], list) and obj["messages"]:
+        last = obj["messages"][-1]
+        if isinstance(last, dict) and last.get("role") == "assistant":
+            if len(obj["messages"]) < 2:
+                raise DataError(f"{where}: 'messages' has only an assistant turn; nothing to answer")
+            return {**obj, "messages": obj["messages"][:-1], "completion": last.get("content")}
+        raise DataError(f"{where}: 'messages' must end with an assistant turn (the answer to learn), or give 'completion'")
+    if "output" in obj:
+        rest = {k: v for k, v in obj.items() if k not in ("instruction", "input", "output")}
+        if "instruction" in obj:
+            instruction, extra = obj["instruction"], obj.get("input", "")
+            if not isinstance(instruction, str) or not isinstance(extra, str):
+                raise DataError(f"{where}: 'instruction' and 'input' must be strings")
+            prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        elif "input" in obj:
+            prompt = obj["input"]
+        else:
+            raise DataError(f"{where}: 'output' needs an 'input' or an 'instruction'")
+        return {**rest, "prompt": prompt, "completion": obj["output"]}
+    return obj
+
+
 def validate_record(obj: Any, where: str) -> Record:
-    """Check one record's shape; `where` is 'file:line' for the error message."""
+    """Check one record's shape (after `normalize_record`); `where` is 'file:line'."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    obj = normalize_record(obj, where)
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt == has_messages:
-        raise DataError(f"{where}: a record needs exactly one of 'prompt' or 'messages'")
+        raise DataError(f"{where}: a record needs exactly one of 'prompt' or 'messages' (accepted shapes: {'; '.join(FORMATS)})")
     if has_prompt and not isinstance(obj["prompt"], str):
         raise DataError(f"{where}: 'prompt' must be a string")
     if has_prompt and not obj["prompt"].strip():
@@ -41,7 +83,7 @@ def validate_record(obj: Any, where: str) -> Record:
                     f"{where}: messages[{i}] has role {m.get('role')!r}; use one of {sorted(ROLES)}"
                 )
     if "completion" not in obj:
-        raise DataError(f"{where}: missing 'completion'")
+        raise DataError(f"{where}: missing 'completion' (or an 'output', or a final assistant message)")
     if not isinstance(obj["completion"], str):
         raise DataError(f"{where}: 'completion' must be a string")
     return obj
@@ -81,7 +123,9 @@ def read_jsonl(path: str | Path, require_completion: bool = True) -> list[Record
             obj = parse_json_line(raw, where)
             if obj is None:
                 continue
-            if not require_completion and isinstance(obj, dict) and "completion" not in obj:
+            if not require_completion and isinstance(obj, dict) and "completion" not in obj and "output" not in obj \
+                    and not (isinstance(obj.get("messages"), list) and obj["messages"]
+                             and isinstance(obj["messages"][-1], dict) and obj["messages"][-1].get("role") == "assistant"):
                 obj = {**obj, "completion": ""}
             records.append(validate_record(obj, where))
     if not records:

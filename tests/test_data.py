@@ -56,3 +56,31 @@ def test_holdout_split_is_deterministic_and_disjoint():
     b_train, b_eval = split_holdout(recs, 0.1, seed=3)
     assert a_eval == b_eval and len(a_eval) == 10 and len(a_train) == 90
     assert not {r["prompt"] for r in a_train} & {r["prompt"] for r in a_eval}
+
+
+def test_common_dataset_shapes_load_as_prompt_and_completion(tmp_path):
+    p = write(tmp_path, [
+        json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                                 {"role": "assistant", "content": "a"}]}),
+        json.dumps({"input": "i", "output": "o", "task": "t"}),
+        json.dumps({"instruction": "Do it", "input": "data", "output": "done"}),
+        json.dumps({"instruction": "Just do it", "input": "", "output": "ok"}),
+    ])
+    chat, io, alpaca, bare = read_jsonl(p)
+    assert messages_of(chat) == [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    assert chat["completion"] == "a"
+    assert (io["prompt"], io["completion"], io["task"]) == ("i", "o", "t")
+    assert (alpaca["prompt"], alpaca["completion"]) == ("Do it\n\ndata", "done")
+    assert bare["prompt"] == "Just do it"
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('{"messages": [{"role": "user", "content": "u"}]}', "must end with an assistant turn"),
+    ('{"messages": [{"role": "assistant", "content": "a"}]}', "only an assistant turn"),
+    ('{"output": "o"}', "needs an 'input' or an 'instruction'"),
+    ('{"instruction": 3, "output": "o"}', "must be strings"),
+])
+def test_shape_errors_name_file_and_line(tmp_path, line, needle):
+    p = write(tmp_path, ['{"prompt": "a", "completion": "b"}', line])
+    with pytest.raises(DataError, match=f"{p}:2: .*{needle}"):
+        read_jsonl(p)
