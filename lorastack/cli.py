@@ -266,8 +266,13 @@ def adapters_search(text: str, as_json: bool = typer.Option(False, "--json")) ->
     if as_json:
         _print_json([a.card.model_dump() for a in found])
         return
+    if not found:
+        names = _library().names()
+        typer.echo(f"no adapter's name or description contains {text!r}"
+                   + (f" ({len(names)} adapters: lorastack adapters list)" if names else " (the library is empty)"), err=True)
     for a in found:
         typer.echo(f"{a.name:<24} {a.card.description}")
+
 
 @app.command("route")
 def route_cmd(
@@ -325,6 +330,14 @@ def eval_routing(
 
 
 # ------------------------------------------------------------------ generation
+CHAT_HELP = """commands:
+  /model SPEC   switch the route (base, an adapter, a:0.7+b:0.3, auto, stack/NAME)
+  /route        show which route answers each message (toggle)
+  /clear        forget the conversation so far (/reset works too)
+  /help         this list
+  /quit         leave (Ctrl-D too)"""
+
+
 @app.command()
 def generate(
     prompt: str,
@@ -335,15 +348,31 @@ def generate(
     top_k: int = typer.Option(0, "--top-k"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: list[str] = typer.Option([], "--stop"),
+    show_route: bool = typer.Option(False, "--show-route", help="Say on stderr which route answered (and why, for auto)."),
 ) -> None:
     """Generate one reply to PROMPT (a stack: `--model stack/NAME`, its stages' own settings apply)."""
     sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
     rt = _runtime()
     stack = _stack_for(rt, model)
     if stack is not None:
-        typer.echo(stack[0].run(stack[1], prompt).output)
+        result = stack[0].run(stack[1], prompt)
+        if show_route:
+            typer.echo("route: " + " -> ".join(f"{t.stage}[{t.route or t.kind}]" for t in result.trace), err=True)
+        typer.echo(result.output)
         return
+    if show_route:
+        typer.echo(_route_line(rt, model, prompt), err=True)
     typer.echo(rt.generate(prompt, model, sampling).text)
+
+
+def _route_line(rt, model: str, text: str) -> str:
+    """One line naming the route that answers `text` under `model` (for auto: the decision)."""
+    d = rt.decide(model, [text])[0]
+    if rt.router_name(model) is None:
+        return f"route: {d.route}"
+    if d.abstained:
+        return f"route: auto abstained -> base (scores {d.scores})"
+    return f"route: auto -> {d.route} (scores {d.scores})"
 
 
 @app.command()
@@ -353,27 +382,53 @@ def chat(
     temperature: float = typer.Option(0.0, "--temperature"),
     system: Optional[str] = typer.Option(None, "--system"),
 ) -> None:
-    """Interactive chat; /reset clears the history, /quit or Ctrl-D leaves."""
+    """Interactive chat. /help lists the commands: /model SPEC, /route, /clear, /quit."""
     rt = _runtime()
     stack = _stack_for(rt, model)
     if stack is None:
         rt.route(model)  # fail before the first prompt on a bad SPEC
     sampling = _sampling(max_tokens, temperature, 1.0, 0, None, [])
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    typer.echo(f"chatting with {model} on {rt.base.name}; /reset, /quit", err=True)
+    typer.echo(f"chatting with {model} on {rt.base.name}; /help for commands", err=True)
+    show_route = False
     while True:
         try:
             line = input("you> " if sys.stdin.isatty() else "")  # piped input: no prompt glued to replies
         except (EOFError, KeyboardInterrupt):
             typer.echo("", err=True)
             return
-        if line.strip() in {"/quit", "/exit"}:
+        command, _, arg = line.strip().partition(" ")
+        if command in {"/quit", "/exit"}:
             return
-        if line.strip() == "/reset":
+        if command in {"/reset", "/clear"}:
             history = history[:1] if system else []
+            typer.echo("(history cleared)", err=True)
+            continue
+        if command == "/help":
+            typer.echo(CHAT_HELP, err=True)
+            continue
+        if command == "/route":
+            show_route = not show_route
+            typer.echo(f"(route display {'on' if show_route else 'off'})", err=True)
+            continue
+        if command == "/model":
+            try:
+                new_stack = _stack_for(rt, arg.strip())
+                if new_stack is None:
+                    rt.route(arg.strip())
+            except LorastackError as e:
+                typer.echo(f"error: {e}", err=True)
+                continue
+            model, stack = arg.strip(), new_stack
+            typer.echo(f"(now chatting with {model})", err=True)
+            continue
+        if command.startswith("/") and len(command) > 1:
+            typer.echo(f"error: unknown command {command!r}; /help lists the commands", err=True)
             continue
         if not line.strip():
             continue
+        if show_route and stack is None:
+            typer.echo(_route_line(rt, model, line), err=True)
         history.append({"role": "user", "content": line})
         # A stack answers each message on its own (its stages' prompts take one input).
         reply = stack[0].run(stack[1], line).output if stack else rt.generate(history, model, sampling).text

@@ -93,3 +93,28 @@ def test_route_generate_and_eval_commands_on_a_tiny_base(tiny_base_dir, tmp_path
     assert routes == ["date_format"] * 3 + ["reverse_words"] * 3
     r = run(*common, "generate", "hi", "--model", "date_fromat")
     assert r.returncode == 2 and "did you mean 'date_format'" in r.stderr
+
+
+def test_chat_slash_commands_search_message_and_show_route(tiny_base_dir, tmp_path):
+    from lorastack.base import Base
+    from lorastack.library import Library
+    from test_library import make_peft_adapter
+
+    base = Base.load(str(tiny_base_dir))
+    lib = Library(tmp_path / "lib")
+    lib.add(make_peft_adapter(base, tmp_path / "rw"), "reverse_words", base=base,
+            examples=["Reverse the order of these words: a b c", "Reverse the order of these words: x y"])
+    common = ["--base", str(tiny_base_dir), "--library", str(tmp_path / "lib")]
+    script = "/help\n/route\n/model nope\n/frob\nhello there\n/model reverse_words\nhello\n/clear\n/quit\n"
+    r = subprocess.run([sys.executable, "-m", "lorastack.cli", *common, "chat", "--max-tokens", "3"], input=script,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "/model SPEC" in r.stderr and "route display on" in r.stderr
+    assert "unknown adapter 'nope'" in r.stderr and "unknown command '/frob'" in r.stderr
+    assert "now chatting with reverse_words" in r.stderr and "route: reverse_words" in r.stderr
+    assert "history cleared" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout.count("> ") == 2  # two model replies; the commands never reached the model
+    r = run(*common, "adapters", "search", "zzz")
+    assert r.returncode == 0 and "no adapter's name or description contains 'zzz'" in r.stderr
+    r = run(*common, "generate", "Reverse the order of these words: a b", "--model", "auto", "--show-route", "--max-tokens", "2")
+    assert r.returncode == 0 and r.stderr.startswith("route: auto")
