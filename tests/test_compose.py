@@ -252,3 +252,36 @@ def test_merge_errors_in_the_python_api(lib):
     assert merge(lib, ["a", "c"], "m", method="ties").card.rank == 6  # ranks may differ: ties works on B @ A
     with pytest.raises(ComposeError):
         parse_weights("nan,1", 2)
+
+
+def test_held_out_task_generators_are_correct():
+    """The families bench/compose.py holds out of the library (not registered in TASKS)."""
+    from lorastack.tasks import reverse_title, sort_reverse, subtract_numbers
+
+    for r in subtract_numbers.TASK.generate(50, "test"):
+        a, b = (int(x) for x in r["prompt"].removeprefix("What is ").removesuffix("?").split(" - "))
+        assert int(r["completion"]) == a - b >= 0
+    for r in sort_reverse.TASK.generate(50, "train"):
+        words = r["prompt"].split(": ", 1)[1].split()
+        assert r["completion"].split() == sorted(words, reverse=True)
+    for r in reverse_title.TASK.generate(50, "train"):
+        words = r["prompt"].split(": ", 1)[1].split()
+        assert r["completion"] == " ".join(w.capitalize() for w in words[::-1])
+    train = {r["prompt"] for r in sort_reverse.TASK.generate(200, "train")}
+    assert not train & {r["prompt"] for r in sort_reverse.TASK.generate(200, "test")}
+
+
+def test_cli_merge_and_fewshot_then_generate_with_the_new_adapter(lib, tiny_base_dir, tmp_path, capsys):
+    from lorastack.cli import main
+
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps(r) + "\n" for r in _records(5)))
+    common = ["--base", str(tiny_base_dir), "--library", str(lib.root)]
+    main([*common, "compose", "merge", "a", "b", "--method", "ties", "--weights", "1,1", "--name", "ab"])
+    assert "added ab: ties of a:1, b:1" in capsys.readouterr().out
+    main([*common, "compose", "fewshot", "--data", str(few), "--candidates", "a,b,c", "--budget", "6", "--seed", "2",
+          "--name", "fs", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["adapter"] == "fs" and out["candidates"] == ["a", "b", "c"] and out["evaluations"] <= 6
+    main([*common, "generate", "Reverse the order of these words: x y", "--model", "fs", "--max-tokens", "3"])
+    assert capsys.readouterr().out.strip()  # the composed adapter serves like any other
