@@ -316,3 +316,129 @@ class _Shape:
 
     def __init__(self, shape: list[int]) -> None:
         self.shape = tuple(shape)
+
+
+# ---------------------------------------------------------------- tensor I/O
+# The one place that knows PEFT's LoRA key pattern and scaling rules. The engine (to load
+# slots), routing (Arrow's prototypes) and composition (merge, few-shot, subtract) all read
+# and write adapter tensors through these functions, so none of them imports another.
+
+LORA_KEY = _KEY_RE  # `...<module>.lora_A|B[.<adapter>].weight`, with or without PEFT's prefix
+
+
+def lora_scale(config: dict[str, Any], module: str, rank: int) -> float:
+    """PEFT's scaling for `module`: `alpha / r`, or `alpha / sqrt(r)` with rslora.
+
+    `alpha_pattern` overrides alpha per module (matched like PEFT: exact name, dotted suffix
+    or regex); `rank` is the tensor's own rank, which already reflects any `rank_pattern`.
+    """
+    alpha = float(config.get("lora_alpha", config.get("r", rank)))
+    for key, value in (config.get("alpha_pattern") or {}).items():
+        if module == key or module.endswith("." + key) or re.search(key, module):
+            alpha = float(value)
+            break
+    return alpha / (rank**0.5 if config.get("use_rslora") else rank)
+
+
+@dataclass
+class LoraPairs:
+    """One adapter's LoRA factors in memory: `{module: (A [r, in], B_scaled [out, r])}`.
+
+    PEFT's scaling is folded into B, so a module's weight update is exactly `B @ A` and
+    adapters with different alpha/rank/rslora settings can be added without bookkeeping.
+    """
+
+    name: str
+    modules: dict[str, tuple["torch.Tensor", "torch.Tensor"]]
+
+    @property
+    def rank(self) -> int:
+        return max(a.shape[0] for a, _ in self.modules.values())
+
+    @property
+    def targets(self) -> list[str]:
+        """The short names of the targeted Linear layers (`q_proj`, ...), sorted."""
+        return sorted({m.rsplit(".", 1)[-1] for m in self.modules})
+
+    def delta(self, module: str) -> "torch.Tensor":
+        """The dense weight update `[out, in]` of one module, in float32."""
+        a, b = self.modules[module]
+        return b.float() @ a.float()
+
+    @classmethod
+    def load(cls, adapter: Adapter, dtype: "torch.dtype | None" = None) -> "LoraPairs":
+        """Read an adapter's A/B pairs with scaling folded into B (float32 unless `dtype`)."""
+        return read_lora_pairs(adapter, dtype)
+
+
+def read_lora_pairs(adapter: Adapter, dtype: "torch.dtype | None" = None) -> LoraPairs:
+    """Read every Linear LoRA pair of `adapter`; refuses DoRA and non-Linear tensors."""
+    import torch
+
+    cfg = adapter.config()
+    if cfg.get("use_dora"):
+        raise AdapterError(f"adapter {adapter.name!r} uses DoRA, which lorastack does not support")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in adapter.weights().items():
+        m = LORA_KEY.match(key)
+        if not m:
+            raise AdapterError(f"adapter {adapter.name!r}: unsupported tensor {key!r} (only Linear LoRA)")
+        parts.setdefault(m["module"], {})[m["part"]] = t
+    modules = {}
+    for module, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"adapter {adapter.name!r}: module {module!r} lacks its lora_{'B' if 'A' in ab else 'A'} pair")
+        a, b = ab["A"].to(torch.float32), ab["B"].to(torch.float32)
+        scale = lora_scale(cfg, module, a.shape[0])
+        out_dtype = dtype or torch.float32
+        modules[module] = (a.to(out_dtype).contiguous(), (b * scale).to(out_dtype).contiguous())
+    if not modules:
+        raise AdapterError(f"adapter {adapter.name!r}: no LoRA weights in {WEIGHTS_FILE}")
+    return LoraPairs(adapter.name, modules)
+
+
+def write_peft_dir(out: Path, pairs: LoraPairs, template: dict[str, Any] | None = None,
+                   card: dict[str, Any] | None = None) -> Path:
+    """Write `pairs` as a PEFT LoRA directory that PEFT, the engine and the Library all load.
+
+    Scaling is already folded into B, so the config says `lora_alpha = r` (scale 1). Modules
+    whose rank is below the largest are zero-padded to it: exact (zero rank rows add
+    nothing) and loadable by PEFT without a `rank_pattern`. `template` (a parent's
+    adapter_config.json) supplies fields such as `base_model_name_or_path`.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rank = pairs.rank
+    tensors: dict[str, torch.Tensor] = {}
+    for module, (a, b) in sorted(pairs.modules.items()):
+        r = a.shape[0]
+        if r < rank:
+            a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])], 0)
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], 1)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(torch.float32).contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(torch.float32).contiguous()
+    template = dict(template or {})
+    config = {
+        "peft_type": "LORA",
+        "task_type": template.get("task_type", "CAUSAL_LM"),
+        "base_model_name_or_path": template.get("base_model_name_or_path"),
+        "r": rank,
+        "lora_alpha": rank,
+        "use_rslora": False,
+        "use_dora": False,
+        "target_modules": pairs.targets,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    save_file(tensors, str(out / WEIGHTS_FILE))
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    if card is not None:
+        (out / CARD_FILE).write_text(json.dumps(card, indent=2, default=str), encoding="utf-8")
+    return out

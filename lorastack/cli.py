@@ -693,6 +693,87 @@ def stack_rm(name: str) -> None:
     typer.echo(f"removed stack/{name.removeprefix('stack/')}")
 
 
+# ------------------------------------------------------------------ composition
+compose_app = typer.Typer(no_args_is_help=True, help="New adapters from library adapters: merge, few-shot search, subtract.")
+app.add_typer(compose_app, name="compose")
+
+
+@compose_app.command("merge")
+def compose_merge(
+    adapters: list[str] = typer.Argument(..., help="Library adapters to merge (two or more)."),
+    name: str = typer.Option(..., "--name", help="Name of the new adapter."),
+    method: str = typer.Option("cat", "--method", help="linear|cat|svd|ties|dare_linear|dare_ties|magnitude_prune."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated, one per adapter (default 1/n; 1 for ties/dare_ties)."),
+    density: Optional[float] = typer.Option(None, "--density", help="Fraction kept by ties/dare/magnitude_prune (default 0.5)."),
+    svd_rank: Optional[int] = typer.Option(None, "--svd-rank", help="Rank of svd/ties/dare/magnitude_prune results (default: the largest parent rank)."),
+    subtract: Optional[str] = typer.Option(None, "--subtract", help="Subtract this general adapter from every parent first (GenKnowSub)."),
+    seed: int = typer.Option(0, "--seed", help="DARE's random drops."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing adapter of that name."),
+) -> None:
+    """Merge adapters into a new library adapter (PEFT format; its card records parents, method, weights)."""
+    import time
+
+    from .compose import merge, parse_weights
+
+    t0 = time.perf_counter()
+    adapter = merge(_library(), adapters, name, method=method, weights=parse_weights(weights, len(adapters)), density=density,
+                    svd_rank=svd_rank, subtract=subtract, seed=seed, overwrite=force)
+    c = adapter.card.model_dump()["composition"]
+    mix = ", ".join(f"{p['name']}:{p['weight']:g}" for p in c["parents"])
+    typer.echo(f"added {adapter.name}: {method} of {mix}"
+               + (f" minus {subtract}" if subtract else "") + f", rank {adapter.card.rank}, {time.perf_counter() - t0:.1f}s")
+
+
+@compose_app.command("fewshot")
+def compose_fewshot(
+    data: Path = typer.Option(..., "--data", help="JSONL few-shot examples {prompt|messages, completion} (5-20 is typical)."),
+    name: str = typer.Option(..., "--name", help="Name of the new adapter."),
+    candidates: Optional[str] = typer.Option(None, "--candidates", help="Comma-separated adapters to mix (default: the router's top N)."),
+    top: int = typer.Option(8, "--top", help="Candidates picked by the router when --candidates is not given."),
+    budget: int = typer.Option(40, "--budget", help="Loss evaluations (forward passes over all examples) the search may spend."),
+    l1: float = typer.Option(0.05, "--l1", help="L1 penalty on the weights (LoraHub)."),
+    search: str = typer.Option("cma", "--search", help="cma (gradient-free, LoraHub) or gradient (Adam on the K weights)."),
+    seed: int = typer.Option(0, "--seed"),
+    subtract: Optional[str] = typer.Option(None, "--subtract", help="Subtract this general adapter from every candidate (GenKnowSub)."),
+    svd_rank: Optional[int] = typer.Option(None, "--svd-rank", help="Compress the result to this rank (lossy; default: exact cat)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing adapter of that name."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Find mixture weights over library adapters from a few examples and add the result as an adapter."""
+    from tqdm.auto import tqdm
+
+    from .compose import fewshot, read_fewshot
+    from .names import validate_name
+
+    validate_name(name)
+    records = read_fewshot(data)  # bad files fail before the base loads
+    names = [c.strip() for c in candidates.split(",") if c.strip()] if candidates is not None else None
+    if names is not None and not names:
+        raise LorastackError("--candidates is empty")
+    rt = _runtime()
+    bar = tqdm(total=budget, desc="few-shot search", unit="eval", disable=as_json)
+
+    def progress(done: int, best: float) -> None:
+        bar.n = min(done, budget)
+        bar.set_postfix(best=f"{best:.4f}")
+        bar.refresh()
+
+    try:
+        adapter, result = fewshot(rt, records, name, candidates=names, top=top, search=search, budget=budget, l1=l1, seed=seed,
+                                  subtract=subtract, svd_rank=svd_rank, overwrite=force, progress=progress)
+    except KeyboardInterrupt:
+        bar.close()
+        typer.echo("few-shot search interrupted; the library is unchanged", err=True)
+        raise typer.Exit(130)
+    bar.close()
+    if as_json:
+        _print_json({"adapter": adapter.name, "rank": adapter.card.rank, **result.to_json()})
+        return
+    mix = ", ".join(f"{n}:{w:.3f}" for n, w in zip(result.candidates, result.weights))
+    typer.echo(f"added {adapter.name} (rank {adapter.card.rank}): {mix}; loss {result.uniform_loss:.4f} (uniform) -> "
+               f"{result.loss:.4f} in {result.evaluations} evaluations, {result.seconds:.1f}s")
+
+
 def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
     """(usage errors, exits, aborts) from click and from the click copy newer typers vendor
     (`typer._click`, whose classes do not subclass click's): both must end in one line."""

@@ -28,61 +28,19 @@ a's rank block and 0.3 on b's, which is exactly the weighted sum of the two delt
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from ..adapter import Adapter
+from ..adapter import Adapter, LoraPairs
 from ..errors import LorastackError
 from ..route import Route
 from .native import Kernels
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
-
-
-@dataclass
-class AdapterWeights:
-    """One adapter in memory: `{module: (A [r, in], B_scaled [out, r])}`."""
-
-    name: str
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-    @property
-    def rank(self) -> int:
-        return max(a.shape[0] for a, _ in self.modules.values())
-
-    @classmethod
-    def load(cls, adapter: Adapter, dtype: torch.dtype) -> "AdapterWeights":
-        cfg = adapter.config()
-        alpha = float(cfg.get("lora_alpha", cfg["r"]))
-        alpha_pattern = cfg.get("alpha_pattern") or {}
-        use_rslora = bool(cfg.get("use_rslora", False))
-        if cfg.get("use_dora"):
-            raise LorastackError(f"adapter {adapter.name!r} uses DoRA, which the engine does not support")
-        parts: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t in adapter.weights().items():
-            m = _KEY.match(key)
-            if not m:
-                raise LorastackError(f"adapter {adapter.name!r}: unsupported tensor {key!r} (only Linear LoRA)")
-            parts.setdefault(m["module"], {})[m["part"]] = t
-        modules = {}
-        for module, ab in parts.items():
-            a, b = ab["A"], ab["B"]
-            rank = a.shape[0]  # the tensor's own rank already reflects any rank_pattern
-            mod_alpha = _pattern(alpha_pattern, module, alpha)
-            scale = mod_alpha / (rank**0.5 if use_rslora else rank)
-            modules[module] = (a.to(torch.float32).to(dtype).contiguous(), (b.to(torch.float32) * scale).to(dtype).contiguous())
-        return cls(adapter.name, modules)
-
-
-def _pattern(pattern: dict[str, float], module: str, default: float) -> float:
-    for key, value in pattern.items():
-        if module == key or module.endswith("." + key) or re.search(key, module):
-            return value
-    return default
+# Adapter tensor I/O (PEFT's key pattern, alpha/rslora scaling) lives in lorastack.adapter;
+# the engine keeps its historical name for the in-memory pairs.
+AdapterWeights = LoraPairs
 
 
 class LoraBank:

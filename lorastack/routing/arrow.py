@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..engine.lora import AdapterWeights
+from ..adapter import LoraPairs
 from ..route import BASE_ROUTE, Route
 from .router import RouteDecision, register
 
@@ -54,7 +54,7 @@ def top_right_singular_vector(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return vh[0].float()
 
 
-def prototypes(weights: AdapterWeights, n_layers: int, dim: int) -> np.ndarray:
+def prototypes(weights: LoraPairs, n_layers: int, dim: int) -> np.ndarray:
     """[n_layers, 2, 3, dim]: per layer and input (attention, MLP) the prototypes of up to
     three modules reading it (q/k/v, gate/up); zeros where the adapter has no such module."""
     out: dict[tuple[int, str], list[torch.Tensor]] = {}
@@ -111,7 +111,7 @@ class ArrowRouter:
                 meta, blob = stored[name]
                 p = np.frombuffer(blob, dtype=np.float16).reshape(meta["shape"]).astype(np.float32)
             else:
-                p = prototypes(AdapterWeights.load(lib.get(name), torch.float32), n_layers, rt.base.model.config.hidden_size)
+                p = prototypes(LoraPairs.load(lib.get(name), torch.float32), n_layers, rt.base.model.config.hidden_size)
                 lib.put_signature(name, self._kind(), p.astype(np.float16).tobytes(), {"shape": list(p.shape)})
             protos.append(p)
         stacked = np.stack(protos) if protos else np.zeros((0,))

@@ -1,0 +1,251 @@
+"""Merge library adapters into one new adapter: linear, cat, svd, ties, dare, magnitude_prune.
+
+The methods mean what PEFT's `add_weighted_adapter` means by them, with ties / dare_* /
+magnitude_prune taken in PEFT's `*_svd` sense (on each module's dense update `B @ A`, the
+papers' parameter space, then factored back to `--svd-rank`), because trimming or electing
+signs on A and B separately (PEFT's plain `ties`) has no meaning for their product:
+
+| method          | new update per module                                    | rank       |
+|-----------------|----------------------------------------------------------|------------|
+| linear          | `(sum_i sqrt(w_i) B_i) (sum_i sqrt(w_i) A_i)` (PEFT's; approximate, same ranks required) | r |
+| cat             | `sum_i w_i B_i A_i`, exact (factors stacked)             | sum of r_i |
+| svd             | `sum_i w_i B_i A_i`, truncated to svd_rank               | svd_rank   |
+| ties            | TIES on the dense updates: trim to top-density magnitudes, elect sign, disjoint mean | svd_rank |
+| dare_linear     | DARE: drop with p = 1 - density, rescale by 1/density, weighted sum | svd_rank |
+| dare_ties       | DARE drop/rescale, then TIES sign election and disjoint mean | svd_rank |
+| magnitude_prune | trim to top-density magnitudes, weighted sum             | svd_rank   |
+
+Why not call `add_weighted_adapter` itself: it needs the base model instantiated with
+every parent loaded into one PeftModel (the embedded GGUF base must be dequantised
+first), while a merge only needs the adapter files; and its `svd` decomposes every dense
+`[out, in]` update although a weighted sum of LoRAs has rank at most `sum r_i`, so QR of
+the stacked factors plus an SVD of the small core gives the same factors far faster
+(`_lowrank_svd`). The parameter-level math (trim, sign election, disjoint merge, DARE) is
+PEFT's own: `peft.utils.merge_utils`. tests/test_compose.py checks linear/cat/svd against
+`add_weighted_adapter` on the same parents.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..adapter import Adapter, LoraPairs, read_lora_pairs, write_peft_dir
+from ..errors import IncompatibleError, LorastackError
+
+if TYPE_CHECKING:
+    from ..library import Library
+
+METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+DENSE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # work on dense B @ A
+DEFAULT_DENSITY = 0.5
+EXAMPLES_PER_PARENT = 32  # routing examples a merged adapter inherits from each parent
+
+
+class ComposeError(LorastackError):
+    """Bad input to a composition: parents, weights, method options or few-shot data."""
+
+
+def parse_weights(text: str | None, n: int) -> list[float] | None:
+    """`"0.7,0.3"` -> [0.7, 0.3]; None when not given. One weight per parent, finite, not all zero."""
+    if text is None or text.strip() == "":
+        return None
+    try:
+        weights = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise ComposeError(f"--weights {text!r}: expected comma-separated numbers, e.g. 0.7,0.3") from None
+    if len(weights) != n:
+        raise ComposeError(f"--weights {text!r}: {len(weights)} weights for {n} adapters")
+    if not all(math.isfinite(w) for w in weights):
+        raise ComposeError(f"--weights {text!r}: weights must be finite numbers")
+    if all(w == 0 for w in weights):
+        raise ComposeError(f"--weights {text!r}: all weights are zero")
+    return weights
+
+
+def default_weights(method: str, n: int) -> list[float]:
+    """1/n for the additive methods (an average: a sum of n full-strength updates
+    overshoots); 1 for ties/dare_ties, whose disjoint mean already averages."""
+    return [1.0] * n if method in ("ties", "dare_ties") else [1.0 / n] * n
+
+
+def check_parents(parents: Sequence[LoraPairs], method: str) -> None:
+    """One-line errors for parent sets a method cannot combine."""
+    if method not in METHODS:
+        raise ComposeError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+    if not parents:
+        raise ComposeError("merge needs at least one adapter")
+    shapes: dict[str, tuple[int, int]] = {}
+    for p in parents:
+        for module, (a, b) in p.modules.items():
+            shape = (a.shape[1], b.shape[0])
+            if shapes.setdefault(module, shape) != shape:
+                raise IncompatibleError(f"adapters disagree on the shape of {module}: {shapes[module]} vs {shape} (different bases?)")
+    if method == "cat" or method == "svd":
+        return  # a module some parents lack contributes nothing from them: still exact
+    first = parents[0]
+    for p in parents[1:]:
+        if set(p.modules) != set(first.modules):
+            only = sorted(set(p.modules) ^ set(first.modules))[0]
+            raise IncompatibleError(
+                f"{method} needs adapters with the same target modules: {first.name!r} targets {','.join(first.targets)}, "
+                f"{p.name!r} targets {','.join(p.targets)} (e.g. {only}); use --method cat or svd")
+        if method == "linear" and p.rank != first.rank:
+            raise IncompatibleError(
+                f"linear needs adapters of one rank: {first.name!r} has r={first.rank}, {p.name!r} r={p.rank}; "
+                "use --method cat or svd")
+
+
+def merge_pairs(parents: Sequence[LoraPairs], weights: Sequence[float], method: str, *, density: float | None = None,
+                svd_rank: int | None = None, seed: int = 0, name: str = "merged") -> LoraPairs:
+    """The merged adapter's factors (scaling folded into B, float32)."""
+    check_parents(parents, method)
+    if len(weights) != len(parents):
+        raise ComposeError(f"{len(weights)} weights for {len(parents)} adapters")
+    if method in DENSE_METHODS:
+        density = DEFAULT_DENSITY if density is None else density
+        if not 0 < density <= 1:
+            raise ComposeError(f"--density must be in (0, 1], got {density}")
+    elif density is not None:
+        raise ComposeError(f"--density applies to {', '.join(DENSE_METHODS)}, not {method}")
+    rank = svd_rank or max(p.rank for p in parents)
+    if method in ("svd", *DENSE_METHODS):
+        if rank < 1:
+            raise ComposeError(f"--svd-rank must be >= 1, got {svd_rank}")
+    elif svd_rank is not None:
+        raise ComposeError(f"--svd-rank applies to svd and {', '.join(DENSE_METHODS)}, not {method}")
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    all_modules = sorted({m for p in parents for m in p.modules})
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # DARE's random drops (merge_utils draws from torch's global RNG)
+    try:
+        for module in all_modules:
+            have = [(p.modules[module], w) for p, w in zip(parents, weights) if module in p.modules]
+            modules[module] = _merge_module(have, method, density, rank)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return LoraPairs(name, modules)
+
+
+def _merge_module(have: list[tuple[tuple[torch.Tensor, torch.Tensor], float]], method: str, density: float | None,
+                  rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from peft.utils import merge_utils
+
+    A = [a.float() for (a, _), _ in have]
+    B = [b.float() for (_, b), _ in have]
+    w = [float(x) for _, x in have]
+    if method == "cat":
+        return torch.cat(A, 0), torch.cat([b * wi for b, wi in zip(B, w)], 1)
+    if method == "linear":
+        # PEFT's linear: sqrt(|w|) on each side, the sign on A. Scaling sits on B here, which
+        # equals PEFT's split when the parents share alpha/r.
+        a = sum(math.copysign(math.sqrt(abs(wi)), wi) * ai for ai, wi in zip(A, w))
+        b = sum(math.sqrt(abs(wi)) * bi for bi, wi in zip(B, w))
+        return a, b
+    if method == "svd":
+        return _lowrank_svd(torch.cat([b * wi for b, wi in zip(B, w)], 1), torch.cat(A, 0), rank)
+    deltas = [b @ a for a, b in zip(A, B)]
+    wt = torch.tensor(w)
+    if method == "ties":
+        merged = merge_utils.ties(deltas, wt, density)
+    elif method == "dare_linear":
+        merged = merge_utils.dare_linear(deltas, wt, density)
+    elif method == "dare_ties":
+        merged = merge_utils.dare_ties(deltas, wt, density)
+    else:
+        merged = merge_utils.magnitude_prune(deltas, wt, density)
+    U, S, Vh = torch.linalg.svd(merged, full_matrices=False)
+    r = min(rank, S.shape[0])
+    return Vh[:r].contiguous(), (U[:, :r] * S[:r]).contiguous()
+
+
+def _lowrank_svd(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` factors `(A', B')` of `b @ a` (b [out, k], a [k, in]) without forming it:
+    `b = Qb Rb`, `a^T = Qa Ra`, SVD of the k x k core `Rb Ra^T`."""
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.t())
+    u, s, vh = torch.linalg.svd(rb @ ra.t())
+    r = min(rank, s.shape[0])
+    return (vh[:r] @ qa.t()).contiguous(), ((qb @ u[:, :r]) * s[:r]).contiguous()
+
+
+# ---------------------------------------------------------------- library level
+def load_parents(library: "Library", names: Sequence[str]) -> tuple[list[Adapter], list[LoraPairs]]:
+    """Open the named adapters (one-line NotFoundError for an unknown name) and check that
+    they were made for one base."""
+    adapters = [library.get(n) for n in names]
+    fps = {a.card.base_fingerprint for a in adapters if a.card.base_fingerprint}
+    if len(fps) > 1:
+        by = {a.name: a.card.base_fingerprint for a in adapters}
+        raise IncompatibleError(f"adapters were trained for different bases: {by}")
+    return adapters, [read_lora_pairs(a) for a in adapters]
+
+
+def add_composed(library: "Library", pairs: LoraPairs, name: str, parents: Sequence[Adapter], composition: dict[str, Any],
+                 description: str, *, overwrite: bool = False, examples: list[str] | None = None) -> Adapter:
+    """Write `pairs` as a PEFT directory and add it to the library atomically (Library.add):
+    an error or an interrupt before the add leaves the library as it was."""
+    from ..names import validate_name
+
+    validate_name(name)
+    if not overwrite and name in library.names():
+        raise ComposeError(f"adapter {name!r} already exists in the library; use --force to replace it")
+    fp = next((a.card.base_fingerprint for a in parents if a.card.base_fingerprint), None)
+    base_name = next((a.card.base_name for a in parents if a.card.base_name), "")
+    if examples is None:
+        examples = [t for a in parents for t in a.examples()[:EXAMPLES_PER_PARENT]]
+    card = {
+        "name": name, "description": description, "base_fingerprint": fp, "base_name": base_name,
+        "rank": pairs.rank, "alpha": float(pairs.rank), "target_modules": pairs.targets, "composition": composition,
+    }
+    with tempfile.TemporaryDirectory(prefix="lorastack-compose-") as tmp:
+        write_peft_dir(Path(tmp), pairs, template=parents[0].config(), card=card)
+        return library.add(Path(tmp), name, card_updates=card, examples=examples, overwrite=overwrite)
+
+
+def merge(library: "Library", names: Sequence[str], name: str, *, method: str = "cat", weights: Sequence[float] | None = None,
+          density: float | None = None, svd_rank: int | None = None, subtract: str | None = None, seed: int = 0,
+          overwrite: bool = False) -> Adapter:
+    """Merge library adapters `names` into a new library adapter `name` (the CLI's `compose merge`).
+
+    With `subtract`, the named general adapter's update is removed from every parent first
+    (GenKnowSub, see compose/subtract.py). The new card records parents, method, weights
+    and options; nothing reaches the library unless the whole merge succeeds.
+    """
+    from .subtract import subtract_general
+
+    if method not in METHODS:
+        raise ComposeError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+    if name in names:
+        raise ComposeError(f"the new adapter cannot replace its own parent {name!r}")
+    dup = next((n for n in names if list(names).count(n) > 1), None)
+    if dup:
+        raise ComposeError(f"adapter {dup!r} is named twice")
+    adapters, pairs = load_parents(library, names)
+    weights = list(weights) if weights is not None else default_weights(method, len(names))
+    if len(weights) != len(names):
+        raise ComposeError(f"{len(weights)} weights for {len(names)} adapters")
+    general_adapter = None
+    if subtract:
+        if subtract in names:
+            raise ComposeError(f"--subtract {subtract!r} is also a parent")
+        (general_adapter,), (general,) = load_parents(library, [subtract])
+        load_parents(library, [*names, subtract])  # one base for all
+        pairs, weights = subtract_general(pairs, weights, general, method)
+    merged = merge_pairs(pairs, weights, method, density=density, svd_rank=svd_rank, seed=seed, name=name)
+    composition = {
+        "kind": "merge", "method": method,
+        "parents": [{"name": n, "weight": w} for n, w in zip(names, weights[: len(names)])],
+        "density": density if method in DENSE_METHODS and density is not None else (DEFAULT_DENSITY if method in DENSE_METHODS else None),
+        "svd_rank": merged.rank if method in ("svd", *DENSE_METHODS) else None,
+        "seed": seed if method.startswith("dare") else None,
+        "subtract": subtract,
+    }
+    desc = f"{method} merge of {', '.join(names)}" + (f" minus {subtract}" if subtract else "")
+    return add_composed(library, merged, name, adapters + ([general_adapter] if general_adapter else []), composition,
+                        desc, overwrite=overwrite, examples=[t for a in adapters for t in a.examples()[:EXAMPLES_PER_PARENT]])
