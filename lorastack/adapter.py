@@ -59,6 +59,12 @@ class AdapterCard(BaseModel):
 
 
 MAX_JSON_BYTES = 1 << 20  # configs and cards are a few KB; a bigger one is not an adapter's
+MAX_EXAMPLES_BYTES = 16 << 20
+MAX_DESCRIPTION = 4096
+# A trained LoRA factor's entries stay far below 1 (init ~1/sqrt(d), steps of lr ~1e-3);
+# beyond this the adapter is corrupt or hostile and would only produce garbage or NaN.
+MAX_ABS_WEIGHT = 1e4
+MAX_REGEX = 256
 MAX_RANK = 1024
 MAX_ALPHA = 65536.0
 
@@ -97,6 +103,25 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return obj
 
 
+def check_card_values(obj: Any, where: str = CARD_FILE, depth: int = 0) -> None:
+    """A card is shown by `adapters list` and `/v1/models`: no NaN/Infinity, no control
+    characters in short fields, a description of at most MAX_DESCRIPTION characters."""
+    if depth > 20:
+        raise AdapterError(f"{where}: nested too deeply")
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise AdapterError(f"{where}: holds {obj} (cards take finite numbers only)")
+    if isinstance(obj, str) and "\x00" in obj:
+        raise AdapterError(f"{where}: holds a NUL character")
+    if isinstance(obj, dict):
+        if isinstance(obj.get("description"), str) and len(obj["description"]) > MAX_DESCRIPTION:
+            raise AdapterError(f"{where}: description is {len(obj['description'])} characters; at most {MAX_DESCRIPTION}")
+        for k, v in obj.items():
+            check_card_values(v, f"{where}: {k}" if depth == 0 else f"{where}.{k}", depth + 1)
+    elif isinstance(obj, list):
+        for v in obj:
+            check_card_values(v, where, depth + 1)
+
+
 @dataclass
 class Adapter:
     path: Path
@@ -120,10 +145,12 @@ class Adapter:
         raw.setdefault("name", name or path.name)
         if name:
             raw["name"] = name
-        raw.setdefault("rank", int(config.get("r", 0)))
-        raw.setdefault("alpha", float(config.get("lora_alpha", 0)))
+        # What the weights are is the config's to say, never a card's (a card may be stale or hostile).
+        raw["rank"] = int(config.get("r", 0))
+        raw["alpha"] = float(config.get("lora_alpha", config.get("r", 0)))
         targets = config.get("target_modules") or []
-        raw.setdefault("target_modules", sorted(targets) if isinstance(targets, list) else [targets])
+        raw["target_modules"] = sorted(targets) if isinstance(targets, list) else [targets]
+        check_card_values(raw)
         try:
             card = AdapterCard.model_validate(raw)
         except ValidationError as e:
@@ -150,7 +177,7 @@ class Adapter:
         if not p.exists():
             return []
         texts = []
-        with open(p, "rb") as fh:
+        with open(regular_file(p, MAX_EXAMPLES_BYTES), "rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
                 where = f"{EXAMPLES_FILE}:{lineno}"
                 try:
@@ -188,6 +215,22 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
         raise AdapterError(f"{CONFIG_FILE}: 'lora_alpha' must be a number in (0, {MAX_ALPHA:g}], got {alpha!r}")
     if config.get("use_dora"):
         raise AdapterError(f"{CONFIG_FILE}: DoRA adapters (use_dora) are not supported; only plain LoRA")
+    if config.get("fan_in_fan_out"):
+        raise AdapterError(f"{CONFIG_FILE}: fan_in_fan_out (Conv1D-style transposed weights) is not supported")
+    for key, low, high, what in (("rank_pattern", 1, MAX_RANK, "an integer rank"), ("alpha_pattern", 0, MAX_ALPHA, "an alpha")):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise AdapterError(f"{CONFIG_FILE}: '{key}' must be a mapping of module patterns to values")
+        for mod, value in pattern.items():
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = ok and (low <= value <= high if key == "rank_pattern" else 0 < value <= high)
+            if not ok or (key == "rank_pattern" and not isinstance(value, int)):
+                raise AdapterError(f"{CONFIG_FILE}: '{key}' gives {mod!r} {value!r}; each must be {what} in "
+                                   f"{'[1' if key == 'rank_pattern' else '(0'}, {high:g}]")
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise AdapterError(f"{CONFIG_FILE}: target_modules must be a list of module names or a regex string")
     return config
 
 
@@ -245,7 +288,7 @@ def check_compatible(path: Path, base: "Base", fingerprint: str | None, label: s
     if bad_dtype:
         raise AdapterError(f"{label}: tensor {bad_dtype!r} has dtype {dtypes[bad_dtype]}; LoRA weights must be floating point")
     _check_targets(config, shapes, label, base)
-    patterned = bool(config.get("rank_pattern"))
+    allowed_ranks = {config["r"], *(config.get("rank_pattern") or {}).values()}
     for module, parts in sorted(modules.items()):
         if module not in shapes:
             near = [s for s in shapes if s.rsplit(".", 1)[-1] == module.rsplit(".", 1)[-1]][:2]
@@ -262,13 +305,17 @@ def check_compatible(path: Path, base: "Base", fingerprint: str | None, label: s
                 f"{label}: shape mismatch at {module}: adapter has A {list(a)}, B {list(b)}, but the base "
                 f"({base.fingerprint}) layer maps {in_f} -> {out_f} features (needs A [r, {in_f}], B [{out_f}, r])"
             )
-        if not patterned and a[0] != config["r"]:
-            raise IncompatibleError(f"{label}: {CONFIG_FILE} says r={config['r']}, but {module} has rank {a[0]}")
+        if a[0] not in allowed_ranks:
+            raise IncompatibleError(f"{label}: {CONFIG_FILE} says r={config['r']}"
+                                    + (f" (rank_pattern: {sorted(allowed_ranks - {config['r']})})" if len(allowed_ranks) > 1 else "")
+                                    + f", but {module} has rank {a[0]}")
     if values:
         check_finite(path, label)
 
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+# A group holding a quantifier, itself quantified: the shape of catastrophic backtracking.
+_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[*+}](?:[^()\\]|\\.)*\)\s*[*+{?]")
 
 
 def _check_targets(config: dict[str, Any], shapes: dict[str, Any], label: str, base: "Base") -> None:
@@ -281,6 +328,11 @@ def _check_targets(config: dict[str, Any], shapes: dict[str, Any], label: str, b
     if targets == "all-linear":
         return
     if isinstance(targets, str):
+        # Python's `re` cannot be interrupted and holds the GIL: a pattern with nested
+        # quantifiers ((.*)*X) could stall the whole server for hours on a 40-character name.
+        if len(targets) > MAX_REGEX or _NESTED_QUANTIFIER.search(targets):
+            raise AdapterError(f"{label}: {CONFIG_FILE}: target_modules regex is too long or nests quantifiers "
+                               "(e.g. (a+)*); list the module names instead")
         try:
             pattern = re.compile(targets)
         except re.error as e:
@@ -298,8 +350,8 @@ def _check_targets(config: dict[str, Any], shapes: dict[str, Any], label: str, b
 
 
 def check_finite(path: Path, label: str | None = None) -> None:
-    """Every tensor finite: one NaN in a LoRA factor turns every output of its route into
-    NaN logits, which would only show up later as empty replies."""
+    """Every tensor finite and of sane magnitude: one NaN (or 1e38) in a LoRA factor turns
+    every output of its route into NaN logits or garbage, seen only later as empty replies."""
     import torch
     from safetensors import safe_open
 
@@ -309,6 +361,10 @@ def check_finite(path: Path, label: str | None = None) -> None:
             t = f.get_tensor(key)
             if not bool(torch.isfinite(t).all()):
                 raise AdapterError(f"{label}: tensor {key!r} holds NaN or infinite values")
+            peak = float(t.abs().max()) if t.numel() else 0.0
+            if peak > MAX_ABS_WEIGHT:
+                raise AdapterError(f"{label}: tensor {key!r} has a value of magnitude {peak:.3g}; LoRA weights beyond "
+                                   f"{MAX_ABS_WEIGHT:g} are corrupt (a trained adapter's stay far below 1)")
 
 
 class _Shape:

@@ -351,6 +351,9 @@ def generate(
     show_route: bool = typer.Option(False, "--show-route", help="Say on stderr which route answered (and why, for auto)."),
 ) -> None:
     """Generate one reply to PROMPT (a stack: `--model stack/NAME`, its stages' own settings apply)."""
+    from .data import check_text
+
+    check_text(prompt, "PROMPT")
     sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
     rt = _runtime()
     stack = _stack_for(rt, model)
@@ -426,6 +429,13 @@ def chat(
             typer.echo(f"error: unknown command {command!r}; /help lists the commands", err=True)
             continue
         if not line.strip():
+            continue
+        try:
+            from .data import check_text
+
+            check_text(line, "message")
+        except LorastackError as e:
+            typer.echo(f"error: {e}", err=True)
             continue
         if show_route and stack is None:
             typer.echo(_route_line(rt, model, line), err=True)

@@ -59,11 +59,27 @@ def normalize_record(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return obj
 
 
+def check_text(text: str, where: str) -> str:
+    """`text` if it can be encoded (JSON's \\ud800 escapes and surrogate-escaped argv bytes
+    cannot, and the tokenizer would fail deep inside with a TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: not valid Unicode text (unpaired surrogate {text[e.start]!r} at character {e.start + 1})") from None
+    return text
+
+
 def validate_record(obj: Any, where: str) -> Record:
     """Check one record's shape (after `normalize_record`); `where` is 'file:line'."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     obj = normalize_record(obj, where)
+    for key in ("prompt", "completion"):
+        if isinstance(obj.get(key), str):
+            check_text(obj[key], f"{where}: '{key}'")
+    for i, m in enumerate(obj.get("messages") or []):
+        if isinstance(m, dict) and isinstance(m.get("content"), str):
+            check_text(m["content"], f"{where}: messages[{i}]")
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt == has_messages:
         raise DataError(f"{where}: a record needs exactly one of 'prompt' or 'messages' (accepted shapes: {'; '.join(FORMATS)})")
@@ -112,8 +128,10 @@ def parse_json_line(raw: bytes, where: str) -> Any:
 def read_jsonl(path: str | Path, require_completion: bool = True) -> list[Record]:
     """Read and validate a JSONL dataset; blank lines are allowed and skipped."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: no such file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file (a directory, FIFO or device cannot be a dataset)")
     records: list[Record] = []
     # Read bytes and decode per line, so a bad byte is reported at its line instead of as
     # a UnicodeDecodeError from deep inside the file iterator.

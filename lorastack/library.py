@@ -32,6 +32,7 @@ from .adapter import (
     AdapterError,
     check_compatible,
     read_json,
+    weights_path,
 )
 from pydantic import ValidationError
 from .atomic import TMP_PREFIX, locked, publish_dir, staging_dir, sweep_tmp
@@ -74,18 +75,46 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def check_inside(src: Path, files: tuple[str, ...], roots: tuple[Path, ...]) -> None:
-    """Refuse if any of `files` in `src` resolves (through symlinks) outside every root."""
+SNAPSHOT_LIMITS = {WEIGHTS_FILE: 4 << 30, EXAMPLES_FILE: 16 << 20}  # other files: 1 MiB
+
+
+def snapshot_files(src: Path, dest: Path, files: tuple[str, ...], roots: tuple[Path, ...] | None) -> None:
+    """Copy `files` of `src` that exist into `dest`, each through one descriptor: opened
+    without blocking (a FIFO is refused, not waited on), a regular file, at most its size
+    limit and, with `roots`, resolving (as opened, symlinks followed) inside one of them."""
+    import stat
+
     for f in files:
         p = src / f
         if not p.exists() and not p.is_symlink():
+            if f in (CONFIG_FILE, WEIGHTS_FILE):
+                raise AdapterError(f"{src.name}: missing {f}")
             continue
         try:
-            real = p.resolve(strict=True)
-        except (OSError, RuntimeError):
-            raise PermissionError(f"{f} in the import directory is a broken or looping link") from None
-        if not any(real == r or r in real.parents for r in roots):
-            raise PermissionError(f"{f} in the import directory points outside the server's import roots")
+            fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            raise AdapterError(f"{f}: cannot open ({e.strerror})") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise AdapterError(f"{f} is not a regular file")
+            limit = SNAPSHOT_LIMITS.get(f, 1 << 20)
+            if st.st_size > limit:
+                raise AdapterError(f"{f} is {st.st_size} bytes; at most {limit} are accepted")
+            if roots is not None:
+                real = Path(os.path.realpath(f"/proc/self/fd/{fd}")) if Path("/proc/self/fd").is_dir() else p.resolve()
+                if not any(real == r or r in real.parents for r in roots):
+                    raise PermissionError(f"{f} in the import directory points outside the server's import roots")
+            os.set_blocking(fd, True)
+            with os.fdopen(os.dup(fd), "rb") as fh, open(dest / f, "wb") as out:
+                copied = 0
+                while chunk := fh.read(1 << 20):
+                    copied += len(chunk)
+                    if copied > limit:
+                        raise AdapterError(f"{f} grew past {limit} bytes while being read")
+                    out.write(chunk)
+        finally:
+            os.close(fd)
 
 
 class Library:
@@ -198,10 +227,12 @@ class Library:
 
     def search(self, text: str) -> list[Adapter]:
         """Adapters whose name or description contains `text` (case-insensitive)."""
-        needle = f"%{text.lower()}%"
+        escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")  # literal text, not LIKE wildcards
+        needle = f"%{escaped}%"
         with self._db() as con:
             rows = con.execute(
-                "SELECT name, card FROM adapters WHERE lower(name) LIKE ? OR lower(description) LIKE ? ORDER BY name",
+                "SELECT name, card FROM adapters WHERE lower(name) LIKE ? ESCAPE '\\' OR lower(description) LIKE ? ESCAPE '\\' "
+                "ORDER BY name",
                 (needle, needle),
             ).fetchall()
         return [Adapter(self.adapters_dir / n, AdapterCard.model_validate_json(card)) for n, card in rows]
@@ -277,13 +308,21 @@ class Library:
         src = Path(src).expanduser()
         if not src.is_dir():
             raise AdapterError(f"{src}: not a directory (expected a PEFT LoRA directory)")
-        if roots is not None:
-            check_inside(src, (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, EXAMPLES_FILE), roots)
-        if name is None:
-            card_path = src / CARD_FILE
-            card_name = read_json(card_path, "adapter card").get("name") if card_path.exists() else None
-            name = card_name if isinstance(card_name, str) else src.resolve().name
-        return self.add(src, name, base=base, overwrite=overwrite)
+        if name is not None:
+            validate_name(name)
+        if not (src / CONFIG_FILE).exists():
+            raise AdapterError(f"{src.name}: missing {CONFIG_FILE} (PEFT adapter config)")
+        weights_path(src)  # a missing or pickle-only weights file is named before anything is read
+        # Everything is read once, through descriptors checked as they are opened, into a
+        # private snapshot; the checks and the copy into the library then see only that, so
+        # files swapped for symlinks (or FIFOs) after a check cannot slip in or hang us.
+        with staging_dir(self.adapters_dir) as snap:
+            snapshot_files(src, snap, (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, EXAMPLES_FILE), roots)
+            if name is None:
+                card_path = snap / CARD_FILE
+                card_name = read_json(card_path, "adapter card").get("name") if card_path.exists() else None
+                name = card_name if isinstance(card_name, str) else src.resolve().name
+            return self.add(snap, name, base=base, overwrite=overwrite)
 
     def update_card(self, name: str, **fields: Any) -> Adapter:
         """Change card fields (description, metrics, ...) atomically."""

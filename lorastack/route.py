@@ -13,6 +13,7 @@ point (CLI `--model`, Python API, server `model` field) parses the same SPEC:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from .errors import LorastackError
@@ -63,6 +64,7 @@ class StackRef:
 
 
 MAX_WEIGHT = 10.0
+_WEIGHT = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 def parse_spec(spec: str) -> Route | AutoSpec | StackRef:
@@ -86,18 +88,24 @@ def parse_spec(spec: str) -> Route | AutoSpec | StackRef:
             return StackRef(validate_name(s[6:]))
         except InvalidNameError as e:
             raise SpecError(f"{spec!r}: stack {e}".replace("adapter name", "name")) from None
+    if any(c.isspace() and c != " " for c in s):
+        raise SpecError(f"{spec!r}: model spec contains unusual whitespace (only plain spaces may surround its terms)")
     parts = s.split("+")
     entries: list[tuple[str, float]] = []
     for part in parts:
-        part = part.strip()
+        part = part.strip(" ")
         if not part:
             raise SpecError(f"{spec!r}: empty term in mixture (check the '+' signs)")
         if ":" in part:
             name, _, wtxt = part.rpartition(":")
-            try:
-                weight = float(wtxt)
-            except ValueError:
-                raise SpecError(f"{spec!r}: weight {wtxt!r} of {name!r} is not a number") from None
+            name, wtxt = name.strip(" "), wtxt.strip(" ")
+            if not _WEIGHT.fullmatch(wtxt):  # float() would also take '1_0', 'inf', ' 2 '
+                try:
+                    float(wtxt)
+                except ValueError:
+                    raise SpecError(f"{spec!r}: weight {wtxt!r} of {name!r} is not a number") from None
+                raise SpecError(f"{spec!r}: weight {wtxt!r} of {name!r} must be a positive number written plainly, such as 0.5")
+            weight = float(wtxt)
         else:
             if len(parts) > 1:
                 raise SpecError(f"{spec!r}: every term of a mixture needs a weight, e.g. {part}:0.5")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -141,7 +142,7 @@ def corrupt(src, how: str):
     elif how == "targets":
         cfg["target_modules"] = ["q_proj", "frobnicate_proj"]
     elif how == "card":
-        (src / "card.json").write_text(json.dumps({"name": "x", "rank": "not a number"}))
+        (src / "card.json").write_text(json.dumps({"name": "x", "data": "not a mapping"}))
     elif how == "deep_card":
         (src / "card.json").write_text("[" * 100_000)
     elif how == "examples":
@@ -337,3 +338,136 @@ def test_neutral_values_of_unsupported_parameters_are_accepted(runtime, extra):
     with client(runtime) as c:
         r = c.post("/v1/chat/completions", json={**chat_body("reverse_words"), **extra})
         assert r.status_code == 200, r.text
+
+
+# ------------------------------------------------------------------ second hostile pass (issue #15 retry)
+@pytest.mark.parametrize("how, needle", [
+    ("redos", "nests quantifiers"), ("alpha_pattern", "alpha_pattern"), ("rank_pattern_big", "rank_pattern"),
+    ("rank_pattern_lie", "has rank"), ("huge_value", "magnitude"), ("fan_in", "fan_in_fan_out"),
+    ("targets_int", "target_modules must be"), ("card_nan", "finite numbers"), ("card_long", "description is"),
+])
+def test_second_pass_adapter_bypasses_are_refused(runtime, tiny_base, tmp_path, how, needle):
+    root = tmp_path / "imports"
+    src = make_peft_adapter(tiny_base, root / "bad")
+    cfg_path = src / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if how == "redos":
+        cfg["target_modules"] = r"model\.layer(.*)*X"
+    elif how == "alpha_pattern":
+        cfg["alpha_pattern"] = {"q_proj": 1e300}
+    elif how == "rank_pattern_big":
+        cfg["rank_pattern"] = {"q_proj": 1200}
+    elif how == "rank_pattern_lie":
+        cfg["rank_pattern"] = {"q_proj": 8}
+        cfg["r"] = 2  # tensors are rank 4: neither r nor the pattern
+    elif how == "huge_value":
+        w = load_file(src / "adapter_model.safetensors")
+        key = next(k for k in w if "lora_B" in k)
+        w[key][0, 0] = 1e38
+        save_file(w, src / "adapter_model.safetensors")
+    elif how == "fan_in":
+        cfg["fan_in_fan_out"] = True
+    elif how == "targets_int":
+        cfg["target_modules"] = 123
+    elif how == "card_nan":
+        (src / "card.json").write_text('{"name": "bad", "metrics": {"acc": NaN}}')
+    elif how == "card_long":
+        (src / "card.json").write_text(json.dumps({"name": "bad", "description": "x" * 100_000}))
+    cfg_path.write_text(json.dumps(cfg))
+    with client(runtime, import_roots=(root,)) as c:
+        t0 = time.monotonic()
+        r = c.post("/v1/adapters", json={"path": str(src), "name": "bad"})
+        assert time.monotonic() - t0 < 30
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+        assert "bad" not in runtime.library.names()
+        assert_still_serving(c)
+
+
+def test_card_cannot_lie_about_rank_or_targets(runtime, tiny_base, tmp_path):
+    root = tmp_path / "imports"
+    src = make_peft_adapter(tiny_base, root / "liar", rank=4)
+    (src / "card.json").write_text(json.dumps({"name": "liar", "rank": -5, "alpha": 1e9, "target_modules": ["nope"]}))
+    with client(runtime, import_roots=(root,)) as c:
+        r = c.post("/v1/adapters", json={"path": str(src)})
+        assert r.status_code == 201, r.text
+        card = r.json()["card"]
+        assert (card["rank"], card["alpha"], card["target_modules"]) == (4, 8.0, ["q_proj", "v_proj"])
+
+
+def test_fifo_examples_and_a_swap_after_the_check_cannot_hang_or_leak(runtime, tiny_base, tmp_path):
+    """examples.jsonl as a FIFO is refused at once (no blocking open); files are read once,
+    through descriptors checked as opened, so what is stored is what was checked."""
+    import os
+
+    root = tmp_path / "imports"
+    src = make_peft_adapter(tiny_base, root / "fifo")
+    os.mkfifo(src / "examples.jsonl")
+    with client(runtime, import_roots=(root,)) as c:
+        t0 = time.monotonic()
+        r = c.post("/v1/adapters", json={"path": str(src), "name": "fifo"})
+        assert time.monotonic() - t0 < 30
+        assert r.status_code == 400 and "not a regular file" in r.json()["error"]["message"], r.text
+        assert c.delete("/v1/adapters/reverse_words").status_code == 200  # admin path not stuck behind it
+    with pytest.raises(LorastackError, match="not a regular file"):
+        runtime.library.import_dir(src, "fifo", base=tiny_base)  # the CLI path too
+
+
+def test_snapshot_reads_each_file_once_through_a_checked_descriptor(tiny_base, tmp_path):
+    from lorastack.library import snapshot_files
+
+    root = tmp_path / "imports"
+    src = make_peft_adapter(tiny_base, root / "a")
+    outside = make_peft_adapter(tiny_base, tmp_path / "secret", seed=5)
+    (src / "adapter_model.safetensors").unlink()
+    (src / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    dest = tmp_path / "snap"
+    dest.mkdir()
+    with pytest.raises(PermissionError, match="outside the server's import roots"):
+        snapshot_files(src, dest, ("adapter_config.json", "adapter_model.safetensors"), (root.resolve(),))
+
+
+@pytest.mark.parametrize("payload", [{"prompt": "hi \ud800"}, {"prompt": ["ok", "bad \udfff"]}])
+def test_unpaired_surrogates_in_completions_are_a_400(runtime, payload):
+    with client(runtime) as c:
+        r = c.post("/v1/completions", content=json.dumps({"model": "base", "max_tokens": 2, **payload}),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert_still_serving(c)
+
+
+def test_unpaired_surrogate_in_training_data_is_a_file_line_error(tmp_path):
+    bad = tmp_path / "s.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a\\ud800", "completion": "b"}\n')
+    r = subprocess.run([sys.executable, "-m", "lorastack.cli", "train", str(bad), "--name", "x"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and f"{bad}:2: 'prompt': not valid Unicode text" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "lorastack.cli", "train", str(tmp_path), "--name", "x"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "not a regular file" in r.stderr
+
+
+@pytest.mark.parametrize("model", ["\u00a0base", "\u2028base", "reverse_words:1_0", "reverse_words:inf"])
+def test_specs_with_odd_whitespace_or_weights_are_refused(runtime, model):
+    with client(runtime) as c:
+        r = c.post("/v1/chat/completions", json=chat_body(model))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+
+
+def test_search_treats_percent_and_underscore_literally(runtime):
+    assert runtime.library.search("%") == [] and runtime.library.search("_")[0].name in ("add_numbers", "date_format", "reverse_words")
+    assert [a.name for a in runtime.library.search("e_f")] == ["date_format"]
+
+
+def test_redoc_is_behind_the_key_too(runtime):
+    with client(runtime, api_key="k") as c:
+        assert c.get("/redoc").status_code == 401
+        assert c.get("/redoc", headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+def test_import_errors_echo_the_clients_path_not_the_servers_layout(runtime, tmp_path, monkeypatch):
+    root = tmp_path / "imports"
+    root.mkdir()
+    monkeypatch.chdir(tmp_path)
+    with client(runtime, import_roots=(root,)) as c:
+        r = c.post("/v1/adapters", json={"path": "imports/nope", "name": "x"})
+        assert r.status_code in (400, 404) and str(tmp_path) not in r.json()["error"]["message"], r.text

@@ -293,7 +293,9 @@ class Server:
             except LorastackError as e:
                 if "already exists" in str(e):
                     raise ApiError(409, str(e), param="name", code="already_exists") from e
-                raise from_lorastack(e, "path") from e
+                err = from_lorastack(e, "path")
+                err.message = err.message.replace(str(src), path)  # the client's words, not the server's layout
+                raise err from e
             self.runtime.hidden.discard(adapter.name)
             self.runtime.refresh(adapter.name)
         return adapter
@@ -331,6 +333,12 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         @app.get("/docs", dependencies=auth, include_in_schema=False)
         async def docs_page() -> Response:
             return get_swagger_ui_html(openapi_url="/openapi.json", title="lorastack API")
+
+        @app.get("/redoc", dependencies=auth, include_in_schema=False)
+        async def redoc_page() -> Response:
+            from fastapi.openapi.docs import get_redoc_html
+
+            return get_redoc_html(openapi_url="/openapi.json", title="lorastack API")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
@@ -377,7 +385,10 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         if body.stream and len(prompts) > 1:
             raise ApiError(400, "streaming takes a single prompt", param="prompt")
         tok = runtime.base.tokenizer
-        all_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        try:
+            all_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        except Exception as e:  # noqa: BLE001 - e.g. an unpaired surrogate (\ud800) the tokenizer cannot encode
+            raise ApiError(400, f"prompt cannot be tokenized ({type(e).__name__}); is it valid Unicode text?", param="prompt") from e
         decisions = [await srv.decide(body.model, p) for p in prompts]
         sampling = srv.sampling(body, max(len(ids) for ids in all_ids))
         for ids in all_ids:
