@@ -141,7 +141,9 @@ def test_auth_errors_and_limits(runtime):
 
         r = c.post("/v1/chat/completions", json=chat_body("reverse_words", max_tokens=33), headers=ok)
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
-        r = c.post("/v1/chat/completions", json=chat_body("reverse_words", n=2), headers=ok)
+        r = c.post("/v1/chat/completions", json=chat_body("reverse_words", n=9), headers=ok)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = c.post("/v1/chat/completions", json=chat_body("reverse_words", n=2, stream=True), headers=ok)
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
         r = c.post("/v1/chat/completions", content=b"{not json", headers={**ok, "Content-Type": "application/json"})
         assert r.status_code == 400 and "JSON" in r.json()["error"]["message"] and "at character 1" in r.json()["error"]["message"]
@@ -325,3 +327,20 @@ def test_schema_fuzz_has_no_server_errors(runtime, tmp_path):
     assert len(ran) >= 100
     # The generators must also have produced valid requests that ran, not only rejections.
     assert ("/v1/chat/completions", 200) in ran and ("/v1/completions", 200) in ran
+
+
+def test_n_samples_share_one_request(runtime):
+    with client(runtime) as c:
+        greedy = c.post("/v1/chat/completions", json=chat_body("reverse_words")).json()["choices"][0]["message"]["content"]
+        r = c.post("/v1/chat/completions", json=chat_body("reverse_words", n=3)).json()
+        assert [ch["index"] for ch in r["choices"]] == [0, 1, 2]
+        assert all(ch["message"]["content"] == greedy for ch in r["choices"])  # greedy samples are identical
+        body = chat_body("reverse_words", n=4, temperature=1.5, seed=7, max_tokens=10)
+        first = [ch["message"]["content"] for ch in c.post("/v1/chat/completions", json=body).json()["choices"]]
+        again = [ch["message"]["content"] for ch in c.post("/v1/chat/completions", json=body).json()["choices"]]
+        assert first == again and len(set(first)) > 1  # reproducible under a seed, and the samples differ
+        r = c.post("/v1/completions", json={"model": "base", "prompt": ["a b", "c d"], "n": 2, "max_tokens": 3,
+                                            "temperature": 0, "ignore_eos": True}).json()
+        assert [ch["index"] for ch in r["choices"]] == [0, 1, 2, 3]
+        assert r["choices"][0]["text"] == r["choices"][1]["text"] and r["choices"][2]["text"] == r["choices"][3]["text"]
+        assert r["usage"]["completion_tokens"] == 4 * 3

@@ -8,6 +8,7 @@ feeds (`Request.on_event`), so no thread blocks per request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -42,6 +43,7 @@ from .schemas import (
 from .settings import ServeSettings
 
 log = logging.getLogger("lorastack.serve")
+MAX_N = 8  # samples per request (`n`): each is a row of the batch, the prompt's K/V shared via the prefix cache
 _ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 404, 409, 413, 422, 429)}
 
 
@@ -76,8 +78,10 @@ class Server:
 
     def sampling(self, body: ChatCompletionRequest | CompletionRequest, prompt_tokens: int = 0) -> Sampling:
         """Validated sampling; an unset max_tokens is the default, shrunk to fit the context."""
-        if body.n != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
+        if body.n > MAX_N:
+            raise ApiError(400, f"n is {body.n}; at most {MAX_N} samples per request", param="n")
+        if body.n > 1 and body.stream:
+            raise ApiError(400, "streaming takes n=1 (send n separate streams)", param="n")
         refused = body.unsupported()
         if refused:
             raise ApiError(400, f"{refused[1]}; remove '{refused[0]}' from the request", param=refused[0],
@@ -93,6 +97,14 @@ class Server:
                             seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos)
         except LorastackError as e:
             raise ApiError(400, str(e)) from e
+
+    @staticmethod
+    def samples(sampling: Sampling, n: int) -> list[Sampling]:
+        """`n` independent samples: with a seed, sample i uses seed + i (reproducible, and
+        the samples differ); greedy samples are identical, as OpenAI's are."""
+        if n == 1 or sampling.seed is None:
+            return [sampling] * n
+        return [dataclasses.replace(sampling, seed=(sampling.seed + i) % 2**64) for i in range(n)]
 
     def check_prompt(self, ids: list[int], sampling: Sampling, param: str) -> None:
         limit = min(self.settings.max_prompt_tokens, self.context() - sampling.max_tokens)
@@ -162,7 +174,7 @@ class Server:
         self.finished(req, endpoint)
 
     def cancel(self, req: EngineRequest) -> None:
-        if not req.done:
+        if not req.done and not req.cancelled:  # counted once, however many paths notice the hang-up
             req.cancel()
             self.metrics.cancelled.inc()
 
@@ -361,7 +373,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         sampling = srv.sampling(body, len(ids))
         srv.check_prompt(ids, sampling, "messages")
         info = srv.route_info(body.model, decision)
-        req, pieces = srv.submit(ids, decision, sampling, body.stream)
+        req, pieces = srv.submit(ids, decision, srv.samples(sampling, body.n)[0], body.stream)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -371,10 +383,22 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
                              "finish_reason": finish}],
                 **({"lorastack": info.model_dump()} if first else {}),
             }, include_usage, "chat")
-        await srv.collect(request, req, pieces, "chat")
+        submitted = [(req, pieces)]
+        try:
+            for extra in srv.samples(sampling, body.n)[1:]:
+                submitted.append(srv.submit(ids, decision, extra, False))
+            for r, p in submitted:
+                await srv.collect(request, r, p, "chat")
+        finally:
+            for r, _ in submitted:
+                srv.cancel(r)
+        reqs = [r for r, _ in submitted]
+        completion = sum(len(r.tokens) for r in reqs)
         return ChatCompletion(id=rid, created=created, model=body.model,
-                              choices=[ChatChoice(index=0, message=AssistantMessage(content=req.text), finish_reason=_finish(req))],
-                              usage=_usage(req), lorastack=info)
+                              choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=_finish(r))
+                                       for i, r in enumerate(reqs)],
+                              usage=Usage(prompt_tokens=len(ids), completion_tokens=completion, total_tokens=len(ids) + completion),
+                              lorastack=info)
 
     @app.post("/v1/completions", dependencies=auth, response_model=Completion, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -407,18 +431,21 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
             }, bool(body.stream_options and body.stream_options.include_usage), "completions")
         submitted = []
         try:
-            for ids, d in zip(all_ids, decisions):
-                submitted.append(srv.submit(ids, d, sampling, False))
+            for ids, d in zip(all_ids, decisions):  # OpenAI's order: every sample of prompt 0, then of prompt 1, ...
+                for one in srv.samples(sampling, body.n):
+                    submitted.append(srv.submit(ids, d, one, False))
             for req, pieces in submitted:
                 await srv.collect(request, req, pieces, "completions")
         finally:
             for req, _ in submitted:
                 srv.cancel(req)
         reqs = [r for r, _ in submitted]
+        texts = [p for p in prompts for _ in range(body.n)]
         choices = [CompletionChoice(index=i, text=(p if body.echo else "") + r.text, finish_reason=_finish(r))
-                   for i, (p, r) in enumerate(zip(prompts, reqs))]
-        usage = Usage(prompt_tokens=sum(len(r.prompt_ids) for r in reqs), completion_tokens=sum(len(r.tokens) for r in reqs),
-                      total_tokens=sum(len(r.prompt_ids) + len(r.tokens) for r in reqs))
+                   for i, (p, r) in enumerate(zip(texts, reqs))]
+        prompt_tokens = sum(len(ids) for ids in all_ids)
+        completion = sum(len(r.tokens) for r in reqs)
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
         return Completion(id=rid, created=created, model=body.model, choices=choices, usage=usage, lorastack=infos)
 
     # ------------------------------------------------------------ models and adapters
