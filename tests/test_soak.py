@@ -25,7 +25,7 @@ VALID_MODELS = ["base", "reverse_words", "date_format", "auto", "reverse_words:0
 INVALID = [  # (body changes, expected status range)
     ({"seed": 2**64}, (400, 499)), ({"model": "nope"}, (404, 404)), ({"model": "reverse_words\n"}, (400, 499)),
     ({"model": "auto:"}, (400, 499)), ({"max_tokens": -1}, (400, 499)), ({"max_tokens": 10**6}, (400, 499)),
-    ({"n": 3}, (400, 499)), ({"temperature": -1}, (400, 499)), ({"top_p": 0}, (400, 499)), ({"messages": []}, (400, 499)),
+    ({"n": 9}, (400, 499)), ({"temperature": -1}, (400, 499)), ({"top_p": 0}, (400, 499)), ({"messages": []}, (400, 499)),
 ]
 
 
