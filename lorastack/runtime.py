@@ -89,8 +89,9 @@ class Runtime:
         if forget is not None:
             forget(name)
 
-    def decide(self, spec: str, texts: list[str]) -> list:
-        """A `RouteDecision` per text: fixed SPECs decide nothing, `auto...` asks its router.
+    def decide(self, spec: str, texts: list[str], false_route: float | None = None) -> list:
+        """A `RouteDecision` per text: fixed SPECs decide nothing, `auto...` asks its router
+        (at operating point `false_route` when given, else the router's own).
 
         Routers are not re-entrant (they build indexes lazily), so calls are serialised; a
         route naming an adapter that is no longer served is trimmed to what is.
@@ -101,7 +102,7 @@ class Runtime:
         if not isinstance(parsed, AutoSpec):
             return [RouteDecision(parsed) for _ in texts]
         with self._route_lock:
-            decisions = self.router(parsed.router).route(texts)
+            decisions = self.router(parsed.router).route(texts, false_route=false_route)
         for d in decisions:
             kept = tuple((n, w) for n, w in d.route.entries if self.fits(n))
             if len(kept) != len(d.route.entries):
