@@ -295,7 +295,8 @@ class KnnRouter:
             best = None
             for name, cal in idx.arrow.items():
                 prob, t = float(p[names.index(name)]), cal.threshold(rate)
-                if prob >= t and (best is None or prob - t > best[0]):
+                # Arrow itself must name this adapter first, and clear its calibrated threshold.
+                if prob >= p.max() and prob >= t and (best is None or prob - t > best[0]):
                     best = (prob - t, name, prob, t)
             if best is not None:
                 _, name, prob, t = best

@@ -8,8 +8,9 @@ refits itself whenever the library's routable adapters differ from the ones it w
 on (`lorastack router fit` does the same explicitly). It keeps the adapters whose
 probabilities make up `top_p` of the mass (at most `top_k`) as a weighted mixture.
 
-Abstention: route only when the best adapter's probability reaches a threshold fitted on
-negatives at the router's false-route rate. The negatives' probabilities come from
+Abstention: route only when the best adapter is more probable than "no expert" and its
+probability reaches a threshold fitted on negatives at the router's false-route rate (a
+decision reports the higher of the two as the threshold it had to reach). The negatives' probabilities come from
 two-fold cross-fitting (each half scored by a gate fitted on the other half), since a gate
 scored on its own training data would look falsely certain. Saved as safetensors next to
 the library index (never pickle).
@@ -182,14 +183,18 @@ class LearnedRouter:
                 mass += pa[i]
                 if mass >= self.top_p * (1 - p_none):
                     break
+            # Route when the best adapter beats "no expert" and reaches the calibrated threshold;
+            # the threshold shown is whichever of the two it had to clear.
+            best_p = float(pa[order[0]])
             confident = bool(conf > 0 and conf >= threshold)
+            shown = max(threshold, p_none)
             total = sum(pa[i] for i in keep)
             route = Route(tuple((names[i], round(float(pa[i] / total), 4)) for i in keep)) if confident else BASE_ROUTE
             if confident and len(keep) == 1:
                 route = Route(((names[keep[0]], 1.0),))
             scores = {n: round(float(v), 4) for n, v in zip(names, pa) if v >= 1e-4}
             decision = RouteDecision(route, scores, not confident, per, signal="gate", candidate=names[int(order[0])],
-                                     confidence=round(float(conf), 4), threshold=round(threshold, 4))
+                                     confidence=round(best_p, 4), threshold=round(shown, 4))
             if decision.abstained:
                 self.knn.apply_fallback(decision, q[len(out)], float(generic_best[len(out)]), rate)
             out.append(decision)
