@@ -2,11 +2,13 @@
 
     python bench/routing.py [--sizes 10,100,1000] [--examples 64] [--out out/bench]
 
-The kNN router's cost is one short forward through the base's first layers (the
-embedding; independent of the library) plus a similarity search over every stored
-example (64 per adapter by default). Latency uses synthetic signatures (random unit
-vectors; the search cost depends on their number, not their values). The overhead is
-measured against the same engine generating 32 tokens for the same single request.
+Both routers cost one short forward through the base's first layers (the embedding;
+independent of the library, never served from the embedding cache here) plus: for kNN a
+similarity search over every stored example (64 per adapter by default) and the generic
+prompts; for the learned gate (the default `auto`) one [d, adapters+1] matrix product.
+Latency uses synthetic signatures (random unit vectors; the cost depends on their number,
+not their values). The overhead is measured against the same engine generating 32 tokens
+for the same single request.
 Writes routing_latency.json and routing_latency.png.
 """
 
@@ -29,7 +31,10 @@ from lorastack.base import Base  # noqa: E402
 from lorastack.engine.sampling import Sampling  # noqa: E402
 from lorastack.library import Library  # noqa: E402
 from lorastack.route import BASE_ROUTE  # noqa: E402
-from lorastack.routing.knn import KnnIndex, KnnRouter, _unit, self_similarity  # noqa: E402
+from lorastack.routing import knn as knn_module  # noqa: E402
+from lorastack.routing.calibration import Calibration  # noqa: E402
+from lorastack.routing.knn import KnnIndex, KnnRouter, _unit  # noqa: E402
+from lorastack.routing.learned import LearnedRouter  # noqa: E402
 from lorastack.runtime import Runtime  # noqa: E402
 
 PROMPT = "Rewrite the date 2031-04-09 in words"
@@ -56,20 +61,35 @@ def main() -> None:
     dim = rt.base.model.config.hidden_size
     rng = np.random.default_rng(0)
 
-    embed_s = timed(lambda: router.embed([PROMPT]), args.repeat)
+    def uncached(fn):
+        def run():
+            knn_module._EMBED_CACHE.clear()
+            return fn()
+        return run
+
+    embed_s = timed(uncached(lambda: router.embed([PROMPT])), args.repeat)
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []
+    generic = _unit(rng.normal(size=(223, dim)).astype(np.float32))
     for n in sizes:
         bank = _unit(rng.normal(size=(n * args.examples, dim)).astype(np.float32))
         owners = np.repeat(np.arange(n), args.examples)
-        idx = KnnIndex([f"a{i}" for i in range(n)], bank, owners, np.zeros(dim, np.float32),
-                       0.9 * self_similarity(bank[: 10 * args.examples], owners[: 10 * args.examples], n))
+        names = [f"a{i}" for i in range(n)]
+        idx = KnnIndex(names, bank, owners, np.zeros(dim, np.float32), generic, np.arange(len(generic)),
+                       Calibration(np.array([0.05]), 1000))
         router.index = lambda idx=idx: idx  # synthetic library of n adapters
-        total = timed(lambda: router.route([PROMPT]), args.repeat)
+        total = timed(uncached(lambda: router.route([PROMPT])), args.repeat)
+        gate = LearnedRouter(rt)
+        gate.knn.index = lambda idx=idx: idx
+        W = rng.normal(size=(dim, n + 1)).astype(np.float32)
+        state = (names, W, np.zeros(n + 1, np.float32), np.zeros(dim, np.float32), Calibration(np.array([0.5]), 1000))
+        gate._current, gate._load = (lambda: names), (lambda state=state: state)
+        learned = timed(uncached(lambda: gate.route([PROMPT])), args.repeat)
         rows.append({"adapters": n, "stored_examples": n * args.examples, "route_ms": total * 1000,
-                     "search_ms": (total - embed_s) * 1000})
-        print(f"{n:>5} adapters ({n * args.examples:>6} examples): route {total * 1000:7.2f} ms "
-              f"(embedding {embed_s * 1000:.2f} ms + search {max(0.0, total - embed_s) * 1000:.2f} ms)", flush=True)
+                     "search_ms": (total - embed_s) * 1000, "learned_ms": learned * 1000})
+        print(f"{n:>5} adapters ({n * args.examples:>6} examples): knn {total * 1000:7.2f} ms "
+              f"(embedding {embed_s * 1000:.2f} ms + search {max(0.0, total - embed_s) * 1000:.2f} ms), "
+              f"learned {learned * 1000:7.2f} ms", flush=True)
 
     engine = rt.generator
     gen = lambda: engine.generate([[{"role": "user", "content": PROMPT}]], BASE_ROUTE, Sampling(max_tokens=32, ignore_eos=True))  # noqa: E731
@@ -77,7 +97,9 @@ def main() -> None:
     print(f"generating 32 tokens (batch 1, same engine): {gen_s * 1000:.0f} ms")
     for r in rows:
         r["overhead_vs_32_tokens"] = r["route_ms"] / (gen_s * 1000)
-        print(f"{r['adapters']:>5} adapters: routing adds {r['overhead_vs_32_tokens']:.1%} to a 32-token generation")
+        r["learned_overhead_vs_32_tokens"] = r["learned_ms"] / (gen_s * 1000)
+        print(f"{r['adapters']:>5} adapters: routing adds {r['overhead_vs_32_tokens']:.1%} (knn), "
+              f"{r['learned_overhead_vs_32_tokens']:.1%} (learned) to a 32-token generation")
     growth = rows[-1]["search_ms"] / max(rows[0]["search_ms"], 1e-6)
     print(f"search time x{growth:.1f} for x{sizes[-1] / sizes[0]:.0f} adapters")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +112,7 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["adapters"] for r in rows], [r["route_ms"] for r in rows], marker="o", label="kNN route (total)")
+    ax.plot([r["adapters"] for r in rows], [r["learned_ms"] for r in rows], marker="s", label="learned gate (total)")
     ax.axhline(gen_s * 1000 * 0.05, color="red", ls="--", label="5% of a 32-token generation")
     ax.set_xscale("log")
     ax.set_xlabel("adapters in library")

@@ -222,6 +222,12 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
         if not isinstance(pattern, dict):
             raise AdapterError(f"{CONFIG_FILE}: '{key}' must be a mapping of module patterns to values")
         for mod, value in pattern.items():
+            if len(mod) > MAX_REGEX or NESTED_QUANTIFIER.search(mod):
+                raise AdapterError(f"{CONFIG_FILE}: '{key}' key {mod[:40]!r} is too long or could backtrack forever")
+            try:
+                re.compile(mod)  # PEFT matches these keys as regexes against module names
+            except re.error as e:
+                raise AdapterError(f"{CONFIG_FILE}: '{key}' key {mod!r} is not a valid pattern ({e})") from None
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             ok = ok and (low <= value <= high if key == "rank_pattern" else 0 < value <= high)
             if not ok or (key == "rank_pattern" and not isinstance(value, int)):
@@ -314,8 +320,11 @@ def check_compatible(path: Path, base: "Base", fingerprint: str | None, label: s
 
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-# A group holding a quantifier, itself quantified: the shape of catastrophic backtracking.
-_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[*+}](?:[^()\\]|\\.)*\)\s*[*+{?]")
+# The shapes of catastrophic backtracking (Python's `re` cannot be interrupted and holds the GIL).
+NESTED_QUANTIFIER = re.compile(
+    r"\((?:[^()\\]|\\.)*[*+}](?:[^()\\]|\\.)*\)\s*[*+{?]"  # a quantified group holding a quantifier: (a+)*
+    r"|\((?:[^()\\]|\\.)*\|(?:[^()\\]|\\.)*\)\s*[*+{]"  # a quantified group of alternatives: (a|a)*
+)
 
 
 def _check_targets(config: dict[str, Any], shapes: dict[str, Any], label: str, base: "Base") -> None:
@@ -330,7 +339,7 @@ def _check_targets(config: dict[str, Any], shapes: dict[str, Any], label: str, b
     if isinstance(targets, str):
         # Python's `re` cannot be interrupted and holds the GIL: a pattern with nested
         # quantifiers ((.*)*X) could stall the whole server for hours on a 40-character name.
-        if len(targets) > MAX_REGEX or _NESTED_QUANTIFIER.search(targets):
+        if len(targets) > MAX_REGEX or NESTED_QUANTIFIER.search(targets):
             raise AdapterError(f"{label}: {CONFIG_FILE}: target_modules regex is too long or nests quantifiers "
                                "(e.g. (a+)*); list the module names instead")
         try:

@@ -112,7 +112,7 @@ def tasks_list(as_json: bool = typer.Option(False, "--json")) -> None:
 def tasks_make(
     name: str,
     n: int = typer.Option(100, "--n", help="Number of records."),
-    split: str = typer.Option("train", "--split", help="train or test (disjoint streams)."),
+    split: str = typer.Option("train", "--split", help="train, test (disjoint streams, same phrasings) or paraphrase (held-out phrasings)."),
     seed: int = typer.Option(0, "--seed"),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write JSONL here instead of stdout."),
 ) -> None:
@@ -181,6 +181,21 @@ def train(
                f"loss {m['train_loss_first']:.3f} (first step) -> {m['train_loss_last']:.3f} (mean of the last {min(5, tr['steps'])} steps)"
                + (f", eval loss {m['eval_loss']:.3f}" if "eval_loss" in m else "")
                + (f", held-out exact match {m['eval_exact_match']:.1%} (n={m['eval_exact_match_n']})" if "eval_exact_match" in m else ""))
+    _report_capture(base, library, adapter.name)
+
+
+def _report_capture(base, library, name: str) -> None:
+    """After training: how often `auto` would hand generic requests to the new adapter."""
+    from .routing.evaluate import capture_rate
+    from .runtime import Runtime
+
+    try:
+        info = capture_rate(Runtime(base, library), name)
+    except (NotImplementedError, LorastackError) as e:
+        typer.echo(f"routing: not measured ({e})", err=True)
+        return
+    typer.echo(f"routing: auto ({info['router']}) sends {info['captured']}/{info['n']} unrelated generic requests to {name} "
+               f"({info['captured'] / info['n']:.1%}; {info['routed']} to any adapter)")
 
 
 # ------------------------------------------------------------------ adapters
@@ -278,19 +293,19 @@ def adapters_search(text: str, as_json: bool = typer.Option(False, "--json")) ->
 def route_cmd(
     prompt: str,
     router: Optional[str] = typer.Option(None, "--router", help="knn (default), arrow or learned."),
+    false_route: Optional[float] = typer.Option(None, "--false-route", help="Operating point for this call: share of generic inputs allowed to reach an adapter (default from config)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Show which route a router picks for PROMPT, with per-adapter scores and the time taken."""
+    """Show which route a router picks for PROMPT, what the decision was made on, and the time taken."""
     rt = _runtime()
     r = rt.router(router)
     r.route([prompt])  # first call builds the index (signatures are computed once and stored)
-    decision = r.route([prompt])[0]
+    decision = r.route([prompt], false_route=false_route)[0]
     if as_json:
         _print_json({"router": r.name, **decision.to_json()})
         return
-    typer.echo(f"{r.name}: {decision.route}"
-               f"{'  (abstained: the best match is below the confidence threshold, so the bare base answers)' if decision.abstained else ''}"
-               f"  [{decision.seconds * 1000:.1f} ms]")
+    typer.echo(f"{r.name}: {decision.route}  [{decision.seconds * 1000:.1f} ms]")
+    typer.echo(f"  {decision.explain()}" + ("  (the bare base answers)" if decision.abstained else ""))
     if decision.scores:
         typer.echo(f"  scores ({SCORE_MEANING.get(r.name, 'per-adapter router scores')}):")
     for name, score in sorted(decision.scores.items(), key=lambda kv: -kv[1]):
@@ -298,34 +313,55 @@ def route_cmd(
 
 
 SCORE_MEANING = {
-    "knn": "share of the nearest stored examples that belong to each adapter",
+    "knn": "share of the nearest stored examples that belong to each adapter; which adapter, not whether",
     "arrow": "softmax over the adapters' prototype scores",
-    "learned": "gate probabilities",
+    "learned": "gate probabilities of the adapters (the rest is 'no expert')",
 }
+
+
+@router_app.command("calibrate")
+def router_calibrate(
+    data: Path = typer.Option(..., "--data", help="JSONL of your own inputs: {prompt|messages, adapter} (adapter null or 'base': should not be routed)."),
+    router: str = typer.Option("knn", "--router", help="knn or learned."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Fit the router's abstention threshold on your own labelled phrasings and save it with the library."""
+    from .routing.calibrate import calibrate_on_data
+
+    info = calibrate_on_data(_runtime(), router, data)
+    if as_json:
+        _print_json(info)
+        return
+    typer.echo(f"{router}: threshold {info['threshold_before']:.3f} -> {info['threshold']:.3f}; on your {info['n']} inputs "
+               f"{info['accuracy_before']:.1%} -> {info['accuracy']:.1%} routed right (to their adapter, or to the base); "
+               f"saved {info['path']}")
 
 
 @app.command("eval-routing")
 def eval_routing(
-    tasks: str = typer.Option(..., "--tasks", help="Comma-separated tasks, each with an adapter of the same name."),
-    ood: str = typer.Option("", "--ood", help="Comma-separated tasks with no adapter (out-of-library inputs)."),
-    n: int = typer.Option(100, "--n", help="Held-out inputs per task."),
-    n_ood: int = typer.Option(100, "--n-ood"),
-    routers: str = typer.Option("knn", "--routers"),
+    tasks: str = typer.Option("", "--tasks", help="Comma-separated built-in tasks, each with an adapter of the same name (default: every such adapter)."),
+    data: list[str] = typer.Option([], "--data", help="NAME=FILE.jsonl: your own inputs (with completions) for adapter NAME; repeatable."),
+    ood: str = typer.Option("", "--ood", help="Comma-separated tasks with no adapter, added to the unrelated inputs."),
+    n: int = typer.Option(100, "--n", help="Inputs per task and column."),
+    n_unrelated: int = typer.Option(400, "--n-unrelated", help="Generic unrelated requests (at most ~450 built in)."),
+    routers: str = typer.Option("knn,learned,arrow", "--routers"),
+    end_task: bool = typer.Option(True, "--end-task/--no-end-task", help="Also decode answers: exact match of routes vs oracle."),
+    end_task_n: Optional[int] = typer.Option(None, "--end-task-n", help="Decode answers for only the first N inputs per adapter and column."),
     out: Path = typer.Option(Path("out/routing"), "--out"),
 ) -> None:
-    """Routing accuracy, abstention and end-task accuracy (base / oracle / routers / uniform mix)."""
-    from .routing.evaluate import evaluate_routing
+    """Routing top-1 on in-template and held-out paraphrase inputs, abstention on unrelated ones, and end-task accuracy vs the oracle."""
+    from .routing.evaluate import evaluate_routing, format_table, parse_data_args
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     rt = _runtime()
-    res = evaluate_routing(rt, split(tasks), n, split(ood), n_ood, split(routers), out)
-    for name, r in res["routers"].items():
-        typer.echo(f"{name}: top-1 routing {r['top1_accuracy']:.1%}, {r['ms_per_input']:.1f} ms/input, "
-                   f"OOD abstention {r['ood_abstention_recall'] if r['ood_abstention_recall'] is None else format(r['ood_abstention_recall'], '.1%')}, "
-                   f"abstention precision {r['abstention_precision'] if r['abstention_precision'] is None else format(r['abstention_precision'], '.1%')}")
-    for label, acc in res["end_task_accuracy"].items():
-        rel = res["relative_to_oracle"][label]
-        typer.echo(f"  {label:<14} end-task exact match {acc:.1%}" + (f"  ({rel:.0%} of oracle)" if rel is not None else ""))
+    from .tasks import TASKS
+
+    user_data = parse_data_args(data)
+    task_list = split(tasks) or ([t for t in rt.served() if t in TASKS and t not in user_data] if not user_data else [])
+    res = evaluate_routing(rt, task_list, n, split(ood), n_unrelated, split(routers), out, data=user_data, end_task=end_task,
+                           end_task_n=end_task_n)
+    for line in format_table(res):
+        typer.echo(line)
     typer.echo(f"wrote {out}/routing.json and routing.png")
 
 

@@ -4,15 +4,16 @@ Only choices a user may want to change without code live here; everything has a 
 so no file is needed. Example:
 
     [routing]
-    default = "knn"          # what plain `auto` means (env LORASTACK_ROUTER wins)
+    default = "learned"      # what plain `auto` means (env LORASTACK_ROUTER wins)
 
-    [routing.knn]            # keyword options of that router
-    calibration = 0.92       # abstention threshold, as a fraction of in-library similarity
+    [routing.learned]        # keyword options of that router
+    false_route = 0.01       # operating point: share of generic requests allowed to reach an adapter
+    top_k = 1                # > 1: mixtures of up to top_k experts
+
+    [routing.knn]
+    false_route = 0.01
     k = 8
-
-    [routing.learned]
-    top_k = 2
-    min_prob = 0.5
+    fallback = true          # route example-less adapters by their card's description
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from typing import Any
 from .errors import LorastackError
 from .paths import lorastack_home
 
-BUILTIN_DEFAULT_ROUTER = "knn"
+# The learned gate (with a "no expert" class) wins under held-out paraphrase: 96% top-1 vs
+# kNN's 89% at the same ~99% abstention on unrelated requests (`lorastack eval-routing`).
+BUILTIN_DEFAULT_ROUTER = "learned"
 
 
 def config_path() -> Path:

@@ -70,6 +70,8 @@ def run_demo(
         del train_base
     else:
         console.print("all demo adapters found in the library; reusing them (use --retrain to train again)")
+    # Store routing signatures and fit the gate now, so a first `--model auto` only embeds its request.
+    runtime.router().route(["Hello!"])
 
     routes: list[tuple[str, Route]] = [("base", BASE_ROUTE)] + [(t.name, runtime.route(t.name)) for t in task_objs]
     tests = {t.name: t.generate(n_test, "test", seed=0) for t in task_objs}

@@ -31,6 +31,7 @@ from .adapter import (
     AdapterCard,
     AdapterError,
     check_compatible,
+    check_finite,
     read_json,
     weights_path,
 )
@@ -283,6 +284,8 @@ class Library:
             if base is not None:
                 check_compatible(tmp, base, card.get("base_fingerprint"), label=name, values=True)
                 card_obj.base_fingerprint = base.fingerprint
+            else:  # no base to check shapes against; the values are checked all the same
+                check_finite(tmp, name)
             (tmp / CARD_FILE).write_text(card_obj.model_dump_json(indent=2), encoding="utf-8")
             if texts:
                 (tmp / EXAMPLES_FILE).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")

@@ -89,8 +89,9 @@ class Runtime:
         if forget is not None:
             forget(name)
 
-    def decide(self, spec: str, texts: list[str]) -> list:
-        """A `RouteDecision` per text: fixed SPECs decide nothing, `auto...` asks its router.
+    def decide(self, spec: str, texts: list[str], false_route: float | None = None) -> list:
+        """A `RouteDecision` per text: fixed SPECs decide nothing, `auto...` asks its router
+        (at operating point `false_route` when given, else the router's own).
 
         Routers are not re-entrant (they build indexes lazily), so calls are serialised; a
         route naming an adapter that is no longer served is trimmed to what is.
@@ -101,7 +102,7 @@ class Runtime:
         if not isinstance(parsed, AutoSpec):
             return [RouteDecision(parsed) for _ in texts]
         with self._route_lock:
-            decisions = self._route_retrying(parsed.router, texts)
+            decisions = self._route_retrying(parsed.router, texts, false_route)
         for d in decisions:
             kept = tuple((n, w) for n, w in d.route.entries if self.fits(n))
             if len(kept) != len(d.route.entries):
@@ -110,16 +111,20 @@ class Runtime:
                 d.abstained = d.abstained or not kept
         return decisions
 
-    def _route_retrying(self, router: str | None, texts: list[str]) -> list:
+    def _route_retrying(self, router: str | None, texts: list[str], false_route: float | None = None) -> list:
         """Route `texts`; an adapter removed while the router read the library makes it
         read again (optimistic: removals are rare and the next read no longer sees it)."""
         for attempt in range(3):
             try:
-                return self.router(router).route(texts)
+                return self.router(router).route(texts, false_route=false_route)
             except NotFoundError:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    def context_length(self) -> int:
+        """The base's context window in tokens (a large number when the config does not say)."""
+        return int(getattr(self.base.model.config, "max_position_embeddings", 0) or 0) or 1 << 30
 
     def router_name(self, spec: str) -> str | None:
         parsed = parse_spec(spec)

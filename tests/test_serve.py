@@ -92,7 +92,13 @@ def test_openai_client_chat_completions_streaming_and_models(runtime):
         date_prompt = get_task("date_format").generate(1, "test", seed=3)[0]["prompt"]
         r = oa.chat.completions.create(model="auto", messages=[{"role": "user", "content": date_prompt}], temperature=0, max_tokens=4)
         info = r.to_dict()["lorastack"]
+        assert info["router"] == "learned" and info["threshold"] is not None and info["candidate"] in TASKS, info
+        # The per-request operating point (an extra body field): the loosest one routes it.
+        r = oa.chat.completions.create(model="auto:knn", messages=[{"role": "user", "content": "Rewrite the date 2031-04-09 in words"}],
+                                       temperature=0, max_tokens=4, extra_body={"false_route": 1.0})
+        info = r.to_dict()["lorastack"]
         assert info["router"] == "knn" and info["spec"] == "date_format", info
+        assert info["confidence"] >= info["threshold"] and info["signal"] == "examples"
 
         # A mixture by the model field, and plain completions.
         r = oa.chat.completions.create(model="reverse_words:0.5+date_format:0.5", messages=[{"role": "user", "content": prompt}],
@@ -207,11 +213,11 @@ def test_hot_import_delete_and_vllm_load_unload(runtime, tiny_base, tmp_path):
         assert r.status_code == 200 and "removed" in r.text
         assert "date_format" not in [m["id"] for m in c.get("/v1/models").json()["data"]]
         assert c.post("/v1/chat/completions", json=chat_body("date_format")).status_code == 404
-        date_prompt = get_task("date_format").generate(1, "test", seed=3)[0]["prompt"]
-        r = c.post("/v1/chat/completions", json=chat_body("auto", content=date_prompt))
+        date_prompt = "Rewrite the date 2031-04-09 in words"
+        r = c.post("/v1/chat/completions", json=chat_body("auto:knn", content=date_prompt, false_route=1.0))
         assert "date_format" not in r.json()["lorastack"]["spec"]
         assert c.post("/v1/load_lora_adapter", json={"lora_name": "date_format"}).status_code == 200
-        r = c.post("/v1/chat/completions", json=chat_body("auto", content=date_prompt))
+        r = c.post("/v1/chat/completions", json=chat_body("auto:knn", content=date_prompt, false_route=1.0))
         assert r.json()["lorastack"]["spec"] == "date_format"
         r = c.post("/v1/load_lora_adapter", json={"lora_name": "viaload", "lora_path": str(fresh)})
         assert r.status_code == 200 and "viaload" in runtime.library

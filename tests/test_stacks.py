@@ -409,3 +409,31 @@ def test_stack_train_makes_one_adapter_per_stage_and_the_stack_runs(runtime):
     assert adapters[1].card.data["stage"] == "title"
     res = StackRunner(runtime).run(spec, task.generate(1, "test", seed=0)[0]["prompt"])
     assert res.error is None and [t.route for t in res.trace] == ["ct-decode", "ct-title"]
+
+
+def test_hostile_specs_alias_bombs_and_backtracking_regexes_are_refused(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x, x]\nb: &b [*a, *a]\nname: s\nstages:\n  - {name: t, prompt: '{input}'}\n")
+    with pytest.raises(StackError, match="aliases"):
+        load_stack(bomb)
+    with pytest.raises(StackError, match="nests quantifiers"):
+        spec_of("name: s\nstages:\n  - {name: t, prompt: '{input}', parse: {regex: '(a+)+b'}}")
+
+
+def test_stage_limits_prompt_length_output_size_and_bad_inputs(runtime):
+    """Third hostile pass: a stage is no way around the prompt cap, transforms cannot grow
+    without bound, and odd inputs are errors of that execution, not crashes."""
+    long = spec_of("name: l\nstages:\n  - {name: s, prompt: '{input}', model: base, max_tokens: 1}")
+    res = StackRunner(runtime).run(long, "w " * 5000)
+    assert res.error is not None and "tokens; at most" in res.error
+    bomb = {"name": "b", "stages": [{"name": "s0", "prompt": "{input}"}] + [
+        {"name": f"s{i}", "prompt": "".join(f"{{stages.s{i - 1}.output}}" for _ in range(4))} for i in range(1, 9)]}
+    res = StackRunner(runtime).run(parse_stack(bomb), "x" * 1000)
+    assert res.error is not None and "characters; a stage's is at most" in res.error
+    with pytest.raises(StackError, match="split must not be empty"):
+        spec_of("name: e\nstages:\n  - {name: m, map: '{input}', split: '', prompt: '{item}', model: base}")
+    with pytest.raises(StackError, match="backtrack|nests quantifiers"):
+        spec_of("name: r\nstages:\n  - {name: t, prompt: '{input}', parse: {regex: '(a|a)*c'}}")
+    deep = spec_of("name: d\nstages:\n  - {name: t, prompt: '{input}', parse: {json_field: a}}")
+    res = StackRunner(runtime).run(deep, "[" * 5000 + "]" * 5000)
+    assert res.error is None and res.output == ""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
+import re
+import string
 
 import pytest
 
@@ -14,35 +17,49 @@ from lorastack.tasks.number_to_words import spell
 def test_at_least_ten_distinct_families():
     tasks = list_tasks()
     assert len(tasks) >= 10
-    prefixes = {t.generate(1, "train", 0)[0]["prompt"].split()[0:3].__str__() for t in tasks}
-    assert len(prefixes) == len(tasks), "every family has its own instruction"
+    phrasings = [p for t in tasks for p in t.templates + t.paraphrases]
+    assert len(set(phrasings)) == len(phrasings), "every family has its own instructions"
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
-def test_generation_is_deterministic_and_splits_are_disjoint(name):
+def test_paraphrase_templates_are_held_out_of_training(name):
+    """The paraphrase split uses phrasings no train (or test) record was made from."""
     task = get_task(name)
-    a = task.generate(300, "train", seed=3)
-    assert a == task.generate(300, "train", seed=3)
-    assert a != task.generate(300, "train", seed=4)
-    test = task.generate(100, "test", seed=3)
-    assert {r["prompt"] for r in a}.isdisjoint({r["prompt"] for r in test})
-    assert all(split_of(r["prompt"]) == "test" for r in test)
-    assert all(r["task"] == name and r["completion"] for r in a + test)
-    # Every generated answer passes the task's own scorer, and a wrong one fails it.
-    assert all(task.score(r["completion"], r) for r in test)
-    assert not any(task.score(r["completion"] + " extra", r) for r in test)
-    json.dumps(a)  # records are plain JSON
+    assert len(task.templates) >= 6 and len(task.paraphrases) >= 2
+    train = task.generate(400, "train", seed=0)
+    para = task.generate(200, "paraphrase", seed=0)
+    # Every template is actually used, on both sides.
+    assert {r["template"] for r in train} == set(range(len(task.templates)))
+    assert {r["template"] for r in para} == set(range(len(task.paraphrases)))
+    for r in train:
+        assert any(_matches(t, r["prompt"]) for t in task.templates)
+        assert not any(_matches(t, r["prompt"]) for t in task.paraphrases), r["prompt"]
+    for r in para:
+        assert any(_matches(t, r["prompt"]) for t in task.paraphrases)
+        assert not any(_matches(t, r["prompt"]) for t in task.templates), r["prompt"]
+    assert all(task.score(r["completion"], r) for r in para)
+
+
+
+
+def _matches(template, prompt):
+    """Whether `prompt` could have been made from `template` (its fixed text, any field values)."""
+    regex = "".join(re.escape(lit) + ("(.+?)" if field is not None else "") for lit, field, _, _ in string.Formatter().parse(template))
+    return re.fullmatch(regex, prompt, re.S) is not None
 
 
 def test_answers_are_right():
-    rec = get_task("add_numbers").generate(50, "test", 0)
-    for r in rec:
-        a, b = r["prompt"].removeprefix("What is ").removesuffix("?").split(" + ")
-        assert int(r["completion"]) == int(a) + int(b)
-    for r in get_task("reverse_words").generate(20, "test", 0):
-        assert r["completion"].split() == r["prompt"].split(": ", 1)[1].split()[::-1]
-    for r in get_task("bracket_close").generate(50, "test", 0):
-        seq = r["prompt"].split(": ", 1)[1].split() + r["completion"].split()
+    for split in ("test", "paraphrase"):
+        for r in get_task("add_numbers").generate(50, split, 0):
+            a, b = map(int, re.findall(r"\d+", r["prompt"]))
+            assert int(r["completion"]) == a + b
+    rng = random.Random(0)
+    for _ in range(20):
+        fields, completion = get_task("reverse_words").make_fields(rng)
+        assert completion.split() == fields["words"].split()[::-1]
+    for _ in range(50):
+        fields, completion = get_task("bracket_close").make_fields(rng)
+        seq = fields["seq"].split() + completion.split()
         stack = []
         for ch in seq:
             if ch in "([{<":
@@ -71,5 +88,6 @@ def test_bad_split_and_n():
 
     with pytest.raises(LorastackError, match="split must be"):
         get_task("sort_words").generate(3, "dev")
+    assert get_task("sort_words").generate(3, "paraphrase")
     with pytest.raises(LorastackError, match="n must be"):
         get_task("sort_words").generate(-1)

@@ -1,11 +1,19 @@
 """Learned routing (mixture-of-LoRA gating, MoLE/DLP-LoRA style): a small gate over sentence features.
 
 The gate is a multinomial logistic regression on the same centred base embeddings the
-kNN router uses, fitted on the library's stored examples with `lorastack router fit`
-(full-batch gradient descent with L2; a few hundred examples per adapter fit in well
-under a second). It keeps the adapters whose probabilities make up `top_p` of the mass
-(at most `top_k`), as a weighted mixture, and abstains when the best probability is
-below `min_prob`. Saved as safetensors next to the library index (never pickle).
+kNN router uses, fitted on the library's stored examples plus one extra class, "none",
+made of the generic chat prompts the kNN router calibrates on (so the gate learns to say
+"no expert" instead of always naming one). Fitting takes well under a second, so the gate
+refits itself whenever the library's routable adapters differ from the ones it was fitted
+on (`lorastack router fit` does the same explicitly). It keeps the adapters whose
+probabilities make up `top_p` of the mass (at most `top_k`) as a weighted mixture.
+
+Abstention: route only when the best adapter is more probable than "no expert" and its
+probability reaches a threshold fitted on negatives at the router's false-route rate (a
+decision reports the higher of the two as the threshold it had to reach). The negatives' probabilities come from
+two-fold cross-fitting (each half scored by a gate fitted on the other half), since a gate
+scored on its own training data would look falsely certain. Saved as safetensors next to
+the library index (never pickle).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch
 from ..atomic import TMP_PREFIX
 from ..errors import LorastackError
 from ..route import BASE_ROUTE, Route
+from .calibration import DEFAULT_FALSE_ROUTE, Calibration, load_override
 from .knn import KnnRouter, _unit
 from .router import RouteDecision, register
 
@@ -29,9 +38,9 @@ if TYPE_CHECKING:
 GATE_FILE = "router-learned.safetensors"
 
 
-def fit_gate(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-3, steps: int = 300, lr: float = 0.5,
+def fit_gate(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-5, steps: int = 300, lr: float = 0.5,
              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression (weights [d, C], bias [C]) by full-batch gradient descent."""
+    """Multinomial logistic regression (weights [d, C], bias [C]) by full-batch L-BFGS."""
     torch.manual_seed(seed)
     X = torch.tensor(x, dtype=torch.float32)
     Y = torch.tensor(y, dtype=torch.long)
@@ -49,75 +58,147 @@ def fit_gate(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-3, ste
     return W.detach().numpy(), b.detach().numpy()
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
+def gate_confidence(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the best adapter (the last class is "none") and its confidence — its probability,
+    or 0 when "none" is more probable (then the gate itself says no expert)."""
+    best = p[:, :-1].argmax(1)
+    pb = p[np.arange(len(p)), best]
+    return best, np.where(pb > p[:, -1], pb, 0.0)
+
+
+def gate_calibration(x: np.ndarray, y: np.ndarray, n_classes: int, folds: np.ndarray) -> Calibration:
+    """Out-of-fold confidences: negatives are "none" rows and rows whose best adapter is wrong;
+    positives are rows whose best adapter is right. `folds` (0/1) keep each generic template
+    on one side, so negatives are scored by a gate that never saw their phrasing."""
+    conf = np.zeros(len(y))
+    best = np.zeros(len(y), dtype=np.int64)
+    for f in (0, 1):
+        if (folds == f).all() or not (folds == f).any():
+            continue
+        W, b = fit_gate(x[folds != f], y[folds != f], n_classes)
+        best[folds == f], conf[folds == f] = gate_confidence(softmax(x[folds == f] @ W + b))
+    wrong = best != y
+    return Calibration.fit(conf[wrong], np.ones(int(wrong.sum()), dtype=bool), conf[~wrong])
+
+
 class LearnedRouter:
     name = "learned"
 
-    def __init__(self, runtime: "Runtime", top_k: int = 1, top_p: float = 0.9, min_prob: float = 0.5) -> None:
+    def __init__(self, runtime: "Runtime", top_k: int = 1, top_p: float = 0.9, false_route: float = DEFAULT_FALSE_ROUTE) -> None:
         self.runtime = runtime
-        self.top_k, self.top_p, self.min_prob = top_k, top_p, min_prob
-        self.knn = KnnRouter(runtime)  # same embeddings and stored signatures
-        self._gate: tuple[list[str], np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.top_k, self.top_p, self.false_route = int(top_k), float(top_p), float(false_route)
+        self.knn = KnnRouter(runtime, false_route=false_route)  # same embeddings, signatures and description fallback
+        self._gate: tuple[list[str], np.ndarray, np.ndarray, np.ndarray, Calibration] | None = None
+        self.override: float | None = None  # a threshold fitted on the user's data (router calibrate)
 
     @property
     def path(self):
         return self.runtime.library.root / GATE_FILE
 
     def fit(self) -> dict:
-        """Train the gate on every routable adapter's stored examples and save it atomically."""
+        """Train the gate on every routable adapter's stored examples plus the generic "none"
+        class, calibrate its threshold, and save it atomically."""
         from safetensors.numpy import save_file
 
         t0 = time.perf_counter()
         idx = self.knn.index()
-        if len(idx.names) < 2:
-            raise LorastackError("the learned router needs at least 2 adapters with stored examples")
-        W, b = fit_gate(idx.bank, idx.owners, len(idx.names))
+        n = idx.n_with_examples
+        if n < 1:
+            raise LorastackError("the learned router needs at least 1 adapter with stored examples")
+        x = np.concatenate([idx.bank, idx.generic])
+        y = np.concatenate([idx.owners, np.full(len(idx.generic), n)])
+        W, b = fit_gate(x, y, n + 1)
+        folds = np.concatenate([np.random.default_rng(0).permutation(len(idx.owners)) % 2, idx.generic_groups % 2])
+        cal = gate_calibration(x, y, n + 1, folds)
         acc = float(((idx.bank @ W + b).argmax(1) == idx.owners).mean())
         tmp = self.path.with_name(TMP_PREFIX + GATE_FILE)
-        save_file({"W": W.astype(np.float32), "b": b.astype(np.float32), "mean": idx.mean.astype(np.float32)}, str(tmp),
-                  metadata={"names": json.dumps(idx.names), "base": self.runtime.base.fingerprint})
+        save_file({"W": W.astype(np.float32), "b": b.astype(np.float32), "mean": idx.mean.astype(np.float32),
+                   "neg": cal.false_margins.astype(np.float32), "pos": cal.positive_margins.astype(np.float32)}, str(tmp),
+                  metadata={"names": json.dumps(idx.names[:n]), "base": self.runtime.base.fingerprint, "n_neg": str(cal.n_neg)})
         tmp.replace(self.path)
         self._gate = None
-        return {"adapters": len(idx.names), "examples": int(len(idx.owners)), "train_accuracy": acc,
+        return {"adapters": n, "examples": int(len(idx.owners)), "generic": int(len(idx.generic)), "train_accuracy": acc,
                 "seconds": round(time.perf_counter() - t0, 2), "path": str(self.path)}
 
-    def _load(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-        if self._gate is None:
-            from safetensors import safe_open
+    def _current(self) -> list[str]:
+        idx = self.knn.index()
+        return idx.names[: idx.n_with_examples]
 
-            if not self.path.exists():
-                raise LorastackError("the learned router is not fitted for this library; run `lorastack router fit`")
-            with safe_open(str(self.path), framework="numpy") as f:
-                meta = f.metadata()
-                if meta.get("base") != self.runtime.base.fingerprint:
-                    raise LorastackError("the learned router was fitted for another base; run `lorastack router fit`")
-                self._gate = (json.loads(meta["names"]), f.get_tensor("W"), f.get_tensor("b"), f.get_tensor("mean"))
-        return self._gate
+    def _load(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, Calibration]:
+        """The saved gate, refitted first if it is missing, for another base, or for another set of adapters."""
+        from safetensors import safe_open
 
-    def route(self, texts: list[str]) -> list[RouteDecision]:
+        current = self._current()
+        if self._gate is not None and self._gate[0] == current:
+            return self._gate
+        for attempt in range(2):
+            if self.path.exists():
+                with safe_open(str(self.path), framework="numpy") as f:
+                    meta = f.metadata()
+                    if meta.get("base") == self.runtime.base.fingerprint and json.loads(meta["names"]) == current:
+                        cal = Calibration(f.get_tensor("neg").astype(np.float64), int(meta["n_neg"]), f.get_tensor("pos"))
+                        self._gate = (current, f.get_tensor("W"), f.get_tensor("b"), f.get_tensor("mean"), cal)
+                        self.override = load_override(self.runtime.library.root, self.name, self.runtime.base.fingerprint, current)
+                        return self._gate
+            if attempt == 0:
+                self.fit()
+        raise LorastackError(f"could not fit the learned router for this library ({self.path})")
+
+    def routable(self) -> list[str]:
+        return self._current()
+
+    def threshold(self, false_route: float | None = None) -> float:
+        """The probability the best adapter must reach: user-calibrated, else fitted at the operating point."""
+        cal = self._load()[4]
+        if false_route is None and self.override is not None:
+            return self.override
+        return cal.threshold(self.false_route if false_route is None else false_route)
+
+    def route(self, texts: list[str], false_route: float | None = None) -> list[RouteDecision]:
         t0 = time.perf_counter()
-        names, W, b, mean = self._load()
-        current = set(self.runtime.library.names())
-        if not set(names) <= current:
-            raise LorastackError("the learned router was fitted on adapters that are gone; run `lorastack router fit`")
-        logits = _unit(self.knn.embed(texts) - mean) @ W + b
-        probs = np.exp(logits - logits.max(1, keepdims=True))
-        probs /= probs.sum(1, keepdims=True)
+        rate = self.false_route if false_route is None else false_route
+        if not self._current():  # no adapter has examples: only the description fallback can route
+            return self.knn.route(texts, false_route=rate)
+        names, W, b, mean, _ = self._load()
+        threshold = self.threshold(false_route)
+        raw = self.knn.embed(texts)
+        probs = softmax(_unit(raw - mean) @ W + b)
+        q = _unit(raw - self.knn.index().mean)
+        generic_best = self.knn.generic_best(q)
         per = (time.perf_counter() - t0) / len(texts)
         out = []
-        for p in probs:
-            order = np.argsort(-p)[: self.top_k]
+        _, confs = gate_confidence(probs)
+        for p, conf in zip(probs, confs):
+            p_none = float(p[-1])
+            pa = p[:-1]
+            order = np.argsort(-pa)[: self.top_k]
             keep, mass = [], 0.0
             for i in order:
                 keep.append(int(i))
-                mass += p[i]
-                if mass >= self.top_p:
+                mass += pa[i]
+                if mass >= self.top_p * (1 - p_none):
                     break
-            confident = p[order[0]] >= self.min_prob
-            total = sum(p[i] for i in keep)
-            route = Route(tuple((names[i], round(float(p[i] / total), 4)) for i in keep)) if confident else BASE_ROUTE
+            # Route when the best adapter beats "no expert" and reaches the calibrated threshold;
+            # the threshold shown is whichever of the two it had to clear.
+            best_p = float(pa[order[0]])
+            confident = bool(conf > 0 and conf >= threshold)
+            shown = max(threshold, p_none)
+            total = sum(pa[i] for i in keep)
+            route = Route(tuple((names[i], round(float(pa[i] / total), 4)) for i in keep)) if confident else BASE_ROUTE
             if confident and len(keep) == 1:
                 route = Route(((names[keep[0]], 1.0),))
-            out.append(RouteDecision(route, {n: round(float(v), 4) for n, v in zip(names, p) if v >= 1e-4}, not confident, per))
+            scores = {n: round(float(v), 4) for n, v in zip(names, pa) if v >= 1e-4}
+            decision = RouteDecision(route, scores, not confident, per, signal="gate", candidate=names[int(order[0])],
+                                     confidence=round(best_p, 4), threshold=round(shown, 4))
+            if decision.abstained:
+                self.knn.apply_fallback(decision, q[len(out)], float(generic_best[len(out)]), rate)
+            out.append(decision)
+        self.knn.apply_arrow(out, texts, rate)
         return out
 
 

@@ -20,20 +20,44 @@ if TYPE_CHECKING:
 
 @dataclass
 class RouteDecision:
+    """A route plus what it was decided on.
+
+    `scores` say which adapter each signal favoured (vote shares, probabilities); whether
+    to route at all is a separate test: `confidence` (the router's margin or probability
+    for `candidate`) against the `threshold` it had to reach, from signal `signal`
+    (`examples`, `description`, `gate`, `arrow`). A high vote share next to "abstained"
+    means the input was most like that adapter, but not like it enough.
+    """
+
     route: Route
     scores: dict[str, float] = field(default_factory=dict)
     abstained: bool = False
     seconds: float = 0.0
+    signal: str | None = None
+    candidate: str | None = None
+    confidence: float | None = None
+    threshold: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"route": self.route.to_json(), "spec": str(self.route), "scores": self.scores,
-                "abstained": self.abstained, "ms": round(self.seconds * 1000, 2)}
+                "abstained": self.abstained, "ms": round(self.seconds * 1000, 2), "signal": self.signal,
+                "candidate": self.candidate, "confidence": self.confidence, "threshold": self.threshold}
+
+    def explain(self) -> str:
+        """One line: why this route (or why the bare base)."""
+        if self.confidence is None or self.threshold is None:
+            return "abstained" if self.abstained else "routed"
+        verb = "abstained" if self.abstained else "routed"
+        cmp = "<" if self.abstained else ">="
+        return f"{verb}: best candidate {self.candidate} by {self.signal}, confidence {self.confidence:.3f} {cmp} threshold {self.threshold:.3f}"
 
 
 class Router(Protocol):
     name: str
 
-    def route(self, texts: list[str]) -> list[RouteDecision]: ...
+    def route(self, texts: list[str], false_route: float | None = None) -> list[RouteDecision]:
+        """One decision per text; `false_route` overrides the operating point for this call."""
+        ...
 
 
 ROUTERS: dict[str, Callable[["Runtime"], Router]] = {}

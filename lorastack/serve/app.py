@@ -112,10 +112,10 @@ class Server:
             raise ApiError(400, f"prompt is {len(ids)} tokens; at most {max(limit, 0)} fit with max_tokens={sampling.max_tokens}",
                            param=param, code="context_length_exceeded")
 
-    async def decide(self, model: str, text: str) -> Any:
+    async def decide(self, model: str, text: str, false_route: float | None = None) -> Any:
         t0 = time.perf_counter()
         try:
-            decision = (await run_in_threadpool(self.runtime.decide, model, [text]))[0]
+            decision = (await run_in_threadpool(self.runtime.decide, model, [text], false_route))[0]
         except NotFoundError as e:
             raise ApiError(404, str(e), param="model", code="model_not_found") from e
         except LorastackError as e:
@@ -125,7 +125,9 @@ class Server:
 
     def route_info(self, model: str, decision: Any) -> RouteInfo:
         return RouteInfo(spec=str(decision.route), route=decision.route.to_json(), router=self.runtime.router_name(model),
-                         abstained=decision.abstained, scores=decision.scores, routing_ms=round(decision.seconds * 1000, 3))
+                         abstained=decision.abstained, scores=decision.scores, routing_ms=round(decision.seconds * 1000, 3),
+                         candidate=decision.candidate, confidence=decision.confidence, threshold=decision.threshold,
+                         signal=decision.signal)
 
     def submit(self, ids: list[int], decision: Any, sampling: Sampling, stream: bool) -> tuple[EngineRequest, asyncio.Queue]:
         """Queue a generation. A streaming caller gets every text piece through the returned
@@ -268,8 +270,7 @@ class Server:
         base = self.runtime.base
         cards = [ModelCard(id="base", created=self.started, root=base.name, description=f"the bare base ({base.fingerprint})")]
         cards.append(ModelCard(id="auto", created=self.started, parent="base", description="routed per request by the default router"))
-        cards += [ModelCard(id=f"auto:{r}", created=self.started, parent="base", description=f"routed per request by the {r} router"
-                            + (" (after `lorastack router fit`)" if r == "learned" else ""))
+        cards += [ModelCard(id=f"auto:{r}", created=self.started, parent="base", description=f"routed per request by the {r} router")
                   for r in sorted(ROUTERS)]
         from ..stacks import StackStore
 
@@ -369,7 +370,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
             raise ApiError(400, f"messages: the chat template rejected this conversation ({e})", param="messages") from e
         if srv.is_stack(body.model):
             return await srv.stack_chat(body, users[-1] if users else messages[-1]["content"])
-        decision = await srv.decide(body.model, users[-1] if users else messages[-1]["content"])
+        decision = await srv.decide(body.model, users[-1] if users else messages[-1]["content"], body.false_route)
         sampling = srv.sampling(body, len(ids))
         srv.check_prompt(ids, sampling, "messages")
         info = srv.route_info(body.model, decision)
@@ -413,7 +414,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
             all_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         except Exception as e:  # noqa: BLE001 - e.g. an unpaired surrogate (\ud800) the tokenizer cannot encode
             raise ApiError(400, f"prompt cannot be tokenized ({type(e).__name__}); is it valid Unicode text?", param="prompt") from e
-        decisions = [await srv.decide(body.model, p) for p in prompts]
+        decisions = [await srv.decide(body.model, p, body.false_route) for p in prompts]
         sampling = srv.sampling(body, max(len(ids) for ids in all_ids))
         for ids in all_ids:
             if not ids:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 
 class _Lenient(BaseModel):
@@ -83,6 +84,10 @@ class _Sampling(_Keeping):
     n: int = Field(default=1, ge=1)
     # vLLM's extra sampling field: keep generating past EOS (load tests, benchmarks).
     ignore_eos: bool = False
+    # lorastack extra field for `auto`: this request's routing operating point (share of
+    # generic inputs allowed to reach an adapter; higher routes more, lower abstains more).
+    # Kept out of the OpenAPI schema, like other servers' vendor extensions.
+    false_route: SkipJsonSchema[float | None] = Field(default=None, ge=0.0, le=1.0)
 
     @field_validator("stop")
     @classmethod
@@ -134,6 +139,12 @@ class RouteInfo(BaseModel):
     routing_ms: float = 0.0
     # `stack/<name>` requests: every stage's input, route (and router scores), output and time.
     trace: list[dict[str, Any]] | None = None
+    # What the decision was made on: the router's confidence for its best candidate
+    # against the threshold it had to reach, and which signal produced it.
+    candidate: str | None = None
+    confidence: float | None = None
+    threshold: float | None = None
+    signal: str | None = None
 
 
 class AssistantMessage(BaseModel):

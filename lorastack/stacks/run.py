@@ -168,8 +168,8 @@ class StackRunner:
 
     def _start(self, stage: Stage, ex: _Execution, on_output: Callable[[str | None], None] | None) -> None:
         if stage.kind == "transform":
-            rendered = stage.prompt.render(ex.input, ex.outputs)
-            ex.outputs[stage.name] = stage.finish(rendered)
+            rendered = _capped(stage.prompt.render(ex.input, ex.outputs), "input")
+            ex.outputs[stage.name] = _capped(stage.finish(rendered), "output")
             ex.traces[stage.name] = StageTrace(stage.name, "transform", rendered, raw=rendered, output=ex.outputs[stage.name],
                                                ms=_ms(ex.stage_t0[stage.name]))
             return
@@ -180,10 +180,16 @@ class StackRunner:
             if len(items) > MAX_MAP_ITEMS:
                 raise StackError(f"map over {len(items)} items; at most {MAX_MAP_ITEMS}")
             prompts = [stage.prompt.render(ex.input, ex.outputs, item=it) for it in items]
-        decisions = self.runtime.decide(stage.model, prompts) if prompts else []  # type: ignore[arg-type]
         sampling = Sampling(max_tokens=stage.max_tokens, temperature=stage.temperature, stop=stage.stop)
+        # The same prompt-length limit as a plain request: a stage must not be a way around it.
+        limit = min(MAX_STAGE_PROMPT_TOKENS, self.runtime.context_length() - stage.max_tokens)
+        ids = [self.runtime.base.chat_ids([{"role": "user", "content": _capped(p, "prompt")}]) for p in prompts]
+        longest = max((len(i) for i in ids), default=0)
+        if longest > limit:
+            raise StackError(f"prompt is {longest} tokens; at most {max(limit, 0)} fit with max_tokens={stage.max_tokens}")
+        decisions = self.runtime.decide(stage.model, prompts) if prompts else []  # type: ignore[arg-type]
         stream = on_output if (stage.kind == "model" and not stage.parse) else None
-        reqs = [self.engine.submit(p, d.route, sampling, on_event=stream) for p, d in zip(prompts, decisions)]
+        reqs = [self.engine.submit_ids(i, d.route, sampling, on_event=stream) for i, d in zip(ids, decisions)]
         routed = isinstance(_parsed(self.runtime, stage.model), AutoSpec)
         trace = StageTrace(stage.name, stage.kind, prompts[0] if stage.kind == "model" else prompts,
                            route=str(decisions[0].route) if stage.kind == "model" else [str(d.route) for d in decisions])
@@ -228,6 +234,16 @@ def _parsed(runtime: "Runtime", spec: str | None):
     return parse_spec(spec) if spec else None
 
 
+MAX_STAGE_PROMPT_TOKENS = 4096  # as the server's default prompt cap
+MAX_STAGE_TEXT = 64 << 10  # characters: a transform repeating its input must not grow without bound
+
+
+def _capped(text: str, what: str) -> str:
+    if len(text) > MAX_STAGE_TEXT:
+        raise StackError(f"{what} is {len(text)} characters; a stage's is at most {MAX_STAGE_TEXT}")
+    return text
+
+
 def _items(text: str, split: str) -> list[str]:
     """A map stage's items: a JSON list if the text is one, else the text split on `split`."""
     stripped = text.strip()
@@ -236,7 +252,7 @@ def _items(text: str, split: str) -> list[str]:
             value = json.loads(stripped)
             if isinstance(value, list):
                 return [v if isinstance(v, str) else json.dumps(v) for v in value]
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     return [p.strip() for p in text.split(split) if p.strip()]
 

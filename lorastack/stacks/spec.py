@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from ..adapter import NESTED_QUANTIFIER
 from ..errors import LorastackError
 from ..names import InvalidNameError, validate_name
 
@@ -105,7 +106,7 @@ class ParseStep:
         if self.kind == "json_field":
             try:
                 obj = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return ""
             value = obj.get(self.arg, "") if isinstance(obj, dict) else ""
             return value if isinstance(value, str) else json.dumps(value)
@@ -170,6 +171,8 @@ def _parse_steps(raw: Any, where: str) -> tuple[ParseStep, ...]:
         if kind not in PARSERS:
             raise StackError(f"{at}: unknown parser {kind!r} (known: {', '.join(PARSERS)})")
         arg = item[kind]
+        if kind in ("regex", "replace") and NESTED_QUANTIFIER.search(str(arg[0] if isinstance(arg, list) and arg else arg)):
+            raise StackError(f"{at}: regex {arg!r} nests quantifiers (e.g. (a+)*): it could take forever on some inputs")
         if kind == "regex":
             try:
                 arg = re.compile(str(arg))
@@ -192,7 +195,7 @@ def _parse_steps(raw: Any, where: str) -> tuple[ParseStep, ...]:
                 raise StackError(f"{at}: replace {arg!r} does not compile ({e})") from None
             steps.append(ParseStep(kind, (pattern, arg[1])))
             continue
-        if kind in ("split", "join", "json_field") and (not isinstance(arg, str) or (kind != "join" and not arg)):
+        if kind in ("split", "join", "json_field") and (not isinstance(arg, str) or (kind != "join" and not arg)):  # split "" would raise
             raise StackError(f"{at}: {kind} needs a string argument")
         steps.append(ParseStep(kind, arg))
     return tuple(steps)
@@ -230,6 +233,8 @@ def _stage(raw: Any, i: int) -> Stage:
     for key in ("split", "join"):
         if key in raw and not isinstance(raw[key], str):
             raise StackError(f"{where}: {key} must be a string")
+    if raw.get("split", "\n") == "":
+        raise StackError(f"{where}: split must not be empty")
     return Stage(
         name=name, kind=kind, prompt=Template.parse(raw.get("prompt"), f"{where}: prompt", allow_item=is_map),
         model=model.strip() if isinstance(model, str) else None,
@@ -295,6 +300,20 @@ def parse_stack(obj: Any, where: str = "stack") -> StackSpec:
     return StackSpec(name=name, stages=stages, output=output, description=description, order=waves(stages), source=obj)
 
 
+MAX_SPEC_BYTES = 256 << 10
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML anchors/aliases can expand a 1 KB file into gigabytes ("billion laughs"); a
+    stack spec never needs them."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in stack specs", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def load_stack(path: str | Path) -> StackSpec:
     """Read and validate a YAML stack spec; errors name the file."""
     path = Path(path)
@@ -304,8 +323,10 @@ def load_stack(path: str | Path) -> StackSpec:
         raise StackError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise StackError(f"{path}: cannot read ({e})") from None
+    if len(text) > MAX_SPEC_BYTES:
+        raise StackError(f"{path}: {len(text)} bytes; a stack spec is at most {MAX_SPEC_BYTES}")
     try:
-        obj = yaml.safe_load(text)
+        obj = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader without aliases
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f":{mark.line + 1}" if mark else ""

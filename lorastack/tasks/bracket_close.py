@@ -2,12 +2,12 @@
 
 import random
 
-from .task import Example, Task
+from .task import Fields, Task
 
 PAIRS = {"(": ")", "[": "]", "{": "}", "<": ">"}
 
 
-def make(rng: random.Random) -> Example:
+def make(rng: random.Random) -> tuple[Fields, str]:
     stack: list[str] = []
     seq: list[str] = []
     for _ in range(rng.randint(3, 8)):
@@ -22,7 +22,21 @@ def make(rng: random.Random) -> Example:
         stack.append(b)
         seq.append(b)
     closing = [PAIRS[b] for b in reversed(stack)]
-    return f"Close the brackets: {' '.join(seq)}", " ".join(closing)
+    return {"seq": " ".join(seq)}, " ".join(closing)
 
 
-TASK = Task("bracket_close", "Write the closing brackets that balance an open sequence.", make)
+TEMPLATES = (
+    "Close the brackets: {seq}",
+    "{seq}\nWrite the brackets that close this sequence.",
+    "Complete the bracket sequence so it is balanced: {seq}",
+    "Which closing brackets finish {seq}?",
+    "Balance these open brackets: {seq}",
+    "Finish the sequence {seq} with matching closers.",
+)
+PARAPHRASES = (
+    "My code has {seq} open. What do I type to close everything?",
+    "Give the closing parentheses needed for: {seq}",
+    "{seq} -- add the missing closing brackets.",
+)
+
+TASK = Task("bracket_close", "Write the closing brackets that balance an open sequence.", make, TEMPLATES, PARAPHRASES)

@@ -2,7 +2,7 @@
 
 import random
 
-from .task import Example, Task
+from .task import Fields, Task
 
 ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
 TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
@@ -17,9 +17,23 @@ def spell(n: int) -> str:
     return f"{ONES[n // 100]} hundred" + ("" if rest == 0 else " " + spell(rest))
 
 
-def make(rng: random.Random) -> Example:
+def make(rng: random.Random) -> tuple[Fields, str]:
     n = rng.randint(0, 999)
-    return f"Write the number {n} in words", spell(n)
+    return {"n": n}, spell(n)
 
 
-TASK = Task("number_to_words", "Spell out an integer from 0 to 999 in English words.", make)
+TEMPLATES = (
+    "Write the number {n} in words",
+    "{n}\nSpell this number out in English.",
+    "How do you say {n} in words?",
+    "Spell out {n}.",
+    "Convert {n} to English words.",
+    "Write out the number {n} as you would on a cheque.",
+)
+PARAPHRASES = (
+    "My house number is {n}. How is that written in letters?",
+    "Express {n} in words, please.",
+    "What is {n} spelled with letters instead of digits?",
+)
+
+TASK = Task("number_to_words", "Spell out an integer from 0 to 999 in English words.", make, TEMPLATES, PARAPHRASES)

@@ -2,13 +2,27 @@
 
 import random
 
-from .task import Example, Task
+from .task import Fields, Task
 from .words import ADJECTIVES, NOUNS
 
 
-def make(rng: random.Random) -> Example:
+def make(rng: random.Random) -> tuple[Fields, str]:
     words = rng.sample(NOUNS + ADJECTIVES, rng.randint(3, 6))
-    return f"Reverse the order of these words: {' '.join(words)}", " ".join(reversed(words))
+    return {"words": " ".join(words), "words_comma": ", ".join(words)}, " ".join(reversed(words))
 
 
-TASK = Task("reverse_words", "Reverse the order of 3-6 words.", make)
+TEMPLATES = (
+    "Reverse the order of these words: {words}",
+    "{words}\nWrite these words in reverse order.",
+    "Put the following words backwards, last one first: {words}",
+    "Words: {words_comma}. List them from last to first.",
+    "Can you flip the order of the words in \"{words}\"?",
+    "Read this list backwards and write it out: {words}",
+)
+PARAPHRASES = (
+    "I have the words {words}. Give them to me in the opposite order.",
+    "Starting from the end, repeat each word of this sequence: {words}",
+    "{words_comma} -- say these words back in reverse.",
+)
+
+TASK = Task("reverse_words", "Reverse the order of 3-6 words.", make, TEMPLATES, PARAPHRASES)

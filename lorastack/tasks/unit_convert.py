@@ -2,16 +2,30 @@
 
 import random
 
-from .task import Example, Task
+from .task import Fields, Task
 
 CONVERSIONS = [("km", "m", 1000), ("m", "cm", 100), ("kg", "g", 1000), ("hours", "minutes", 60),
                ("minutes", "seconds", 60), ("days", "hours", 24), ("weeks", "days", 7), ("liters", "ml", 1000)]
 
 
-def make(rng: random.Random) -> Example:
+def make(rng: random.Random) -> tuple[Fields, str]:
     src, dst, factor = rng.choice(CONVERSIONS)
     value = rng.randint(1, 99)
-    return f"Convert {value} {src} to {dst}", f"{value * factor} {dst}"
+    return {"value": value, "src": src, "dst": dst}, f"{value * factor} {dst}"
 
 
-TASK = Task("unit_convert", "Convert an integer quantity between units (answer with the unit).", make)
+TEMPLATES = (
+    "Convert {value} {src} to {dst}",
+    "How many {dst} are in {value} {src}?",
+    "{value} {src} is how many {dst}?",
+    "Express {value} {src} in {dst}.",
+    "Change {value} {src} into {dst}.",
+    "What is {value} {src} when measured in {dst}?",
+)
+PARAPHRASES = (
+    "A recipe needs {value} {src}. How much is that in {dst}?",
+    "I have {value} {src}; give it to me in {dst}.",
+    "Please turn {value} {src} into {dst}.",
+)
+
+TASK = Task("unit_convert", "Convert an integer quantity between units (answer with the unit).", make, TEMPLATES, PARAPHRASES)
