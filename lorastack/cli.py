@@ -366,11 +366,23 @@ def generate(
     top_k: int = typer.Option(0, "--top-k"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: list[str] = typer.Option([], "--stop"),
+    explain: bool = typer.Option(False, "--explain", help="With auto: print the routing decision and what it was made on (stderr)."),
+    false_route: Optional[float] = typer.Option(None, "--false-route", help="With auto: this call's routing operating point."),
 ) -> None:
     """Generate one reply to PROMPT."""
     sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
     rt = _runtime()
-    typer.echo(rt.generate(prompt, model, sampling).text)
+    typer.echo(rt.generate(prompt, _decided(rt, model, prompt, explain, false_route), sampling).text)
+
+
+def _decided(rt, model: str, text: str, explain: bool, false_route: Optional[float]) -> str:
+    """The SPEC to generate with: `auto...` is decided here (once), so it can be explained."""
+    if rt.router_name(model) is None or (not explain and false_route is None):
+        return model
+    decision = rt.decide(model, [text], false_route)[0]
+    if explain:
+        typer.echo(f"[route] {decision.route}: {decision.explain()}", err=True)
+    return str(decision.route)
 
 
 @app.command()
@@ -379,6 +391,8 @@ def chat(
     max_tokens: int = typer.Option(256, "--max-tokens"),
     temperature: float = typer.Option(0.0, "--temperature"),
     system: Optional[str] = typer.Option(None, "--system"),
+    explain: bool = typer.Option(False, "--explain", help="With auto: print each turn's routing decision (stderr)."),
+    false_route: Optional[float] = typer.Option(None, "--false-route", help="With auto: the routing operating point."),
 ) -> None:
     """Interactive chat; /reset clears the history, /quit or Ctrl-D leaves."""
     rt = _runtime()
@@ -400,7 +414,7 @@ def chat(
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        reply = rt.generate(history, model, sampling).text
+        reply = rt.generate(history, _decided(rt, model, line, explain, false_route), sampling).text
         history.append({"role": "assistant", "content": reply})
         typer.echo(f"{model}> {reply}")
 

@@ -83,6 +83,10 @@ def test_route_generate_and_eval_commands_on_a_tiny_base(tiny_base_dir, tmp_path
     out = json.loads(r.stdout)
     assert out["spec"] == "date_format" and out["scores"]["date_format"] > 0.5
     assert out["confidence"] >= out["threshold"] and out["candidate"] == "date_format"
+    r = run(*common, "generate", "Rewrite the date 2031-04-09 in words", "--model", "auto:knn", "--explain", "--false-route", "1.0",
+            "--max-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert "[route] date_format: routed: best candidate date_format by examples, confidence" in r.stderr
     r = run(*common, "generate", "Rewrite the date 2031-04-09 in words", "--model", "date_format:0.5+reverse_words:0.5", "--max-tokens", "4")
     assert r.returncode == 0, r.stderr
     data = tmp_path / "mixed.jsonl"
