@@ -384,7 +384,8 @@ def generate(
     top_k: int = typer.Option(0, "--top-k"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: list[str] = typer.Option([], "--stop"),
-    show_route: bool = typer.Option(False, "--show-route", help="Say on stderr which route answered (and why, for auto)."),
+    explain: bool = typer.Option(False, "--explain", help="With auto: print the routing decision and what it was made on (stderr)."),
+    false_route: Optional[float] = typer.Option(None, "--false-route", help="With auto: this call's routing operating point."),
 ) -> None:
     """Generate one reply to PROMPT (a stack: `--model stack/NAME`, its stages' own settings apply)."""
     from .data import check_text
@@ -395,23 +396,23 @@ def generate(
     stack = _stack_for(rt, model)
     if stack is not None:
         result = stack[0].run(stack[1], prompt)
-        if show_route:
-            typer.echo("route: " + " -> ".join(f"{t.stage}[{t.route or t.kind}]" for t in result.trace), err=True)
+        if explain:
+            typer.echo("[route] " + " -> ".join(f"{t.stage}[{t.route or t.kind}]" for t in result.trace), err=True)
         typer.echo(result.output)
         return
-    if show_route:
-        typer.echo(_route_line(rt, model, prompt), err=True)
-    typer.echo(rt.generate(prompt, model, sampling).text)
+    typer.echo(rt.generate(prompt, _decided(rt, model, prompt, explain, false_route), sampling).text)
 
 
-def _route_line(rt, model: str, text: str) -> str:
-    """One line naming the route that answers `text` under `model` (for auto: the decision)."""
-    d = rt.decide(model, [text])[0]
-    if rt.router_name(model) is None:
-        return f"route: {d.route}"
-    if d.abstained:
-        return f"route: auto abstained -> base (scores {d.scores})"
-    return f"route: auto -> {d.route} (scores {d.scores})"
+def _decided(rt, model: str, text: str, explain: bool, false_route: Optional[float]) -> str:
+    """The SPEC to generate with: `auto...` is decided here (once), so it can be explained."""
+    if rt.router_name(model) is None or (not explain and false_route is None):
+        if explain:
+            typer.echo(f"[route] {model}", err=True)
+        return model
+    decision = rt.decide(model, [text], false_route)[0]
+    if explain:
+        typer.echo(f"[route] {decision.route}: {decision.explain()}", err=True)
+    return str(decision.route)
 
 
 @app.command()
@@ -420,6 +421,8 @@ def chat(
     max_tokens: int = typer.Option(256, "--max-tokens"),
     temperature: float = typer.Option(0.0, "--temperature"),
     system: Optional[str] = typer.Option(None, "--system"),
+    explain: bool = typer.Option(False, "--explain", help="With auto: print each turn's routing decision (stderr)."),
+    false_route: Optional[float] = typer.Option(None, "--false-route", help="With auto: the routing operating point."),
 ) -> None:
     """Interactive chat. /help lists the commands: /model SPEC, /route, /clear, /quit."""
     rt = _runtime()
@@ -429,7 +432,6 @@ def chat(
     sampling = _sampling(max_tokens, temperature, 1.0, 0, None, [])
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     typer.echo(f"chatting with {model} on {rt.base.name}; /help for commands", err=True)
-    show_route = False
     while True:
         try:
             line = input("you> " if sys.stdin.isatty() else "")  # piped input: no prompt glued to replies
@@ -447,8 +449,8 @@ def chat(
             typer.echo(CHAT_HELP, err=True)
             continue
         if command == "/route":
-            show_route = not show_route
-            typer.echo(f"(route display {'on' if show_route else 'off'})", err=True)
+            explain = not explain
+            typer.echo(f"(route display {'on' if explain else 'off'})", err=True)
             continue
         if command == "/model":
             try:
@@ -473,11 +475,10 @@ def chat(
         except LorastackError as e:
             typer.echo(f"error: {e}", err=True)
             continue
-        if show_route and stack is None:
-            typer.echo(_route_line(rt, model, line), err=True)
         history.append({"role": "user", "content": line})
         # A stack answers each message on its own (its stages' prompts take one input).
-        reply = stack[0].run(stack[1], line).output if stack else rt.generate(history, model, sampling).text
+        reply = stack[0].run(stack[1], line).output if stack else \
+            rt.generate(history, _decided(rt, model, line, explain, false_route), sampling).text
         history.append({"role": "assistant", "content": reply})
         typer.echo(f"{model}> {reply}")
 

@@ -83,6 +83,10 @@ def test_route_generate_and_eval_commands_on_a_tiny_base(tiny_base_dir, tmp_path
     out = json.loads(r.stdout)
     assert out["spec"] == "date_format" and out["scores"]["date_format"] > 0.5
     assert out["confidence"] >= out["threshold"] and out["candidate"] == "date_format"
+    r = run(*common, "generate", "Rewrite the date 2031-04-09 in words", "--model", "auto:knn", "--explain", "--false-route", "1.0",
+            "--max-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert "[route] date_format: routed: best candidate date_format by examples, confidence" in r.stderr
     r = run(*common, "generate", "Rewrite the date 2031-04-09 in words", "--model", "date_format:0.5+reverse_words:0.5", "--max-tokens", "4")
     assert r.returncode == 0, r.stderr
     data = tmp_path / "mixed.jsonl"
@@ -118,10 +122,10 @@ def test_chat_slash_commands_search_message_and_show_route(tiny_base_dir, tmp_pa
     assert r.returncode == 0, r.stderr
     assert "/model SPEC" in r.stderr and "route display on" in r.stderr
     assert "unknown adapter 'nope'" in r.stderr and "unknown command '/frob'" in r.stderr
-    assert "now chatting with reverse_words" in r.stderr and "route: reverse_words" in r.stderr
+    assert "now chatting with reverse_words" in r.stderr and "[route] reverse_words" in r.stderr
     assert "history cleared" in r.stderr and "Traceback" not in r.stderr
     assert r.stdout.count("> ") == 2  # two model replies; the commands never reached the model
     r = run(*common, "adapters", "search", "zzz")
     assert r.returncode == 0 and "no adapter's name or description contains 'zzz'" in r.stderr
-    r = run(*common, "generate", "Reverse the order of these words: a b", "--model", "auto", "--show-route", "--max-tokens", "2")
-    assert r.returncode == 0 and r.stderr.startswith("route: auto")
+    r = run(*common, "generate", "Reverse the order of these words: a b", "--model", "auto", "--explain", "--max-tokens", "2")
+    assert r.returncode == 0 and r.stderr.startswith("[route] ")

@@ -75,3 +75,15 @@ def test_router_calibrate_fits_the_users_phrasings_and_lapses_when_the_library_c
         calibrate_on_data(rt, "knn", bad)
     with pytest.raises(LorastackError, match="no calibrated threshold"):
         calibrate_on_data(rt, "arrow", data)
+
+
+def test_capture_rate_counts_generic_requests_sent_to_an_adapter(routed_runtime, capsys):  # noqa: F811
+    from lorastack.cli import _report_capture
+    from lorastack.routing.evaluate import capture_rate
+
+    rt = routed_runtime
+    info = capture_rate(rt, "date_format", n=30, router="knn")
+    assert info["n"] == 30 and 0 <= info["captured"] <= info["routed"] <= 30 and info["router"] == "knn"
+    assert capture_rate(rt, "date_format", n=30, router="knn") == info  # deterministic
+    _report_capture(rt.base, rt.library, "date_format")
+    assert "unrelated generic requests to date_format" in capsys.readouterr().out
