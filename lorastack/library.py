@@ -372,11 +372,14 @@ class Library:
 
     # ------------------------------------------------------------ signatures (routing)
     def put_signature(self, name: str, kind: str, data: bytes, meta: dict[str, Any] | None = None) -> None:
-        with self._db() as con:
-            con.execute(
-                "INSERT OR REPLACE INTO signatures(adapter, kind, meta, data) VALUES (?,?,?,?)",
-                (name, kind, json.dumps(meta or {}), data),
-            )
+        try:
+            with self._db() as con:
+                con.execute(
+                    "INSERT OR REPLACE INTO signatures(adapter, kind, meta, data) VALUES (?,?,?,?)",
+                    (name, kind, json.dumps(meta or {}), data),
+                )
+        except sqlite3.IntegrityError:  # the adapter was removed while its signature was computed
+            raise NotFoundError(unknown_name_message("adapter", name, self.names())) from None
 
     def signatures(self, kind: str) -> dict[str, tuple[dict[str, Any], bytes]]:
         with self._db() as con:

@@ -211,3 +211,11 @@ def test_search_and_update_card(tiny_base, tmp_path):
     assert [a.name for a in lib.search("iso")] == ["dates"]
     lib.update_card("sums", description="adds numbers")
     assert Library(tmp_path / "lib").get("sums").card.description == "adds numbers"
+
+
+def test_signature_of_an_adapter_removed_meanwhile_is_not_found(tiny_base, tmp_path):
+    lib = Library(tmp_path / "lib")
+    lib.add(make_peft_adapter(tiny_base, tmp_path / "a"), "a", base=tiny_base)
+    lib.remove("a")
+    with pytest.raises(NotFoundError, match="unknown adapter 'a'"):
+        lib.put_signature("a", "knn:x", b"\x00")
