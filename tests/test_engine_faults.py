@@ -221,3 +221,24 @@ def test_prefix_cache_keeps_only_the_start_of_long_prompts(engine):
         assert got == expected
     assert engine.prefixes.entries and all(len(e.ids) <= 6 and e.k[0].shape[1] <= 6 for e in engine.prefixes.entries.values())
     assert engine.prefixes.hits > 0
+
+
+def test_a_routed_request_whose_adapter_vanished_is_routed_again(engine, monkeypatch):
+    expected = reference(engine)
+    real = engine.bank.slots_for
+    from lorastack.errors import NotFoundError
+
+    def gone(route):
+        if route == parse_spec("b"):
+            raise NotFoundError("unknown adapter 'b'")
+        return real(route)
+
+    monkeypatch.setattr(engine.bank, "slots_for", gone)
+    req = engine.submit(PROMPTS[1], parse_spec("b"), Sampling(max_tokens=8), reroute=lambda: parse_spec("a"))
+    while not req.done:
+        engine.step()
+    assert req.error is None and str(req.route) == "a" and req.result().text == expected[1]
+    named = engine.submit(PROMPTS[1], parse_spec("b"), Sampling(max_tokens=8))  # asked for by name: no second guess
+    while not named.done:
+        engine.step()
+    assert isinstance(named.error, NotFoundError)

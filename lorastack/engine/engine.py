@@ -25,7 +25,7 @@ import torch
 
 from ..adapter import Adapter
 from ..base import Base
-from ..errors import EngineError, LorastackError
+from ..errors import EngineError, LorastackError, NotFoundError
 from ..route import Route
 from .lora import LoraBank, LoraBatch
 from .prefix import PrefixCache
@@ -58,6 +58,8 @@ class Request:
     # Optional push listener, called on the engine thread with each text piece and a final
     # None; the server uses it to hand pieces to its event loop without a polling thread.
     on_event: Callable[[str | None], None] | None = None
+    # For routed (`auto`) requests: decides again if the chosen adapter vanished before loading.
+    reroute: Callable[[], Route] | None = None
     _emitted: int = 0
     _slots: tuple = ()  # ((slot, weight), ...) in the LoRA bank
     _rng: torch.Generator | None = None
@@ -147,21 +149,23 @@ class Engine:
     # ------------------------------------------------------------ submitting
     def submit(self, prompt: str | Messages, route: Route, sampling: Sampling = Sampling(),
                abandon_when: Callable[[str], bool] | None = None,
-               on_event: Callable[[str | None], None] | None = None) -> Request:
+               on_event: Callable[[str | None], None] | None = None,
+               reroute: Callable[[], Route] | None = None) -> Request:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         ids = self.base.chat_ids(messages)
-        return self.submit_ids(ids, route, sampling, abandon_when, on_event)
+        return self.submit_ids(ids, route, sampling, abandon_when, on_event, reroute)
 
     def submit_ids(self, ids: list[int], route: Route, sampling: Sampling = Sampling(),
                    abandon_when: Callable[[str], bool] | None = None,
-                   on_event: Callable[[str | None], None] | None = None) -> Request:
+                   on_event: Callable[[str | None], None] | None = None,
+                   reroute: Callable[[], Route] | None = None) -> Request:
         if not ids:
             raise LorastackError("empty prompt")
         if len(ids) + sampling.max_tokens > self.max_tokens_in_flight:
             raise LorastackError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the engine's limit of {self.max_tokens_in_flight}"
             )
-        req = Request(ids, route, sampling, abandon_when=abandon_when, on_event=on_event)
+        req = Request(ids, route, sampling, abandon_when=abandon_when, on_event=on_event, reroute=reroute)
         if sampling.temperature > 0:
             req._rng = torch.Generator()
             req._rng.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ())))
@@ -300,6 +304,14 @@ class Engine:
                 except LorastackError as e:
                     if "slots are in use" in str(e) and (self.running or admitted):
                         break  # wait for running rows to release a slot
+                    if isinstance(e, NotFoundError) and req.reroute is not None:
+                        # A router chose an adapter that was removed before it loaded: ask again, once.
+                        reroute, req.reroute = req.reroute, None
+                        try:
+                            req.route = reroute()
+                            continue
+                        except Exception as again:  # noqa: BLE001 - fall through to failing the request
+                            e = again if isinstance(again, LorastackError) else e
                     self.waiting.popleft()
                     req.error = e
                     self._finish(req, "error")

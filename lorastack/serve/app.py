@@ -123,13 +123,21 @@ class Server:
         self.metrics.routing.observe(time.perf_counter() - t0)
         return decision
 
+    def rerouter(self, model: str, text: str, false_route: float | None) -> Any:
+        """For `auto...`: a callable deciding again (the engine calls it if the chosen adapter
+        was removed before it loaded); None for fixed SPECs, whose adapter was asked for by name."""
+        if self.runtime.router_name(model) is None:
+            return None
+        return lambda: self.runtime.decide(model, [text], false_route)[0].route
+
     def route_info(self, model: str, decision: Any) -> RouteInfo:
         return RouteInfo(spec=str(decision.route), route=decision.route.to_json(), router=self.runtime.router_name(model),
                          abstained=decision.abstained, scores=decision.scores, routing_ms=round(decision.seconds * 1000, 3),
                          candidate=decision.candidate, confidence=decision.confidence, threshold=decision.threshold,
                          signal=decision.signal)
 
-    def submit(self, ids: list[int], decision: Any, sampling: Sampling, stream: bool) -> tuple[EngineRequest, asyncio.Queue]:
+    def submit(self, ids: list[int], decision: Any, sampling: Sampling, stream: bool,
+               reroute: Any = None) -> tuple[EngineRequest, asyncio.Queue]:
         """Queue a generation. A streaming caller gets every text piece through the returned
         queue; a non-streaming one only the final None (one event-loop wake-up per request,
         not per token)."""
@@ -146,7 +154,7 @@ class Server:
                 loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
         try:
-            req = self.engine.submit_ids(ids, decision.route, sampling, on_event=on_event)
+            req = self.engine.submit_ids(ids, decision.route, sampling, on_event=on_event, reroute=reroute)
         except LorastackError as e:
             raise ApiError(400, str(e)) from e
         for name in decision.route.names or ["base"]:
@@ -374,7 +382,8 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         sampling = srv.sampling(body, len(ids))
         srv.check_prompt(ids, sampling, "messages")
         info = srv.route_info(body.model, decision)
-        req, pieces = srv.submit(ids, decision, srv.samples(sampling, body.n)[0], body.stream)
+        reroute = srv.rerouter(body.model, users[-1] if users else messages[-1]["content"], body.false_route)
+        req, pieces = srv.submit(ids, decision, srv.samples(sampling, body.n)[0], body.stream, reroute)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -387,7 +396,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         submitted = [(req, pieces)]
         try:
             for extra in srv.samples(sampling, body.n)[1:]:
-                submitted.append(srv.submit(ids, decision, extra, False))
+                submitted.append(srv.submit(ids, decision, extra, False, reroute))
             for r, p in submitted:
                 await srv.collect(request, r, p, "chat")
         finally:
@@ -423,7 +432,8 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         infos = [srv.route_info(body.model, d) for d in decisions]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            req, pieces = srv.submit(all_ids[0], decisions[0], sampling, True)
+            req, pieces = srv.submit(all_ids[0], decisions[0], sampling, True,
+                                     srv.rerouter(body.model, prompts[0], body.false_route))
             echo = prompts[0] if body.echo else ""
             return await _sse(srv, request, req, pieces, lambda piece, finish, first: {
                 "id": rid, "object": "text_completion", "created": created, "model": body.model,
@@ -432,9 +442,9 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
             }, bool(body.stream_options and body.stream_options.include_usage), "completions")
         submitted = []
         try:
-            for ids, d in zip(all_ids, decisions):  # OpenAI's order: every sample of prompt 0, then of prompt 1, ...
+            for p, ids, d in zip(prompts, all_ids, decisions):  # OpenAI's order: every sample of prompt 0, then 1, ...
                 for one in srv.samples(sampling, body.n):
-                    submitted.append(srv.submit(ids, d, one, False))
+                    submitted.append(srv.submit(ids, d, one, False, srv.rerouter(body.model, p, body.false_route)))
             for req, pieces in submitted:
                 await srv.collect(request, req, pieces, "completions")
         finally:
