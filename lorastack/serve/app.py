@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -74,7 +75,7 @@ class Server:
 
     # ------------------------------------------------------------ generation
     def context(self) -> int:
-        return int(getattr(self.runtime.base.model.config, "max_position_embeddings", 0) or 0) or 1 << 30
+        return self.runtime.context_length()
 
     def sampling(self, body: ChatCompletionRequest | CompletionRequest, prompt_tokens: int = 0) -> Sampling:
         """Validated sampling; an unset max_tokens is the default, shrunk to fit the context."""
@@ -182,6 +183,20 @@ class Server:
         while await self.next_event(request, req, pieces) is not None:
             pass
         self.finished(req, endpoint)
+
+    async def collect_all(self, request: Request, submits: list, endpoint: str) -> list[EngineRequest]:
+        """Submit (each callable returns `submit`'s pair) and wait for every request; on any
+        failure or disconnect, the ones already submitted are cancelled."""
+        submitted: list[tuple[EngineRequest, asyncio.Queue]] = []
+        try:
+            for submit in submits:
+                submitted.append(submit())
+            for req, pieces in submitted:
+                await self.collect(request, req, pieces, endpoint)
+        finally:
+            for req, _ in submitted:
+                self.cancel(req)
+        return [req for req, _ in submitted]
 
     def cancel(self, req: EngineRequest) -> None:
         if not req.done and not req.cancelled:  # counted once, however many paths notice the hang-up
@@ -393,16 +408,8 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
                              "finish_reason": finish}],
                 **({"lorastack": info.model_dump()} if first else {}),
             }, include_usage, "chat")
-        submitted = [(req, pieces)]
-        try:
-            for extra in srv.samples(sampling, body.n)[1:]:
-                submitted.append(srv.submit(ids, decision, extra, False, reroute))
-            for r, p in submitted:
-                await srv.collect(request, r, p, "chat")
-        finally:
-            for r, _ in submitted:
-                srv.cancel(r)
-        reqs = [r for r, _ in submitted]
+        more = [functools.partial(srv.submit, ids, decision, extra, False, reroute) for extra in srv.samples(sampling, body.n)[1:]]
+        reqs = await srv.collect_all(request, [lambda: (req, pieces), *more], "chat")
         completion = sum(len(r.tokens) for r in reqs)
         return ChatCompletion(id=rid, created=created, model=body.model,
                               choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=_finish(r))
@@ -440,17 +447,10 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
                 "choices": [{"index": 0, "text": (echo if first else "") + (piece or ""), "finish_reason": finish, "logprobs": None}],
                 **({"lorastack": [infos[0].model_dump()]} if first else {}),
             }, bool(body.stream_options and body.stream_options.include_usage), "completions")
-        submitted = []
-        try:
-            for p, ids, d in zip(prompts, all_ids, decisions):  # OpenAI's order: every sample of prompt 0, then 1, ...
-                for one in srv.samples(sampling, body.n):
-                    submitted.append(srv.submit(ids, d, one, False, srv.rerouter(body.model, p, body.false_route)))
-            for req, pieces in submitted:
-                await srv.collect(request, req, pieces, "completions")
-        finally:
-            for req, _ in submitted:
-                srv.cancel(req)
-        reqs = [r for r, _ in submitted]
+        # OpenAI's order: every sample of prompt 0, then of prompt 1, ...
+        reqs = await srv.collect_all(request, [
+            functools.partial(srv.submit, ids, d, one, False, srv.rerouter(body.model, p, body.false_route))
+            for p, ids, d in zip(prompts, all_ids, decisions) for one in srv.samples(sampling, body.n)], "completions")
         texts = [p for p in prompts for _ in range(body.n)]
         choices = [CompletionChoice(index=i, text=(p if body.echo else "") + r.text, finish_reason=_finish(r))
                    for i, (p, r) in enumerate(zip(texts, reqs))]
