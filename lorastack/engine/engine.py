@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ from ..route import Route
 from .lora import LoraBank, LoraBatch
 from .prefix import PrefixCache
 from .llama import LlamaRunner, supports
-from .sampling import Generation, Messages, Sampling, pick_tokens
+from .sampling import Generation, Messages, Sampling, TokenLogprob, pick_tokens, token_logprobs
 
 _ids = itertools.count(1)
 log = logging.getLogger("lorastack.engine")
@@ -60,6 +61,9 @@ class Request:
     on_event: Callable[[str | None], None] | None = None
     # For routed (`auto`) requests: decides again if the chosen adapter vanished before loading.
     reroute: Callable[[], Route] | None = None
+    # With `sampling.logprobs` set: one entry per generated token, plus the end-of-sequence
+    # token's when that is what ended the request (scorers such as lm-eval count on it).
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     _emitted: int = 0
     _slots: tuple = ()  # ((slot, weight), ...) in the LoRA bank
     _rng: torch.Generator | None = None
@@ -141,6 +145,7 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
+        self._jobs: deque[tuple[Callable[[], object], Future]] = deque()  # see run_between_steps
         self._stop = False
         self.failure: BaseException | None = None  # what ended the last loop thread, if anything did
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "batch_rows_sum": 0,
@@ -196,6 +201,27 @@ class Engine:
             if self.prefixes is not None:
                 self.prefixes.forget(adapter)
 
+    def run_between_steps(self, job: Callable[[], object]) -> Future:
+        """Run `job` on the engine's own thread between two steps (at once when no loop runs).
+
+        For work that shares the LoRA bank with generation, such as scoring a prompt's tokens
+        under a route (`score.prompt_logprobs`) while the server keeps decoding: on the loop's
+        thread it cannot race a step for adapter slots."""
+        fut: Future = Future()
+        if self._thread is None:
+            _run_job(job, fut)
+            return fut
+        with self._wake:
+            self._jobs.append((job, fut))
+            self._wake.notify()
+        return fut
+
+    def _run_jobs(self) -> None:
+        while self._jobs:
+            with self._lock:
+                job, fut = self._jobs.popleft()
+            _run_job(job, fut)
+
     # ------------------------------------------------------------ background loop
     def start(self) -> None:
         """Start the background loop; also restarts one that died (see `_loop`)."""
@@ -214,6 +240,8 @@ class Engine:
                 self._wake.notify()
             self._thread.join()
             self._thread = None
+        while self._jobs:  # nobody will run them now
+            self._jobs.popleft()[1].set_exception(EngineError("the engine stopped before this job ran"))
 
     @property
     def alive(self) -> bool:
@@ -227,7 +255,7 @@ class Engine:
         try:
             while True:
                 with self._wake:
-                    while not self._stop and not self.waiting and not self.running:
+                    while not self._stop and not self.waiting and not self.running and not self._jobs:
                         self._wake.wait()
                     if self._stop:
                         return
@@ -244,6 +272,7 @@ class Engine:
     # ------------------------------------------------------------ scheduling
     def step(self) -> None:
         """Admit and prefill what fits, then decode one token for every running row."""
+        self._run_jobs()
         self._drop_cancelled()
         admitted = self._admit()
         if admitted:
@@ -268,6 +297,9 @@ class Engine:
         """Fail every running and waiting request (the loop is going away)."""
         with self._lock:
             waiting, self.waiting = list(self.waiting), deque()
+            jobs, self._jobs = list(self._jobs), deque()
+        for _, fut in jobs:
+            fut.set_exception(error)
         for req in list(self.running):
             req.error = req.error or error
             req.finish_reason = "error"
@@ -383,6 +415,8 @@ class Engine:
 
     def _emit(self, reqs: list[Request], logits: torch.Tensor, rows: list[int]) -> None:
         picks = pick_tokens(logits, [r.sampling for r in reqs], [r._rng for r in reqs])
+        if any(r.sampling.logprobs is not None for r in reqs):  # the one check a step without logprobs pays
+            self._record_logprobs(reqs, logits, picks)
         now = time.perf_counter()
         done: list[Request] = []
         eos = self.base.eos_token_id
@@ -409,6 +443,13 @@ class Engine:
                 done.append(req)
         for req in done:
             self._retire(req)
+
+    def _record_logprobs(self, reqs: list[Request], logits: torch.Tensor, picks: list) -> None:
+        """Append each asking row's chosen token's logprob (and top alternatives), from the
+        logits it was picked from, to `req.logprobs`."""
+        for i, (req, tok) in enumerate(zip(reqs, picks)):
+            if req.sampling.logprobs is not None and not isinstance(tok, Exception):
+                req.logprobs += token_logprobs(logits[i : i + 1], [tok], req.sampling.logprobs)
 
     def _update_text(self, req: Request) -> None:
         tok = self.base.tokenizer
@@ -462,3 +503,12 @@ def _linears(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear]]:
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"):
             yield name, m
+
+
+def _run_job(job: Callable[[], object], fut: Future) -> None:
+    if not fut.set_running_or_notify_cancel():
+        return
+    try:
+        fut.set_result(job())
+    except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+        fut.set_exception(e)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import math
@@ -18,6 +19,7 @@ Messages = list[dict[str, str]]
 MIN_TEMPERATURE = 1e-4
 MIN_TOP_P = 1e-6
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (vLLM's default cap)
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,13 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    # None: no logprobs recorded (the default costs nothing); 0: each generated token's own
+    # logprob; N: also the N most likely alternatives (see `token_logprobs`).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise LorastackError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
         for field_name in ("temperature", "top_p"):
             if not math.isfinite(getattr(self, field_name)):
                 raise LorastackError(f"{field_name} must be a finite number, got {getattr(self, field_name)}")
@@ -101,3 +108,31 @@ def _sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> i
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+# ------------------------------------------------------------------ logprobs
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability and the `top` most likely alternatives at its position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Log-probabilities of `tokens` (one per row of `logits [rows, vocab]`) and each row's top alternatives.
+
+    The distribution is the model's raw one, `log_softmax(logits)`, before temperature, top-k
+    and top-p, as vLLM reports by default: the numbers then mean the same thing whatever
+    sampling settings a request used, and a greedy or scoring request (lm-eval) gets exactly
+    the model's log-likelihoods.
+    """
+    if not tokens:
+        return []
+    lp = torch.log_softmax(logits.float(), -1)
+    chosen = lp.gather(-1, torch.tensor(list(tokens)).view(-1, 1)).squeeze(-1).tolist()
+    if top <= 0:
+        return [TokenLogprob(t, v) for t, v in zip(tokens, chosen)]
+    values, ids = lp.topk(min(top, lp.shape[-1]), -1)
+    return [TokenLogprob(t, v, tuple(zip(i, w))) for t, v, i, w in zip(tokens, chosen, ids.tolist(), values.tolist())]

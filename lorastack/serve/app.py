@@ -34,10 +34,13 @@ from ..routing import ROUTERS
 from ..runtime import Runtime
 from . import errors as api_errors
 from .errors import ApiError, from_lorastack, request_error
+from .accesslog import RequestTrail, note_route, note_tokens
 from .guard import DISCONNECTED_KEY, Guard
+from .logprobs import chat_choice_logprobs, completion_choices
 from .metrics import Metrics
+from .prompts import completion_prompts
 from .schemas import (
-    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion, CompletionChoice,
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
     CompletionRequest, ErrorBody, ImportAdapter, LoadLoraAdapter, ModelCard, ModelList, RouteInfo,
     UnloadLoraAdapter, Usage,
 )
@@ -88,6 +91,8 @@ class Server:
             raise ApiError(400, f"{refused[1]}; remove '{refused[0]}' from the request", param=refused[0],
                            code="unsupported_parameter")
         max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens == 0:  # echo-only scoring (schemas allow it only there): nothing is generated
+            max_tokens = 1
         if max_tokens is None:
             max_tokens = max(1, min(self.settings.default_max_tokens, self.context() - prompt_tokens))
         if max_tokens > self.settings.max_tokens_cap:
@@ -95,7 +100,7 @@ class Server:
                            param="max_tokens")
         try:
             return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                            seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos)
+                            seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos, logprobs=body.logprob_count())
         except LorastackError as e:
             raise ApiError(400, str(e)) from e
 
@@ -132,6 +137,7 @@ class Server:
         return lambda: self.runtime.decide(model, [text], false_route)[0].route
 
     def route_info(self, model: str, decision: Any) -> RouteInfo:
+        note_route(model, str(decision.route))  # the x-lorastack-route header, the access log
         return RouteInfo(spec=str(decision.route), route=decision.route.to_json(), router=self.runtime.router_name(model),
                          abstained=decision.abstained, scores=decision.scores, routing_ms=round(decision.seconds * 1000, 3),
                          candidate=decision.candidate, confidence=decision.confidence, threshold=decision.threshold,
@@ -207,6 +213,7 @@ class Server:
         if req.error is not None:
             raise request_error(req.error)
         self.metrics.tokens.labels("completion").inc(len(req.tokens))
+        note_tokens(len(req.prompt_ids), len(req.tokens))
         end = req.finished_at or time.perf_counter()
         self.metrics.latency.labels(endpoint).observe(end - req.submitted_at)
         if req.first_token_at is not None:
@@ -238,6 +245,7 @@ class Server:
         """Run a stored stack on the last user message. Its stages use their own sampling
         settings; a stream carries the output stage's tokens and the trace in its last chunk."""
         runner, spec = self.stack(body.model)
+        note_route(body.model, f"stack/{spec.name}")
         self.engine.start()
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         loop = asyncio.get_running_loop()
@@ -412,7 +420,8 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         reqs = await srv.collect_all(request, [lambda: (req, pieces), *more], "chat")
         completion = sum(len(r.tokens) for r in reqs)
         return ChatCompletion(id=rid, created=created, model=body.model,
-                              choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=_finish(r))
+                              choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=_finish(r),
+                                                  logprobs=chat_choice_logprobs(runtime.base, body, r))
                                        for i, r in enumerate(reqs)],
                               usage=Usage(prompt_tokens=len(ids), completion_tokens=completion, total_tokens=len(ids) + completion),
                               lorastack=info)
@@ -420,21 +429,10 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
     @app.post("/v1/completions", dependencies=auth, response_model=Completion, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         srv.sampling(body)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts or len(prompts) > 16:
-            raise ApiError(400, "prompt: give a string or a list of 1 to 16 strings", param="prompt")
-        if body.stream and len(prompts) > 1:
-            raise ApiError(400, "streaming takes a single prompt", param="prompt")
-        tok = runtime.base.tokenizer
-        try:
-            all_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        except Exception as e:  # noqa: BLE001 - e.g. an unpaired surrogate (\ud800) the tokenizer cannot encode
-            raise ApiError(400, f"prompt cannot be tokenized ({type(e).__name__}); is it valid Unicode text?", param="prompt") from e
+        prompts, all_ids = completion_prompts(body, runtime.base.tokenizer)
         decisions = [await srv.decide(body.model, p, body.false_route) for p in prompts]
         sampling = srv.sampling(body, max(len(ids) for ids in all_ids))
         for ids in all_ids:
-            if not ids:
-                raise ApiError(400, "prompt is empty", param="prompt")
             srv.check_prompt(ids, sampling, "prompt")
         infos = [srv.route_info(body.model, d) for d in decisions]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -448,12 +446,10 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
                 **({"lorastack": [infos[0].model_dump()]} if first else {}),
             }, bool(body.stream_options and body.stream_options.include_usage), "completions")
         # OpenAI's order: every sample of prompt 0, then of prompt 1, ...
-        reqs = await srv.collect_all(request, [
+        reqs = [] if body.scores_only else await srv.collect_all(request, [
             functools.partial(srv.submit, ids, d, one, False, srv.rerouter(body.model, p, body.false_route))
             for p, ids, d in zip(prompts, all_ids, decisions) for one in srv.samples(sampling, body.n)], "completions")
-        texts = [p for p in prompts for _ in range(body.n)]
-        choices = [CompletionChoice(index=i, text=(p if body.echo else "") + r.text, finish_reason=_finish(r))
-                   for i, (p, r) in enumerate(zip(texts, reqs))]
+        choices = await completion_choices(srv.engine, runtime.base, body, prompts, all_ids, [d.route for d in decisions], reqs)
         prompt_tokens = sum(len(ids) for ids in all_ids)
         completion = sum(len(r.tokens) for r in reqs)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
@@ -549,6 +545,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         srv.metrics.requests.labels(endpoint, str(status)).inc()
 
     app.add_middleware(Guard, max_body_bytes=settings.max_body_bytes, on_response=count)
+    app.add_middleware(RequestTrail, access_log=settings.access_log)
     return app
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 from pydantic.json_schema import SkipJsonSchema
+
+from ..engine.sampling import MAX_TOP_LOGPROBS
 
 
 class _Lenient(BaseModel):
@@ -48,8 +50,6 @@ class StreamOptions(_Lenient):
 # logprobs or JSON mode must not get a plain answer it mistakes for one). Neutral values
 # (0, false, null, "text", "none", empty) are accepted.
 UNSUPPORTED = {
-    "logprobs": "logprobs are not supported yet",
-    "top_logprobs": "logprobs are not supported yet",
     "response_format": "structured output (response_format) is not supported yet",
     "tools": "tools / function calling are not supported",
     "tool_choice": "tools / function calling are not supported",
@@ -96,8 +96,14 @@ class _Sampling(_Keeping):
             raise ValueError("at most 4 stop sequences")
         return v
 
+    def logprob_count(self) -> int | None:
+        """Alternatives per token the request asks for; None when it asks for no logprobs."""
+        return None
+
     def unsupported(self) -> tuple[str, str] | None:
         """(field, reason) of the first unsupported parameter sent with a non-neutral value."""
+        if self.stream and self.logprob_count() is not None:
+            return "logprobs", "logprobs with stream=true are not supported yet (send stream=false)"
         extra = self.model_extra or {}
         for name, why in UNSUPPORTED.items():
             if name not in extra or extra[name] is None or extra[name] is False:
@@ -115,11 +121,43 @@ class _Sampling(_Keeping):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs=true"
+        return super().unsupported()
+
+
+TokenIds = list[StrictInt]
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    # Text, texts, or token ids (lm-eval sends ids, so its context/continuation split is exact).
+    prompt: str | list[str] | list[TokenIds] | TokenIds
     echo: bool = False
+    # 0 is meaningful here: with echo=true it scores the prompt without generating (lm-eval).
+    max_tokens: int | None = Field(default=None, ge=0)
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.max_tokens == 0 and self.stream:
+            return "max_tokens", "max_tokens=0 (scoring the prompt) cannot stream; send stream=false"
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens", "max_tokens=0 needs echo=true (it returns the prompt and its logprobs, generating nothing)"
+        return super().unsupported()
+
+    @property
+    def scores_only(self) -> bool:
+        """max_tokens=0: echo the prompt (and its logprobs), generate nothing."""
+        return self.max_tokens == 0 and self.max_completion_tokens is None
 
 
 class Usage(BaseModel):
@@ -152,10 +190,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -168,11 +222,20 @@ class ChatCompletion(BaseModel):
     lorastack: RouteInfo
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists; a prompt's first token has no logprob (None)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

@@ -26,6 +26,9 @@ class ServeSettings:
     retry_after_s: int = 1
     # /docs, /redoc and /openapi.json; behind the API key when one is set.
     docs: bool = True
+    # One line per request (client, method, path, status, model, route, tokens, latency) to
+    # the `lorastack.access` logger, stderr by default (`lorastack serve --access-log`).
+    access_log: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_body_bytes", "max_tokens_cap", "default_max_tokens", "max_prompt_tokens"):

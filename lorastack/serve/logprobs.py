@@ -1,0 +1,152 @@
+"""Logprobs in OpenAI's response shapes: `/v1/completions` (`logprobs=N`, `echo`) and
+`/v1/chat/completions` (`logprobs`, `top_logprobs`).
+
+Generated tokens' logprobs are recorded by the engine where it picks each token (from the
+logits of that row's own route); a prompt's are computed by one scoring forward
+(`engine.score.prompt_logprobs`) run on the engine's thread, every prompt under the route
+that answers it. Both are the model's raw distribution (log-softmax before temperature,
+top-k and top-p), as vLLM reports by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from ..engine.engine import Engine, Request as EngineRequest
+from ..engine.sampling import TokenLogprob
+from ..engine.score import prompt_logprobs
+from ..errors import LorastackError
+from ..route import Route
+from .errors import from_lorastack
+from .schemas import (
+    ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest, TopLogprob,
+)
+
+WINDOW = 6  # tokens of left context when decoding one token's text (spacing, merges)
+
+
+def token_strings(tokenizer, ids: Sequence[int], skip_special: bool) -> list[str]:
+    """Each token's share of the decoded text, so the pieces concatenate to the decoded whole.
+
+    Decoding one id alone loses spacing rules and splits multi-byte characters, so each token
+    is decoded with a few tokens of left context and the new text taken as its piece; a token
+    ending inside a UTF-8 character gets "" and the character goes to the token completing it.
+    Linear in the sequence (a fixed window), not quadratic like decoding every prefix.
+    """
+    def decode(part: Sequence[int]) -> str:
+        return tokenizer.decode(list(part), skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
+
+    out: list[str] = []
+    start = 0  # first token whose text is not yet out
+    for i in range(len(ids)):
+        ctx = max(0, start - WINDOW)
+        now = decode(ids[ctx : i + 1])
+        if now.endswith("\ufffd") and i + 1 < len(ids):
+            out.append("")  # an incomplete character: its bytes continue in the next token
+            continue
+        before = decode(ids[ctx:start])
+        out.append(now[len(before):] if now.startswith(before) else decode(ids[start : i + 1]))
+        start = i + 1
+    return out
+
+
+async def score_prompts(engine: Engine, rows: list[list[int]], routes: list[Route], top: int) -> list[list[TokenLogprob | None]]:
+    """Every prompt token's logprob under its row's route, scored between two engine steps."""
+    engine.start()  # idempotent: scoring runs on the loop's thread
+    try:
+        return await asyncio.wrap_future(engine.run_between_steps(lambda: prompt_logprobs(engine, rows, routes, top)))
+    except LorastackError as e:
+        raise from_lorastack(e, "model") from e
+
+
+def generated(req: EngineRequest, eos: int) -> tuple[list[int], list[TokenLogprob]]:
+    """The ids whose logprobs `req` recorded: its tokens, plus EOS when that ended it."""
+    ids = list(req.tokens)
+    if len(req.logprobs) > len(ids):
+        ids.append(eos)
+    return ids, list(req.logprobs[: len(ids)])
+
+
+def _top(tokenizer, entry: TokenLogprob, skip_special: bool) -> dict[str, float]:
+    """Alternatives by token text; the chosen token is always in it (vLLM's convention), so
+    a reader can tell whether it was the most likely one."""
+    names = [(tokenizer.decode([t], skip_special_tokens=False), v) for t, v in entry.top]
+    top = {name: v for name, v in reversed(names)}  # the best wins a clash of equal texts
+    chosen = tokenizer.decode([entry.token], skip_special_tokens=False)
+    top.setdefault(chosen, entry.logprob)
+    return top
+
+
+def completion(tokenizer, prompt: tuple[list[int], list[TokenLogprob | None]] | None,
+               gen_ids: list[int], gen_lps: list[TokenLogprob], gen_text_len: int) -> CompletionLogprobs:
+    """One completions choice's `logprobs`: the echoed prompt's tokens (when `prompt` is given)
+    then the generated ones, cut where the choice's text ends (a stop string)."""
+    tokens: list[str] = []
+    lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    if prompt is not None:
+        ids, entries = prompt
+        tokens += token_strings(tokenizer, ids, skip_special=False)
+        for e in entries:
+            lps.append(None if e is None else e.logprob)
+            tops.append(None if e is None else _top(tokenizer, e, False))
+    pieces = token_strings(tokenizer, gen_ids, skip_special=True)
+    offsets, at = [], 0
+    for piece in tokens:
+        offsets.append(at)
+        at += len(piece)
+    gen_at = 0
+    for piece, e in zip(pieces, gen_lps):
+        if gen_at >= gen_text_len and piece:
+            break  # past a stop string: these tokens are not in the text
+        gen_at += len(piece)
+        offsets.append(at)
+        at += len(piece)
+        tokens.append(piece)
+        lps.append(e.logprob)
+        tops.append(_top(tokenizer, e, True))
+    return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
+
+
+def chat(tokenizer, req: EngineRequest, eos: int, top: int) -> ChatLogprobs:
+    """One chat choice's `logprobs.content`: each generated token with its `top` alternatives."""
+    ids, entries = generated(req, eos)
+    pieces = token_strings(tokenizer, ids, skip_special=True)
+    content = []
+    for piece, e in zip(pieces, entries):
+        alts = [TopLogprob(token=s, logprob=v, bytes=list(s.encode()))
+                for s, v in ((tokenizer.decode([t], skip_special_tokens=False), v) for t, v in e.top[:top])]
+        content.append(ChatTokenLogprob(token=piece, logprob=e.logprob, bytes=list(piece.encode()), top_logprobs=alts))
+    return ChatLogprobs(content=content)
+
+
+def chat_choice_logprobs(base, body: ChatCompletionRequest, req: EngineRequest) -> ChatLogprobs | None:
+    """`logprobs` of one chat choice; None when the request did not ask."""
+    top = body.logprob_count()
+    return None if top is None else chat(base.tokenizer, req, base.eos_token_id, top)
+
+
+async def completion_choices(engine: Engine, base, body: CompletionRequest, prompts: list[str], all_ids: list[list[int]],
+                             routes: list[Route], reqs: list[EngineRequest]) -> list[CompletionChoice]:
+    """The choices of a completions response: `n` per prompt, in OpenAI's order, each with
+    its echo and logprobs as asked. With max_tokens=0 (`scores_only`) nothing was generated
+    and each choice is its prompt alone, as lm-eval's loglikelihood requests want."""
+    top = body.logprob_count()
+    n = body.n
+    if reqs:  # the route each prompt was actually answered under (a routed request may have been re-routed)
+        routes = [reqs[i * n].route for i in range(len(prompts))]
+    scored = await score_prompts(engine, all_ids, routes, top) if body.echo and top is not None else None
+    choices = []
+    for i in range(len(prompts) * n):
+        p = i // n
+        req = reqs[i] if reqs else None
+        text = (prompts[p] if body.echo else "") + (req.text if req else "")
+        lp = None
+        if top is not None:
+            gen_ids, gen_lps = generated(req, base.eos_token_id) if req else ([], [])
+            lp = completion(base.tokenizer, (all_ids[p], scored[p]) if scored else None, gen_ids, gen_lps,
+                            len(req.text) if req else 0)
+        finish = "length" if req is None or req.finish_reason == "length" else "stop"
+        choices.append(CompletionChoice(index=i, text=text, finish_reason=finish, logprobs=lp))
+    return choices
