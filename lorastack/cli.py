@@ -559,6 +559,7 @@ def serve(
     import_root: list[Path] = typer.Option([], "--import-root", help="Directory HTTP imports may read from (repeatable; none = imports off)."),
     log_level: str = typer.Option("warning", "--log-level"),
     docs: bool = typer.Option(True, "--docs/--no-docs", help="Serve /docs and /openapi.json (behind the API key when one is set)."),
+    access_log: bool = typer.Option(False, "--access-log", help="Log one line per request to stderr: client, method, path, status, model, route, tokens, latency."),
 ) -> None:
     """Serve the base and the library over an OpenAI-compatible HTTP API."""
     import socket
@@ -570,7 +571,7 @@ def serve(
 
     settings = ServeSettings.with_env(api_key=api_key, max_queue=max_queue, max_tokens_cap=max_tokens,
                                       default_max_tokens=min(256, max_tokens), max_body_bytes=max_body,
-                                      import_roots=tuple(import_root), docs=docs)
+                                      import_roots=tuple(import_root), docs=docs, access_log=access_log)
     from .base import Base
 
     # Bind first: a busy port fails in a second, before the model loads and before we

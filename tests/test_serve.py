@@ -314,7 +314,7 @@ def test_schema_fuzz_has_no_server_errors(runtime, tmp_path):
 
             # The generation endpoints get more cases: their schema is the widest, and both
             # rejections and real generations must show up among them.
-            n_examples = 60 if operation.path in ("/v1/chat/completions", "/v1/completions") else 25
+            n_examples = 80 if operation.path in ("/v1/chat/completions", "/v1/completions") else 25
 
             @settings(max_examples=n_examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
             # Half the cases keep the fuzzed `model`; the rest use a real one so generation runs.

@@ -36,12 +36,14 @@ from . import errors as api_errors
 from .errors import ApiError, from_lorastack, request_error
 from .accesslog import RequestTrail, note_route, note_tokens
 from .guard import DISCONNECTED_KEY, Guard
+from .docs import install_docs
+from .embeddings import create_embeddings
 from .logprobs import chat_choice_logprobs, completion_choices
 from .metrics import Metrics
 from .prompts import completion_prompts
 from .schemas import (
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
-    CompletionRequest, ErrorBody, ImportAdapter, LoadLoraAdapter, ModelCard, ModelList, RouteInfo,
+    CompletionRequest, EmbeddingList, EmbeddingRequest, ErrorBody, ImportAdapter, LoadLoraAdapter, ModelCard, ModelList, RouteInfo,
     UnloadLoraAdapter, Usage,
 )
 from .settings import ServeSettings
@@ -358,31 +360,14 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
             srv.engine.stop()
 
     # The interactive docs and the schema describe every endpoint, so with an API key they
-    # sit behind it too (added below); `docs=False` turns them off altogether.
-    open_docs = settings.docs and settings.api_key is None
-    app = FastAPI(title="lorastack", version=__version__, lifespan=lifespan,
-                  docs_url="/docs" if open_docs else None, redoc_url="/redoc" if open_docs else None,
-                  openapi_url="/openapi.json" if open_docs else None,
+    # sit behind it too; `docs=False` turns them off altogether. /docs renders offline (docs.py).
+    app = FastAPI(title="lorastack", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   description="OpenAI-compatible API over a base model and a library of LoRA experts.")
     app.state.server = srv
     api_errors.install(app)
     auth = [Depends(srv.check_key)]
-    if settings.docs and not open_docs:
-        from fastapi.openapi.docs import get_swagger_ui_html
-
-        @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
-        async def openapi_json() -> JSONResponse:
-            return JSONResponse(app.openapi())
-
-        @app.get("/docs", dependencies=auth, include_in_schema=False)
-        async def docs_page() -> Response:
-            return get_swagger_ui_html(openapi_url="/openapi.json", title="lorastack API")
-
-        @app.get("/redoc", dependencies=auth, include_in_schema=False)
-        async def redoc_page() -> Response:
-            from fastapi.openapi.docs import get_redoc_html
-
-            return get_redoc_html(openapi_url="/openapi.json", title="lorastack API")
+    if settings.docs:
+        install_docs(app, auth if settings.api_key is not None else [])
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
@@ -454,6 +439,11 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         completion = sum(len(r.tokens) for r in reqs)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
         return Completion(id=rid, created=created, model=body.model, choices=choices, usage=usage, lorastack=infos)
+
+    @app.post("/v1/embeddings", dependencies=auth, response_model=EmbeddingList, responses=_ERRORS)
+    async def embeddings(body: EmbeddingRequest) -> EmbeddingList:
+        """The base's mean-pooled hidden states (what routing compares), unit length."""
+        return await create_embeddings(runtime, settings.max_prompt_tokens, body)
 
     # ------------------------------------------------------------ models and adapters
     @app.get("/v1/models", dependencies=auth, response_model=ModelList)

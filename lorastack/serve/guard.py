@@ -19,7 +19,7 @@ DISCONNECTED = 499  # the status counted for a request whose client went away
 DISCONNECTED_KEY = "lorastack_disconnected"
 
 # Endpoint labels for metrics: a fixed set, so a client cannot blow up label cardinality.
-_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/adapters", "/v1/load_lora_adapter",
+_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/adapters", "/v1/load_lora_adapter",
               "/v1/unload_lora_adapter", "/health", "/metrics"}
 
 

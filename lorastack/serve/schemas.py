@@ -160,6 +160,33 @@ class CompletionRequest(_Sampling):
         return self.max_tokens == 0 and self.max_completion_tokens is None
 
 
+class EmbeddingRequest(_Lenient):
+    """OpenAI's `/v1/embeddings` body (`user` and other extras are ignored)."""
+
+    model: str = Field(min_length=1, max_length=512)
+    input: str | list[str] | list[TokenIds] | TokenIds
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(default=None, ge=1)
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64: little-endian float32, as the openai client decodes it
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
