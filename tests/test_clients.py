@@ -40,6 +40,8 @@ def test_langchain_chat_invoke_stream_and_embeddings(runtime):
         chunks = list(llm.stream(PROMPT))
         assert len(chunks) > 1 and "".join(c.content for c in chunks) == expected
         assert [m.content for m in llm.batch([PROMPT, PROMPT])] == [expected, expected]
+        scored = llm.bind(logprobs=True).invoke(PROMPT)  # LangChain keeps OpenAI's logprobs in its metadata
+        assert "".join(t["token"] for t in scored.response_metadata["logprobs"]["content"]) == expected
         # Embeddings: tiktoken-free (the server's tokenizer is not OpenAI's), the base's own vectors.
         emb = OpenAIEmbeddings(base_url=url + "/v1", api_key="unused", model="base", check_embedding_ctx_length=False)
         got = np.array(emb.embed_documents([PROMPT, "hello"]))

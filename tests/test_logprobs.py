@@ -15,7 +15,7 @@ from lorastack.engine.engine import Engine
 from lorastack.engine.sampling import Sampling
 from lorastack.engine.score import prompt_logprobs
 from lorastack.route import BASE_ROUTE, parse_spec
-from lorastack.serve.logprobs import token_strings
+from lorastack.serve.logprobs import groups, token_strings
 from lorastack.tasks import get_task
 from test_engine import lib_with_adapters, peft_logits  # noqa: F401 - a fixture
 from test_serve import client, runtime  # noqa: F401 - a fixture
@@ -200,3 +200,50 @@ def test_logprob_parameters_are_validated(runtime):
         assert post("chat/completions", logprobs=False)[0] == 200
         r = c.post("/v1/chat/completions", json={"model": "base", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
         assert r.json()["choices"][0]["logprobs"] is None
+
+
+def test_scoring_groups_stay_within_the_prefill_budget():
+    rows = [[1] * n for n in (3, 4, 2, 9, 1, 1)]
+    assert groups(rows, 8) == [range(0, 2), range(2, 3), range(3, 4), range(4, 6)]
+    assert groups([], 8) == [] and groups([[1] * 20], 8) == [range(0, 1)]
+
+
+def test_generated_logprobs_without_echo_and_the_openai_client_shapes(runtime):
+    from openai import OpenAI
+
+    from test_serve import live_server
+
+    with live_server(runtime) as (url, _):
+        oa = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        c = oa.completions.create(model="date_format", prompt="Rewrite the date 2031-04-09 in words", max_tokens=4,
+                                  temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+        lp = c.choices[0].logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == c.usage.completion_tokens == 4
+        assert "".join(lp.tokens) == c.choices[0].text and lp.text_offset[0] == 0
+        assert all(v <= 0 and len(top) >= 2 for v, top in zip(lp.token_logprobs, lp.top_logprobs))
+        chat = oa.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0.8, seed=1, logprobs=True, extra_body={"ignore_eos": True})
+        content = chat.choices[0].logprobs.content
+        assert len(content) == 3 and all(e.top_logprobs == [] and e.logprob <= 0 for e in content)
+
+
+@pytest.mark.integration
+def test_echo_logprobs_on_the_embedded_base_match_transformers(tmp_path):
+    """The real SmolLM2 in float32: an lm-eval loglikelihood request gives transformers' numbers."""
+    from lorastack.base import Base
+    from lorastack.library import Library
+    from lorastack.runtime import Runtime
+
+    base = Base.load("embedded", dtype="float32")
+    rt = Runtime(base, Library(tmp_path / "lib"))
+    tok = base.tokenizer
+    ctx = tok("Question: What is the capital of France?\nAnswer:", add_special_tokens=False)["input_ids"]
+    ids = ctx + tok(" Paris", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ref = torch.log_softmax(base.model(torch.tensor([ids])).logits[0].float(), -1)
+    with client(rt) as c:
+        lp = c.post("/v1/completions", json={"model": "base", "prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 1,
+                                             "temperature": 0}).json()["choices"][0]["logprobs"]
+    want = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert torch.allclose(torch.tensor(lp["token_logprobs"][1: len(ids)]), want, atol=1e-4)
+    assert abs(lp["token_logprobs"][-1] - ref[-1].max().item()) < 1e-4

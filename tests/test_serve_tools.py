@@ -38,14 +38,18 @@ def test_access_log_one_line_per_request(runtime, caplog):
                                                  "max_tokens": 3, "ignore_eos": True})
             c.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
             c.get("/health")
+            c.post("/v1/embeddings", json={"model": "base", "input": ["a b", "c"]})
+            c.post("/v1/completions", json={"model": "base", "prompt": [[5, 6, 7]], "echo": True, "logprobs": 0, "max_tokens": 0})
         finally:
             logging.getLogger("lorastack.access").propagate = False
     lines = [r.getMessage() for r in caplog.records if r.name == "lorastack.access"]
-    assert len(lines) == 3, lines
+    assert len(lines) == 5, lines
     assert re.fullmatch(r'\S+ "POST /v1/chat/completions" 200 model=reverse_words route=reverse_words tokens=\d+\+3 latency_ms=[\d.]+',
                         lines[0]), lines[0]
     assert '"POST /v1/chat/completions" 404 model=- route=-' in lines[1]
     assert '"GET /health" 200' in lines[2]
+    assert re.search(r'"POST /v1/embeddings" 200 model=base route=- tokens=\d+\+0 ', lines[3]), lines[3]
+    assert '"POST /v1/completions" 200 model=base route=base tokens=3+0 ' in lines[4]
 
 
 def test_no_access_log_by_default(runtime, caplog):

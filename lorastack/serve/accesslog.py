@@ -42,6 +42,13 @@ def note_route(model: str, spec: str) -> None:
         trail.routes.append(spec)
 
 
+def note_model(model: str) -> None:
+    """Record the requested model where no route answers (embeddings)."""
+    trail = _TRAIL.get()
+    if trail is not None:
+        trail.model = model
+
+
 def note_tokens(prompt: int, completion: int) -> None:
     trail = _TRAIL.get()
     if trail is not None:

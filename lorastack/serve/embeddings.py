@@ -15,6 +15,7 @@ import numpy as np
 from fastapi.concurrency import run_in_threadpool
 
 from ..routing.knn import EMBED_LAYERS
+from .accesslog import note_model, note_tokens
 from .errors import ApiError
 from .schemas import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 
@@ -59,6 +60,7 @@ def embed(runner, rows: list[list[int]]) -> np.ndarray:
 
 
 async def create_embeddings(runtime, max_tokens: int, body: EmbeddingRequest) -> EmbeddingList:
+    note_model(body.model)
     if body.model != "base":
         raise ApiError(400, f"embeddings come from the base alone (no adapter takes part); use model 'base', not {body.model!r}",
                        param="model")
@@ -73,4 +75,5 @@ async def create_embeddings(runtime, max_tokens: int, body: EmbeddingRequest) ->
     data = [Embedding(index=i, embedding=base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
                       else v.tolist()) for i, v in enumerate(vectors)]
     tokens = sum(len(r) for r in rows)
+    note_tokens(tokens, 0)
     return EmbeddingList(data=data, model=body.model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))

@@ -18,6 +18,7 @@ from ..engine.sampling import TokenLogprob
 from ..engine.score import prompt_logprobs
 from ..errors import LorastackError
 from ..route import Route
+from .accesslog import note_tokens
 from .errors import from_lorastack
 from .schemas import (
     ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest, TopLogprob,
@@ -51,13 +52,32 @@ def token_strings(tokenizer, ids: Sequence[int], skip_special: bool) -> list[str
     return out
 
 
+def groups(rows: list[list[int]], budget: int) -> list[range]:
+    """Consecutive rows in groups of at most `budget` tokens (a longer row alone)."""
+    out, start, size = [], 0, 0
+    for i, r in enumerate(rows):
+        if i > start and size + len(r) > budget:
+            out.append(range(start, i))
+            start, size = i, 0
+        size += len(r)
+    return out + [range(start, len(rows))] if rows else out
+
+
 async def score_prompts(engine: Engine, rows: list[list[int]], routes: list[Route], top: int) -> list[list[TokenLogprob | None]]:
-    """Every prompt token's logprob under its row's route, scored between two engine steps."""
+    """Every prompt token's logprob under its row's route, scored between two engine steps.
+
+    Rows go in groups of at most the engine's prefill budget, one job each, so a request
+    echoing long prompts never holds the decoding of everyone else for more than a prefill."""
     engine.start()  # idempotent: scoring runs on the loop's thread
-    try:
-        return await asyncio.wrap_future(engine.run_between_steps(lambda: prompt_logprobs(engine, rows, routes, top)))
-    except LorastackError as e:
-        raise from_lorastack(e, "model") from e
+    out: list[list[TokenLogprob | None]] = []
+    for g in groups(rows, engine.max_prefill_tokens):
+        part, part_routes = [rows[i] for i in g], [routes[i] for i in g]
+        try:
+            out += await asyncio.wrap_future(engine.run_between_steps(
+                lambda part=part, part_routes=part_routes: prompt_logprobs(engine, part, part_routes, top)))
+        except LorastackError as e:
+            raise from_lorastack(e, "model") from e
+    return out
 
 
 def generated(req: EngineRequest, eos: int) -> tuple[list[int], list[TokenLogprob]]:
@@ -137,6 +157,8 @@ async def completion_choices(engine: Engine, base, body: CompletionRequest, prom
     if reqs:  # the route each prompt was actually answered under (a routed request may have been re-routed)
         routes = [reqs[i * n].route for i in range(len(prompts))]
     scored = await score_prompts(engine, all_ids, routes, top) if body.echo and top is not None else None
+    if not reqs:  # scoring only: no engine request counted the prompt tokens
+        note_tokens(sum(len(ids) for ids in all_ids), 0)
     choices = []
     for i in range(len(prompts) * n):
         p = i // n
