@@ -227,6 +227,26 @@ def test_generated_logprobs_without_echo_and_the_openai_client_shapes(runtime):
         assert len(content) == 3 and all(e.top_logprobs == [] and e.logprob <= 0 for e in content)
 
 
+def test_logprobs_stop_where_a_stop_string_cuts_the_text(runtime):
+    body = {"model": "reverse_words", "prompt": "Reverse the order of these words: red green blue", "max_tokens": 12,
+            "temperature": 0, "logprobs": 0, "ignore_eos": True}
+    with client(runtime) as c:
+        full = c.post("/v1/completions", json=body).json()["choices"][0]
+        text = full["text"]
+        assert "".join(full["logprobs"]["tokens"]) == text and len(full["logprobs"]["tokens"]) == 12
+        stop = text[len(text) // 2: len(text) // 2 + 2]
+        cut = c.post("/v1/completions", json={**body, "stop": [stop]}).json()["choices"][0]
+        chat = c.post("/v1/chat/completions", json={**{k: v for k, v in body.items() if k not in ("prompt", "logprobs")},
+                                                    "messages": [{"role": "user", "content": body["prompt"]}],
+                                                    "logprobs": True, "stop": [stop]}).json()["choices"][0]
+    assert cut["text"] == text[: text.index(stop)] and cut["finish_reason"] == "stop"
+    tokens = cut["logprobs"]["tokens"]
+    assert len(tokens) < 12 and "".join(tokens).startswith(cut["text"]) and "".join(tokens[:-1]) in cut["text"]
+    assert cut["logprobs"]["token_logprobs"] == full["logprobs"]["token_logprobs"][: len(tokens)]
+    pieces = [e["token"] for e in chat["logprobs"]["content"]]
+    assert "".join(pieces).startswith(chat["message"]["content"]) and "".join(pieces[:-1]) in chat["message"]["content"]
+
+
 @pytest.mark.integration
 def test_echo_logprobs_on_the_embedded_base_match_transformers(tmp_path):
     """The real SmolLM2 in float32: an lm-eval loglikelihood request gives transformers' numbers."""

@@ -88,7 +88,20 @@ def generated(req: EngineRequest, eos: int) -> tuple[list[int], list[TokenLogpro
     return ids, list(req.logprobs[: len(ids)])
 
 
-def _top(tokenizer, entry: TokenLogprob, skip_special: bool) -> dict[str, float]:
+def _in_text(pieces: list[str], entries: list[TokenLogprob], text_len: int) -> list[tuple[str, TokenLogprob]]:
+    """The generated (piece, logprob) pairs up to where the returned text ends: a stop string
+    cuts the text, and the tokens past it are not reported either (an ending EOS, whose
+    piece is "", stays)."""
+    kept, at = [], 0
+    for piece, e in zip(pieces, entries):
+        if at >= text_len and piece:
+            break
+        kept.append((piece, e))
+        at += len(piece)
+    return kept
+
+
+def _top(tokenizer, entry: TokenLogprob) -> dict[str, float]:
     """Alternatives by token text; the chosen token is always in it (vLLM's convention), so
     a reader can tell whether it was the most likely one."""
     names = [(tokenizer.decode([t], skip_special_tokens=False), v) for t, v in entry.top]
@@ -110,31 +123,25 @@ def completion(tokenizer, prompt: tuple[list[int], list[TokenLogprob | None]] | 
         tokens += token_strings(tokenizer, ids, skip_special=False)
         for e in entries:
             lps.append(None if e is None else e.logprob)
-            tops.append(None if e is None else _top(tokenizer, e, False))
-    pieces = token_strings(tokenizer, gen_ids, skip_special=True)
+            tops.append(None if e is None else _top(tokenizer, e))
     offsets, at = [], 0
     for piece in tokens:
         offsets.append(at)
         at += len(piece)
-    gen_at = 0
-    for piece, e in zip(pieces, gen_lps):
-        if gen_at >= gen_text_len and piece:
-            break  # past a stop string: these tokens are not in the text
-        gen_at += len(piece)
+    for piece, e in _in_text(token_strings(tokenizer, gen_ids, skip_special=True), gen_lps, gen_text_len):
         offsets.append(at)
         at += len(piece)
         tokens.append(piece)
         lps.append(e.logprob)
-        tops.append(_top(tokenizer, e, True))
+        tops.append(_top(tokenizer, e))
     return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
 
 
 def chat(tokenizer, req: EngineRequest, eos: int, top: int) -> ChatLogprobs:
     """One chat choice's `logprobs.content`: each generated token with its `top` alternatives."""
     ids, entries = generated(req, eos)
-    pieces = token_strings(tokenizer, ids, skip_special=True)
     content = []
-    for piece, e in zip(pieces, entries):
+    for piece, e in _in_text(token_strings(tokenizer, ids, skip_special=True), entries, len(req.text)):
         alts = [TopLogprob(token=s, logprob=v, bytes=list(s.encode()))
                 for s, v in ((tokenizer.decode([t], skip_special_tokens=False), v) for t, v in e.top[:top])]
         content.append(ChatTokenLogprob(token=piece, logprob=e.logprob, bytes=list(piece.encode()), top_logprobs=alts))
