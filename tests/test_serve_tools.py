@@ -63,6 +63,7 @@ def test_docs_render_offline(runtime):
     with client(runtime) as c:
         html = c.get("/docs").text
         assert "SwaggerUIBundle" in html and "/openapi.json" in html
+        assert '"validatorUrl": null' in html  # Swagger UI's default online validator is off
         assert not re.findall(r"(?:src|href)=[\"']?(?:https?:)?//", html), "the docs page loads something from another host"
         urls = re.findall(r"(?:src|href)=[\"']?([^\"' >]+)", html) + re.findall(r"url: '([^']+)'", html)
         assert any(u.endswith("swagger-ui-bundle.js") for u in urls) and any(u.endswith(".css") for u in urls)

@@ -38,7 +38,9 @@ def install_docs(app: FastAPI, dependencies: list[Any]) -> None:
     async def docs_page() -> Response:
         return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} API",
                                    swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js", swagger_css_url=f"{ASSETS}/swagger-ui.css",
-                                   swagger_favicon_url=f"{ASSETS}/favicon-32x32.png")
+                                   swagger_favicon_url=f"{ASSETS}/favicon-32x32.png",
+                                   # no badge that sends the schema to swagger.io's online validator
+                                   swagger_ui_parameters={"validatorUrl": None})
 
     @app.get(ASSETS + "/{name}", include_in_schema=False)
     async def docs_asset(name: str) -> Response:
