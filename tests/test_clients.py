@@ -78,7 +78,10 @@ def lm_eval_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_lm_eval_multiple_choice_score_equals_the_projects_own(runtime, lm_eval_env, tiny_tokenizer):
+@pytest.mark.parametrize("tokenizer", ["local", "remote"])
+def test_lm_eval_multiple_choice_score_equals_the_projects_own(runtime, lm_eval_env, tiny_tokenizer, tokenizer):
+    """`local`: lm-eval reads a copy of the tokenizer; `remote`: nothing but the URL, lm-eval
+    finds the server's /tokenize and /tokenizer_info and tokenizes through them."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -108,8 +111,8 @@ def test_lm_eval_multiple_choice_score_equals_the_projects_own(runtime, lm_eval_
     with live_server(runtime) as (url, _):
         out = lm_eval.simple_evaluate(
             model="local-completions",
-            model_args={"base_url": f"{url}/v1/completions", "model": model, "tokenizer": str(tok_dir),
-                        "tokenizer_backend": "huggingface", "tokenized_requests": True, "num_concurrent": 1, "max_retries": 1},
+            model_args={"base_url": f"{url}/v1/completions", "model": model, "num_concurrent": 1, "max_retries": 1,
+                        **({"tokenizer": str(tok_dir), "tokenizer_backend": "huggingface"} if tokenizer == "local" else {})},
             tasks=["lorastack_mc"], task_manager=TaskManager(include_path=str(tasks)), log_samples=True, limit=None,
         )
     acc = out["results"]["lorastack_mc"]["acc,none"]

@@ -107,3 +107,21 @@ def test_embeddings_refuse_bad_input_by_name(runtime, body, param):
     with client(runtime) as c:
         r = c.post("/v1/embeddings", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_vllm_tokenizer_endpoints(runtime):
+    tok = runtime.base.tokenizer
+    msgs = [{"role": "user", "content": "Reverse the order of these words: red green blue"}]
+    with client(runtime) as c:
+        r = c.post("/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()
+        assert r["tokens"] == tok("hello world", add_special_tokens=False)["input_ids"] and r["count"] == len(r["tokens"])
+        assert c.post("/tokenize", json={"messages": msgs}).json()["tokens"] == runtime.base.chat_ids(msgs)
+        assert c.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "hello world"}
+        info = c.get("/tokenizer_info").json()
+        assert info["eos_token"] == tok.eos_token and info["chat_template"] == tok.chat_template
+        for path, body, param in [("/tokenize", {}, "prompt"), ("/tokenize", {"prompt": "a", "messages": msgs}, "prompt"),
+                                  ("/detokenize", {"tokens": [10**6]}, "tokens")]:
+            r = c.post(path, json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    with client(runtime, api_key="k") as c:
+        assert c.get("/tokenizer_info").status_code == 401

@@ -47,6 +47,7 @@ from .schemas import (
     UnloadLoraAdapter, Usage,
 )
 from .settings import ServeSettings
+from .tokenizer import install_tokenizer_routes
 
 log = logging.getLogger("lorastack.serve")
 MAX_N = 8  # samples per request (`n`): each is a row of the batch, the prompt's K/V shared via the prefix cache
@@ -444,6 +445,8 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
     async def embeddings(body: EmbeddingRequest) -> EmbeddingList:
         """The base's mean-pooled hidden states (what routing compares), unit length."""
         return await create_embeddings(runtime, settings.max_prompt_tokens, body)
+
+    install_tokenizer_routes(app, runtime, auth)  # vLLM's /tokenize, /detokenize, /tokenizer_info
 
     # ------------------------------------------------------------ models and adapters
     @app.get("/v1/models", dependencies=auth, response_model=ModelList)

@@ -17,6 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from ..routing.knn import EMBED_LAYERS
 from .accesslog import note_model, note_tokens
 from .errors import ApiError
+from .prompts import as_list, check_ids
 from .schemas import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 
 MAX_INPUTS = 64  # inputs per request
@@ -25,12 +26,10 @@ MAX_TOTAL_TOKENS = 16384  # tokens per request, all inputs together
 
 def input_ids(body: EmbeddingRequest, tokenizer, max_tokens: int) -> list[list[int]]:
     """The request's inputs (text, texts, token ids, lists of them) as token ids, checked."""
-    raw = body.input
-    if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
-        raw = [raw]
+    raw = as_list(body.input)
     if not raw or len(raw) > MAX_INPUTS:
         raise ApiError(400, f"input: give a string, token ids, or a list of 1 to {MAX_INPUTS} of them", param="input")
-    vocab, out = len(tokenizer), []
+    out = []
     for i, x in enumerate(raw):
         if isinstance(x, str):
             try:
@@ -38,9 +37,7 @@ def input_ids(body: EmbeddingRequest, tokenizer, max_tokens: int) -> list[list[i
             except Exception as e:  # noqa: BLE001 - e.g. an unpaired surrogate
                 raise ApiError(400, f"input[{i}] cannot be tokenized ({type(e).__name__})", param="input") from e
         else:
-            ids = list(x)
-            if any(not 0 <= t < vocab for t in ids):
-                raise ApiError(400, f"input[{i}]: a token id is outside this model's vocabulary (0 to {vocab - 1})", param="input")
+            ids = check_ids(x, tokenizer, "input", f"input[{i}]")
         if not ids:
             raise ApiError(400, f"input[{i}] is empty", param="input")
         if len(ids) > max_tokens:

@@ -20,7 +20,8 @@ DISCONNECTED_KEY = "lorastack_disconnected"
 
 # Endpoint labels for metrics: a fixed set, so a client cannot blow up label cardinality.
 _ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/adapters", "/v1/load_lora_adapter",
-              "/v1/unload_lora_adapter", "/health", "/metrics"}
+              "/v1/unload_lora_adapter", "/health", "/metrics",
+              "/tokenize", "/detokenize", "/tokenizer_info"}
 
 
 def endpoint_label(path: str) -> str:

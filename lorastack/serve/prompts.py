@@ -10,16 +10,29 @@ from .schemas import CompletionRequest
 MAX_PROMPTS = 16  # prompts per request; each is a row of the batch
 
 
+def as_list(raw: str | list) -> list:
+    """OpenAI's input forms (a text, token ids, or a list of either) as a list of inputs."""
+    if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
+        return [raw]
+    return raw
+
+
+def check_ids(ids: list[int], tokenizer, param: str, what: str = "") -> list[int]:
+    """`ids` if every one is in the vocabulary; a 400 naming `param` otherwise."""
+    vocab = len(tokenizer)
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"{what or param}: token id {bad} is outside this model's vocabulary (0 to {vocab - 1})", param=param)
+    return list(ids)
+
+
 def completion_prompts(body: CompletionRequest, tokenizer) -> tuple[list[str], list[list[int]]]:
     """The request's prompts as texts and token ids (ids checked against the vocabulary)."""
-    raw = body.prompt
-    if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
-        raw = [raw]
+    raw = as_list(body.prompt)
     if not raw or len(raw) > MAX_PROMPTS:
         raise ApiError(400, f"prompt: give a string, token ids, or a list of 1 to {MAX_PROMPTS} of them", param="prompt")
     if body.stream and len(raw) > 1:
         raise ApiError(400, "streaming takes a single prompt", param="prompt")
-    vocab = len(tokenizer)
     texts, all_ids = [], []
     for p in raw:
         if isinstance(p, str):
@@ -29,10 +42,7 @@ def completion_prompts(body: CompletionRequest, tokenizer) -> tuple[list[str], l
                 raise ApiError(400, f"prompt cannot be tokenized ({type(e).__name__}); is it valid Unicode text?", param="prompt") from e
             texts.append(p)
         else:
-            bad = next((t for t in p if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise ApiError(400, f"prompt: token id {bad} is outside this model's vocabulary (0 to {vocab - 1})", param="prompt")
-            ids = list(p)
+            ids = check_ids(p, tokenizer, "prompt")
             texts.append(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
         if not ids:
             raise ApiError(400, "prompt is empty", param="prompt")

@@ -187,6 +187,21 @@ class EmbeddingList(BaseModel):
     usage: EmbeddingUsage
 
 
+class TokenizeRequest(_Lenient):
+    """vLLM's `/tokenize` body: a text, or a conversation put through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Lenient):
+    model: str | None = None
+    tokens: TokenIds
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
