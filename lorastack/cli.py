@@ -393,26 +393,31 @@ def generate(
     check_text(prompt, "PROMPT")
     sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
     rt = _runtime()
+    _check_model(rt, model)
+    handle = rt.start(model, prompt, sampling, false_route=false_route)
+    text = handle.result().text
+    if explain:
+        typer.echo(_explained(model, handle), err=True)
+    typer.echo(text)
+
+
+def _check_model(rt, model: str) -> None:
+    """Fail on a bad SPEC (unknown adapter, router or stack) before any work, with one line."""
     stack = _stack_for(rt, model)
     if stack is not None:
-        result = stack[0].run(stack[1], prompt)
-        if explain:
-            typer.echo("[route] " + " -> ".join(f"{t.stage}[{t.route or t.kind}]" for t in result.trace), err=True)
-        typer.echo(result.output)
-        return
-    typer.echo(rt.generate(prompt, _decided(rt, model, prompt, explain, false_route), sampling).text)
+        stack[0].check(stack[1])
+    else:
+        rt.route(model)
 
 
-def _decided(rt, model: str, text: str, explain: bool, false_route: Optional[float]) -> str:
-    """The SPEC to generate with: `auto...` is decided here (once), so it can be explained."""
-    if rt.router_name(model) is None or (not explain and false_route is None):
-        if explain:
-            typer.echo(f"[route] {model}", err=True)
-        return model
-    decision = rt.decide(model, [text], false_route)[0]
-    if explain:
-        typer.echo(f"[route] {decision.route}: {decision.explain()}", err=True)
-    return str(decision.route)
+def _explained(model: str, handle) -> str:
+    """The route that answered, and what it was decided on (stderr, with --explain or /route)."""
+    if handle.trace is not None:
+        return "[route] " + " -> ".join(f"{t.stage}[{t.route or t.kind}]" for t in handle.trace)
+    decision = handle.decision
+    if decision is None or decision.confidence is None and not decision.abstained:
+        return f"[route] {decision.route if decision is not None else model}"
+    return f"[route] {decision.route}: {decision.explain()}"
 
 
 @app.command()
@@ -426,9 +431,7 @@ def chat(
 ) -> None:
     """Interactive chat. /help lists the commands: /model SPEC, /route, /clear, /quit."""
     rt = _runtime()
-    stack = _stack_for(rt, model)
-    if stack is None:
-        rt.route(model)  # fail before the first prompt on a bad SPEC
+    _check_model(rt, model)  # fail before the first prompt on a bad SPEC
     sampling = _sampling(max_tokens, temperature, 1.0, 0, None, [])
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     typer.echo(f"chatting with {model} on {rt.base.name}; /help for commands", err=True)
@@ -454,13 +457,11 @@ def chat(
             continue
         if command == "/model":
             try:
-                new_stack = _stack_for(rt, arg.strip())
-                if new_stack is None:
-                    rt.route(arg.strip())
+                _check_model(rt, arg.strip())
             except LorastackError as e:
                 typer.echo(f"error: {e}", err=True)
                 continue
-            model, stack = arg.strip(), new_stack
+            model = arg.strip()
             typer.echo(f"(now chatting with {model})", err=True)
             continue
         if command.startswith("/") and len(command) > 1:
@@ -476,9 +477,16 @@ def chat(
             typer.echo(f"error: {e}", err=True)
             continue
         history.append({"role": "user", "content": line})
-        # A stack answers each message on its own (its stages' prompts take one input).
-        reply = stack[0].run(stack[1], line).output if stack else \
-            rt.generate(history, _decided(rt, model, line, explain, false_route), sampling).text
+        # A stack answers each message on its own (its stages read the last user message).
+        handle = rt.start(model, history, sampling, false_route=false_route)
+        try:
+            reply = handle.result().text
+        except LorastackError as e:
+            history.pop()
+            typer.echo(f"error: {e}", err=True)
+            continue
+        if explain:
+            typer.echo(_explained(model, handle), err=True)
         history.append({"role": "assistant", "content": reply})
         typer.echo(f"{model}> {reply}")
 
@@ -511,17 +519,10 @@ def eval_cmd(
         records = get_task(task).generate(n, split="test", seed=seed)
     else:
         records = read_jsonl(data)[:n]
-    from .data import prompt_text
 
     rt = _runtime()
-    stack = _stack_for(rt, model)
-    if stack is not None:
-        from .stacks.evaluate import evaluate_stack
-
-        result = evaluate_stack(stack[0], stack[1], records, label=model)
-    else:
-        routes = rt.routes_for(model, [prompt_text(r) for r in records])
-        result = evaluate(rt.generator, routes, records, batch_size=batch_size, label=model, stop_early=not full_outputs)
+    _check_model(rt, model)
+    result = evaluate(rt, model, records, batch_size=batch_size, label=model, stop_early=not full_outputs)
     out = out or Path(f"eval-{model.replace('/', '_').replace(':', '_').replace('+', '_')}.jsonl")
     write_jsonl(out, result.rows)
     summary = {**result.summary(), "results": str(out)}
