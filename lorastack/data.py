@@ -173,14 +173,15 @@ def prompt_text(record: Record) -> str:
     return "\n".join(m["content"] for m in record["messages"] if m["role"] != "assistant")
 
 
-def split_holdout(records: list[Record], fraction: float, seed: int, max_n: int = 200) -> tuple[list[Record], list[Record]]:
+def split_holdout(records: list[Record], fraction: float, seed: int, max_n: int = 200,
+                  n: int | None = None) -> tuple[list[Record], list[Record]]:
     """Deterministic train/held-out split; the held-out part is small but never empty
-    when there are at least 2 records."""
-    if len(records) < 2:
+    when there are at least 2 records. `n` asks for exactly that many held out (0: none)."""
+    if len(records) < 2 or n == 0:
         return list(records), []
     idx = list(range(len(records)))
     random.Random(seed).shuffle(idx)
-    n_eval = max(1, min(max_n, int(len(records) * fraction)))
+    n_eval = min(n, len(records) - 1) if n is not None else max(1, min(max_n, int(len(records) * fraction)))
     held = set(idx[:n_eval])
     train = [r for i, r in enumerate(records) if i not in held]
     evals = [r for i, r in enumerate(records) if i in held]

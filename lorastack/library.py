@@ -26,6 +26,7 @@ from .adapter import (
     CARD_FILE,
     CONFIG_FILE,
     EXAMPLES_FILE,
+    PLOT_FILE,
     WEIGHTS_FILE,
     Adapter,
     AdapterCard,
@@ -281,6 +282,8 @@ class Library:
             # changed after the check cannot slip in); errors name the adapter, not the folder.
             for f in (CONFIG_FILE, WEIGHTS_FILE):
                 shutil.copyfile(src / f, tmp / f)
+            if (src / PLOT_FILE).is_file() and not (src / PLOT_FILE).is_symlink():
+                shutil.copyfile(src / PLOT_FILE, tmp / PLOT_FILE)
             if base is not None:
                 check_compatible(tmp, base, card.get("base_fingerprint"), label=name, values=True)
                 card_obj.base_fingerprint = base.fingerprint
@@ -362,7 +365,7 @@ class Library:
             raise LorastackError(f"{dest} already exists and is not empty")
         dest.parent.mkdir(parents=True, exist_ok=True)
         with staging_dir(dest.parent) as tmp:
-            for f in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, EXAMPLES_FILE):
+            for f in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, EXAMPLES_FILE, PLOT_FILE):
                 if (adapter.path / f).exists():
                     shutil.copy2(adapter.path / f, tmp / f)
             if dest.is_dir():
