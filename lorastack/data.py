@@ -133,22 +133,41 @@ def read_jsonl(path: str | Path, require_completion: bool = True) -> list[Record
     if not path.is_file():
         raise DataError(f"{path}: not a regular file (a directory, FIFO or device cannot be a dataset)")
     records: list[Record] = []
+    problems: list[str] = []
     # Read bytes and decode per line, so a bad byte is reported at its line instead of as
-    # a UnicodeDecodeError from deep inside the file iterator.
+    # a UnicodeDecodeError from deep inside the file iterator. Every bad line is collected,
+    # so a user fixes the whole file in one pass instead of one error per run.
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             where = f"{path}:{lineno}"
-            obj = parse_json_line(raw, where)
-            if obj is None:
-                continue
-            if not require_completion and isinstance(obj, dict) and "completion" not in obj and "output" not in obj \
-                    and not (isinstance(obj.get("messages"), list) and obj["messages"]
-                             and isinstance(obj["messages"][-1], dict) and obj["messages"][-1].get("role") == "assistant"):
-                obj = {**obj, "completion": ""}
-            records.append(validate_record(obj, where))
+            try:
+                obj = parse_json_line(raw, where)
+                if obj is None:
+                    continue
+                if not require_completion and isinstance(obj, dict) and "completion" not in obj and "output" not in obj \
+                        and not (isinstance(obj.get("messages"), list) and obj["messages"]
+                                 and isinstance(obj["messages"][-1], dict) and obj["messages"][-1].get("role") == "assistant"):
+                    obj = {**obj, "completion": ""}
+                records.append(validate_record(obj, where))
+            except DataError as e:
+                problems.append(str(e))
+    if problems:
+        raise DataError(bad_lines_message(path, problems))
     if not records:
         raise DataError(f"{path}: no records")
     return records
+
+
+MAX_REPORTED = 20
+
+
+def bad_lines_message(path: Path, problems: list[str], limit: int = MAX_REPORTED) -> str:
+    """One problem as one line; several as a count, then each (up to `limit`) on its own line."""
+    if len(problems) == 1:
+        return problems[0]
+    shown = "\n".join(f"  {p}" for p in problems[:limit])
+    more = f"\n  … and {len(problems) - limit} more" if len(problems) > limit else ""
+    return f"{path}: {len(problems)} bad lines:\n{shown}{more}"
 
 
 def write_jsonl(path: str | Path, records: Iterable[Record]) -> None:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .data import Record, messages_of, prompt_text
 from .engine.sampling import Generation, Sampling
+from .errors import LorastackError
 from .route import Route
 
 Scorer = Callable[[str, Record], bool]
@@ -32,6 +33,15 @@ class EvalResult:
     @property
     def accuracy(self) -> float:
         return self.correct / self.n if self.n else 0.0
+
+    def by_route(self) -> dict[str, dict[str, Any]]:
+        """Accuracy per route that answered (for routed evaluations: which expert, or the
+        base after an abstention, earned or lost the points)."""
+        groups: dict[str, list[bool]] = {}
+        for row in self.rows:
+            groups.setdefault(row["route"], []).append(bool(row["correct"]))
+        return {route: {"n": len(v), "correct": sum(v), "accuracy": round(sum(v) / len(v), 4)}
+                for route, v in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))}
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -70,38 +80,51 @@ class EvalJob:
 
 
 def evaluate_many(generator: Any, jobs: list[EvalJob], max_tokens: int | None = None, progress: bool = True,
-                  desc: str = "eval", stop_early: bool = True) -> list[EvalResult]:
+                  desc: str = "eval", stop_early: bool = True, batch_size: int | None = None) -> list[EvalResult]:
     """Greedy-decode every job's records and score them.
 
     With the engine, all jobs go in as one stream of requests with per-row routes, so
     batches stay full across cells (a matrix of routes x tasks costs one pass, not one per
-    cell). The reference generator runs job by job. `stop_early` ends an exact-match row as
+    cell); `batch_size` caps the rows in flight at once (default: the engine's own
+    `max_batch`), a new one entering as soon as one finishes. The reference generator runs
+    job by job in batches of `batch_size`. `stop_early` ends an exact-match row as
     soon as its output can no longer match (same score, fewer steps; the row's output is
     then the prefix generated so far, marked `stopped_early`).
     """
     from .engine.engine import Engine
 
+    if batch_size is not None and batch_size < 1:
+        raise LorastackError(f"batch size must be >= 1, not {batch_size}")
     t0 = time.perf_counter()
     outs: list[list[Generation]] = []
     total = sum(len(j.records) for j in jobs)
     with tqdm(total=total, desc=desc, unit="ex", disable=not progress, leave=False) as bar:
         if isinstance(generator, Engine):
-            reqs = []
-            for j in jobs:
+            todo = []  # (job, row, submit arguments) in order
+            for ji, j in enumerate(jobs):
                 sampling = Sampling(max_tokens=max_tokens or max_new_tokens(generator.base, j.records))
                 routes = j.route if isinstance(j.route, list) else [j.route] * len(j.records)
-                reqs.append([generator.submit(messages_of(r), route, sampling, abandon_when=_divergence(j.scorer, r) if stop_early else None)
-                             for r, route in zip(j.records, routes)])
-            pending = {r for rs in reqs for r in rs}
-            while pending:
+                todo += [(ji, ri, (messages_of(r), route, sampling, _divergence(j.scorer, r) if stop_early else None))
+                         for ri, (r, route) in enumerate(zip(j.records, routes))]
+            results: list[list[Any]] = [[None] * len(j.records) for j in jobs]
+            window = batch_size or total or 1
+            pending: dict[Any, tuple[int, int]] = {}
+            nxt = 0
+            while nxt < len(todo) or pending:
+                while nxt < len(todo) and len(pending) < window:
+                    ji, ri, (msgs, route, sampling, abandon) = todo[nxt]
+                    pending[generator.submit(msgs, route, sampling, abandon_when=abandon)] = (ji, ri)
+                    nxt += 1
                 if not generator.alive:
                     generator.step()
                 else:
                     next(iter(pending)).wait(0.05)
-                finished = {r for r in pending if r.done}
+                finished = [r for r in pending if r.done]
+                for r in finished:
+                    ji, ri = pending.pop(r)
+                    results[ji][ri] = r.result()
                 bar.update(len(finished))
-                pending -= finished
-            outs = [[r.result() for r in rs] for rs in reqs]
+            outs = results
         else:
             for j in jobs:
                 sampling = Sampling(max_tokens=max_tokens or max_new_tokens(generator.base, j.records))
@@ -110,14 +133,14 @@ def evaluate_many(generator: Any, jobs: list[EvalJob], max_tokens: int | None = 
                 for route in {str(r): r for r in routes}.values():  # the reference path runs one route at a time
                     idx = [i for i, r in enumerate(routes) if str(r) == str(route)]
                     for i, g in zip(idx, generator.generate([messages_of(j.records[i]) for i in idx], route, sampling,
-                                                            on_batch=bar.update)):
+                                                            batch_size=batch_size or 32, on_batch=bar.update)):
                         got[i] = g
                 outs.append([g for g in got if g is not None])
     seconds = time.perf_counter() - t0
-    results = []
+    results_ = []
     for j, o in zip(jobs, outs):
-        results.append(_score(j, o, seconds * len(j.records) / max(total, 1)))
-    return results
+        results_.append(_score(j, o, seconds * len(j.records) / max(total, 1)))
+    return results_
 
 
 def _divergence(scorer: Scorer | None, record: Record) -> Callable[[str], bool] | None:
@@ -155,13 +178,13 @@ def evaluate(
     route: Route | list[Route],
     records: list[Record],
     scorer: Scorer | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
     label: str | None = None,
     stop_early: bool = True,
 ) -> EvalResult:
-    """Greedy-decode every record under `route` and score it."""
+    """Greedy-decode every record under `route` and score it (`batch_size` rows at a time)."""
     name = label or (str(route) if isinstance(route, Route) else "routed")
     return evaluate_many(generator, [EvalJob(name, route, records, scorer)], max_tokens, progress, desc=f"eval {name}",
-                         stop_early=stop_early)[0]
+                         stop_early=stop_early, batch_size=batch_size)[0]

@@ -31,6 +31,7 @@ from .adapter import (
     Adapter,
     AdapterCard,
     AdapterError,
+    check_card_values,
     check_compatible,
     check_finite,
     read_json,
@@ -335,10 +336,12 @@ class Library:
         with self._writing():
             adapter = self.get(name)
             try:
-                adapter.card = AdapterCard.model_validate({**adapter.card.model_dump(), **fields, "name": name})
+                card = AdapterCard.model_validate({**adapter.card.model_dump(), **fields, "name": name})
             except ValidationError as e:
                 first = e.errors()[0]
                 raise LorastackError(f"{name}: invalid card field {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+            check_card_values(card.model_dump(), f"{name}: card")  # what `open` would refuse must not be written
+            adapter.card = card
             adapter.write_card()
             with self._db() as con:
                 self._index(con, adapter)
