@@ -15,6 +15,7 @@ interrupted export leaves nothing under DIR.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,11 @@ def export(library: "Library", spec: str, dest: str | Path, *, mode: str = "peft
                 **({"base_fingerprint": base.fingerprint, "base_name": base.name} if base is not None else {})}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
         files = sorted(p.name for p in tmp.iterdir())
+        # mkdtemp makes the staging directory private (0700), and some writers make files
+        # 0600; an export is meant for other programs and users (a vLLM service account).
+        os.chmod(tmp, 0o755)
+        for f in files:
+            os.chmod(tmp / f, 0o644)
         if dest.is_dir() and not any(dest.iterdir()):
             dest.rmdir()
         publish_dir(tmp, dest, replace=force)

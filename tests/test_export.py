@@ -50,6 +50,8 @@ def test_merged_export_reproduces_engine_logits_and_greedy_output(tiny_base, lib
 
     res = export(lib, spec, tmp_path / "out", mode="merged", base=tiny_base)
     assert {"config.json", "model.safetensors", "tokenizer.json", "lorastack_export.json"} <= set(res.files)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # readable by a serving account, not private
+    assert all((tmp_path / "out" / f).stat().st_mode & 0o777 == 0o644 for f in res.files)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     messages = [{"role": "user", "content": "Reverse the order of these words: red green blue"}]
