@@ -5,7 +5,7 @@ A checkpoint holds the LoRA weights, the optimizer's state, the RNG states, the 
 far and the early-stopping state. Tensors go to safetensors and the rest to JSON: nothing is
 unpickled on resume.
 
-Checkpoints live outside the library, under the cache (`checkpoints/<library>/<name>/`), and
+Checkpoints live outside the library, under `$LORASTACK_HOME/cache/checkpoints/<library>/<name>/`, and
 are published with one rename like every other write, so a kill mid-write leaves the previous
 checkpoint intact. A run's key (data, settings, base) is stored with it: `--resume` refuses a
 checkpoint made for something else instead of silently mixing two runs.
@@ -25,16 +25,21 @@ import torch
 
 from .atomic import publish_dir, staging_dir, sweep_tmp
 from .errors import LorastackError
-from .paths import cache_dir
+from .paths import lorastack_home
 
 STATE_FILE = "state.json"
 TENSORS_FILE = "tensors.safetensors"
 
 
 def checkpoint_dir(library_root: Path, name: str) -> Path:
-    """Where adapter `name` of the library at `library_root` keeps its checkpoint."""
+    """Where adapter `name` of the library at `library_root` keeps its checkpoint.
+
+    Under `$LORASTACK_HOME/cache/`, deliberately not `$LORASTACK_CACHE`: that one is for
+    derived data several homes may share (the dequantized base); a checkpoint is one
+    home's unfinished work.
+    """
     lib = hashlib.sha256(str(Path(library_root).expanduser().resolve()).encode()).hexdigest()[:12]
-    return cache_dir() / "checkpoints" / lib / name
+    return lorastack_home() / "cache" / "checkpoints" / lib / name
 
 
 def run_key(parts: Any) -> str:

@@ -339,17 +339,19 @@ def adapters_export(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Export an adapter or mixture: the PEFT directory (default), --merged or --gguf."""
-    from .export import GGUF_FILE, export
+    from .export import GGUF_FILE, check_request, export
 
     if merged and gguf:
         raise LorastackError("give --merged or --gguf, not both")
     mode = "merged" if merged else "gguf" if gguf else "peft"
+    library = _library()
+    check_request(library, spec, dest, mode, force)  # a typo fails before the base loads
     base = None
     if mode != "peft":
         from .base import Base
 
         base = Base.load(OPTS.base, dtype="float32")
-    result = export(_library(), spec, dest, mode=mode, base=base, force=force, dtype=dtype)
+    result = export(library, spec, dest, mode=mode, base=base, force=force, dtype=dtype)
     if as_json:
         _print_json(result.to_json())
         return

@@ -86,13 +86,9 @@ def check_base(library: "Library", route: Route, base: "Base") -> None:
         adapter.check_compatible(base)
 
 
-def export(library: "Library", spec: str, dest: str | Path, *, mode: str = "peft", base: "Base | None" = None,
-           force: bool = False, dtype: str = "float32") -> ExportResult:
-    """Write `spec` (an adapter name or a mixture) to the directory `dest` in `mode`.
-
-    `dest` must be missing or empty unless `force` (then it is replaced, atomically).
-    `merged` and `gguf` need the `base` the adapters were trained on.
-    """
+def check_request(library: "Library", spec: str, dest: str | Path, mode: str, force: bool) -> tuple[Route, Path]:
+    """Everything about an export that can be refused before the base is loaded (seconds
+    saved on a typo): the mode, the SPEC and its adapters, and the destination."""
     if mode not in MODES:
         raise LorastackError(f"unknown export mode {mode!r}; choose one of {', '.join(MODES)}")
     route = export_route(spec, library)
@@ -101,6 +97,17 @@ def export(library: "Library", spec: str, dest: str | Path, *, mode: str = "peft
         raise LorastackError(f"{dest} exists and is not a directory")
     if dest.is_dir() and any(dest.iterdir()) and not force:
         raise LorastackError(f"{dest} already exists and is not empty; use --force to replace it")
+    return route, dest
+
+
+def export(library: "Library", spec: str, dest: str | Path, *, mode: str = "peft", base: "Base | None" = None,
+           force: bool = False, dtype: str = "float32") -> ExportResult:
+    """Write `spec` (an adapter name or a mixture) to the directory `dest` in `mode`.
+
+    `dest` must be missing or empty unless `force` (then it is replaced, atomically).
+    `merged` and `gguf` need the `base` the adapters were trained on.
+    """
+    route, dest = check_request(library, spec, dest, mode, force)
     if mode != "peft":
         if base is None:
             raise LorastackError(f"a {mode} export needs the base model")

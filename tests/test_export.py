@@ -162,3 +162,14 @@ def test_gguf_q_rows_match_the_embedded_base_gguf(tmp_path):
     stored = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float().reshape(-1, base.model.config.hidden_size)
     hf = base.model.model.layers[3].self_attn.q_proj.weight.detach()
     assert torch.allclose(permute_rows(hf, base.model.config.num_attention_heads), stored, atol=1e-6)
+
+
+def test_merged_export_in_bfloat16_says_so_in_its_config(tiny_base, lib, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    export(lib, "a", tmp_path / "bf", mode="merged", base=tiny_base, dtype="bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf", dtype="auto")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(LorastackError, match="unknown dtype"):
+        export(lib, "a", tmp_path / "bad", mode="merged", base=tiny_base, dtype="float8")
+    assert not (tmp_path / "bad").exists()

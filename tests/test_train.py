@@ -79,7 +79,7 @@ def stop_after(k: int):
     return hook
 
 
-def test_resume_after_interruption_gives_the_identical_adapter(tiny_base, tmp_path):
+def test_resume_after_interruption_gives_the_identical_adapter(tiny_base, tmp_path, isolated_home):
     """A run killed after step 7 and resumed equals an uninterrupted run, tensor for tensor."""
     from safetensors.torch import load_file
 
@@ -90,6 +90,7 @@ def test_resume_after_interruption_gives_the_identical_adapter(tiny_base, tmp_pa
     lib = Library(tmp_path / "lib")
     full = train_to_library(tiny_base, lib, _records(), "full", cfg, progress=False)
     ckpt = checkpoint_for(lib, "part")
+    assert isolated_home / "cache" / "checkpoints" in ckpt.parents  # outside the library, in this home
     with pytest.raises(Interrupt):
         train_to_library(tiny_base, lib, _records(), "part", cfg, progress=False, on_step=stop_after(7))
     assert "part" not in lib.names() and (ckpt / "state.json").is_file()  # the library is unchanged
