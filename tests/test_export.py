@@ -173,3 +173,34 @@ def test_merged_export_in_bfloat16_says_so_in_its_config(tiny_base, lib, tmp_pat
     with pytest.raises(LorastackError, match="unknown dtype"):
         export(lib, "a", tmp_path / "bad", mode="merged", base=tiny_base, dtype="float8")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.integration
+def test_merged_export_of_the_embedded_base_matches_the_engine(tmp_path):
+    """On the real base (dequantized from its GGUF): SmolLM2's own chat template, given only a
+    user turn, renders lorastack's prompt, and the merged model scores a completion as the
+    engine does for that adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorastack.base import Base
+    from lorastack.engine.score import score
+
+    base = Base.load("embedded", dtype="float32")
+    lib = Library(tmp_path / "lib")
+    src = make_peft_adapter(base, tmp_path / "src", rank=4, seed=3, targets=("q_proj", "k_proj", "down_proj"))
+    lib.add(src, "r", base=base)
+    export(lib, "r", tmp_path / "hf", mode="merged", base=base)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for msgs in ([{"role": "user", "content": "Reverse the order of these words: a b c"}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]):
+        assert tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == base.render(msgs)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    prompt = base.chat_ids([{"role": "user", "content": "Reverse the order of these words: a b c"}])
+    completion = base.completion_ids("c b a")
+    engine = Engine(base, resolve=lib.get)
+    want = score(engine, [(prompt, completion)], [parse_spec("r")])[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1].float()
+    got = torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None]).sum().item()
+    base_lp = score(engine, [(prompt, completion)], [parse_spec("base")])[0]
+    assert abs(got - want) < 1e-3 and abs(want - base_lp) > 0.1, (got, want, base_lp)
