@@ -238,8 +238,10 @@ def train_adapter(
     pad = base.tokenizer.pad_token_id
     batches = _batches(len(train_ex), config.batch_size, steps, rng)
 
+    # Settings that cannot change the trained weights may differ on resume.
+    inert = {"checkpoint_every", "eval_generate"} | (set() if config.early_stop else {"eval_every"})
     key = ckpt.run_key({"train": train_ex, "eval": eval_ex, "base": base.fingerprint,
-                        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "checkpoint_every"}})
+                        "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in inert}})
     state, best = ckpt.TrainState(), None
     if resume:
         if checkpoint is None:

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -98,6 +100,8 @@ def test_resume_after_interruption_gives_the_identical_adapter(tiny_base, tmp_pa
 
     assert json.loads((ckpt / "state.json").read_text())["state"]["step"] == 6  # the last checkpoint before the kill
     said, ran = [], []
+    # Checkpoint spacing does not change the weights, so it may differ on resume.
+    cfg = dataclasses.replace(cfg, checkpoint_every=5)
     part = train_to_library(tiny_base, lib, _records(), "part", cfg, progress=False, resume=True, log=said.append,
                             on_step=lambda step, loss: ran.append(step))
     assert any("resuming part at step 6 of 12" in m for m in said) and ran == list(range(7, 13))  # only the rest ran
