@@ -96,10 +96,12 @@ def evaluate_many(target: Any, jobs: list[EvalJob], max_tokens: int | None = Non
     """
     if batch_size is not None and batch_size < 1:
         raise LorastackError(f"batch size must be >= 1, not {batch_size}")
+    if hasattr(target, "submit_ids"):
+        raise TypeError("evaluate takes a Runtime (or training's reference Generator), not a bare Engine")
     t0 = time.perf_counter()
     total = sum(len(j.records) for j in jobs)
     with tqdm(total=total, desc=desc, unit="ex", disable=not progress, leave=False) as bar:
-        if hasattr(target, "start"):
+        if hasattr(target, "decide"):  # a Runtime
             outs, labels, traces = _run_on_runtime(target, jobs, max_tokens, stop_early, bar, batch_size)
         else:
             outs = [_run_reference(target, j, max_tokens, bar, batch_size or 32) for j in jobs]

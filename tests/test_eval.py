@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from lorastack.engine.engine import Engine
 from lorastack.eval import evaluate
 from lorastack.route import BASE_ROUTE
 
 
-def test_batch_size_caps_rows_decoded_together(tiny_base):
+def test_batch_size_caps_rows_decoded_together(tiny_base, tmp_path):
+    from lorastack.library import Library
+    from lorastack.runtime import Runtime
     from lorastack.tasks import get_task
 
     records = get_task("reverse_words").generate(7, "test", seed=0)
-    engine = Engine(tiny_base, max_batch=32)
+    rt = Runtime(tiny_base, Library(tmp_path / "lib"), max_batch=32)
+    engine = rt.generator
     widest = []
     step = engine.step
 
@@ -20,10 +22,10 @@ def test_batch_size_caps_rows_decoded_together(tiny_base):
         widest.append(len(engine.running))
 
     engine.step = spy
-    a = evaluate(engine, BASE_ROUTE, records, batch_size=2, max_tokens=4, progress=False, stop_early=False)
+    a = evaluate(rt, BASE_ROUTE, records, batch_size=2, max_tokens=4, progress=False, stop_early=False)
     assert max(widest) == 2
     widest.clear()
-    b = evaluate(engine, BASE_ROUTE, records, batch_size=None, max_tokens=4, progress=False, stop_early=False)
+    b = evaluate(rt, BASE_ROUTE, records, batch_size=None, max_tokens=4, progress=False, stop_early=False)
     assert max(widest) == 7
     assert [r["output"] for r in a.rows] == [r["output"] for r in b.rows]  # same answers, in record order
 
