@@ -125,3 +125,23 @@ def test_vllm_tokenizer_endpoints(runtime):
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     with client(runtime, api_key="k") as c:
         assert c.get("/tokenizer_info").status_code == 401
+
+
+def test_stacks_get_the_header_and_refuse_logprobs_by_name(runtime, tmp_path):
+    from lorastack.stacks import StackStore
+    from test_library import make_peft_adapter
+    from test_stacks import SMALLEST, spec_of
+
+    runtime.library.add(make_peft_adapter(runtime.base, tmp_path / "src" / "json_field", seed=7), "json_field", base=runtime.base)
+    StackStore(runtime.library.root).add(spec_of(SMALLEST))
+    msgs = [{"role": "user", "content": '{"born": "2000-01-01"}'}]
+    with client(runtime) as c:
+        r = c.post("/v1/chat/completions", json={"model": "stack/date-from-record", "messages": msgs, "n": 2})
+        # (the random tiny adapters may overflow a stage's context: the route is named either way)
+        assert r.headers["x-lorastack-route"] == "stack/date-from-record", r.text
+        for body in ({"logprobs": True}, {"logprobs": True, "top_logprobs": 2}):
+            r = c.post("/v1/chat/completions", json={"model": "stack/date-from-record", "messages": msgs, **body})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs", r.text
+        for body, param in (({"logprobs": 1}, "logprobs"), ({"echo": True, "max_tokens": 0}, "max_tokens")):
+            r = c.post("/v1/completions", json={"model": "stack/date-from-record", "prompt": msgs[0]["content"], **body})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -34,10 +34,11 @@ class Trail:
 _TRAIL: ContextVar[Trail | None] = ContextVar("lorastack_trail", default=None)
 
 
-def note_route(model: str, spec: str) -> None:
-    """Record a route that answers this request (one per prompt of a completions request)."""
+def note_route(model: str, spec: str, once: bool = False) -> None:
+    """Record a route that answers this request (one per prompt of a completions request;
+    `once`: not again if already there, for a stack started once per sample)."""
     trail = _TRAIL.get()
-    if trail is not None:
+    if trail is not None and not (once and spec in trail.routes):
         trail.model = model
         trail.routes.append(spec)
 

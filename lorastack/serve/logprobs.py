@@ -19,7 +19,7 @@ from ..engine.score import prompt_logprobs
 from ..errors import LorastackError
 from ..route import Route
 from .accesslog import note_tokens
-from .errors import from_lorastack
+from .errors import ApiError, from_lorastack
 from .schemas import (
     ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, CompletionChoice, CompletionLogprobs, CompletionRequest, TopLogprob,
 )
@@ -148,6 +148,19 @@ def chat(tokenizer, req: EngineRequest, eos: int, top: int) -> ChatLogprobs:
     return ChatLogprobs(content=content)
 
 
+def check_logprobs_route(body: ChatCompletionRequest | CompletionRequest, stack: bool) -> None:
+    """Logprobs and prompt scoring need one route per row; a stack's answer comes from
+    several stages, so there it is a 400 naming the field."""
+    if not stack:
+        return
+    if body.logprob_count() is not None:
+        raise ApiError(400, "logprobs are not available for stack/ models (their answer comes from several stages)",
+                       param="logprobs", code="unsupported_parameter")
+    if isinstance(body, CompletionRequest) and body.scores_only:
+        raise ApiError(400, "max_tokens=0 (scoring the prompt) is not available for stack/ models", param="max_tokens",
+                       code="unsupported_parameter")
+
+
 def chat_choice_logprobs(base, body: ChatCompletionRequest, req: EngineRequest) -> ChatLogprobs | None:
     """`logprobs` of one chat choice; None when the request did not ask."""
     top = body.logprob_count()
@@ -161,9 +174,11 @@ async def completion_choices(engine: Engine, base, body: CompletionRequest, prom
     and each choice is its prompt alone, as lm-eval's loglikelihood requests want."""
     top = body.logprob_count()
     n = body.n
-    if reqs:  # the route each prompt was actually answered under (a routed request may have been re-routed)
-        routes = [reqs[i * n].route for i in range(len(prompts))]
-    scored = await score_prompts(engine, all_ids, routes, top) if body.echo and top is not None else None
+    scored = None
+    if body.echo and top is not None:
+        if reqs:  # the route each prompt was actually answered under (a routed request may have been re-routed)
+            routes = [reqs[i * n].route for i in range(len(prompts))]
+        scored = await score_prompts(engine, all_ids, routes, top)
     if not reqs:  # scoring only: no engine request counted the prompt tokens
         note_tokens(sum(len(ids) for ids in all_ids), 0)
     choices = []
