@@ -13,6 +13,7 @@
  * contiguous row-major; bf16 values travel as uint16_t.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -129,4 +130,141 @@ void lorastack_lora_bf16(const uint16_t *x, uint16_t *y, const uint16_t *A, cons
         free(acc);
     }
     free(t);
+}
+
+/* ---------------------------------------------------------------- GGUF blocks
+ * Batch-1 decode is bound by the bytes of weights streamed per token: the embedded base's
+ * GGUF holds its linear layers as Q4_1 (5 bits a weight) and its tied embedding / LM head as
+ * Q8_0 (8.5 bits), against 16 for bf16. These kernels read the blocks themselves:
+ *   Q4_1 block (20 bytes): f16 d, f16 m, u8 qs[16]; w[j] = d*(qs[j]&15) + m, w[j+16] = d*(qs[j]>>4) + m
+ *   Q8_0 block (34 bytes): f16 d, i8 qs[32];        w[j] = d*qs[j]
+ * Each block's 32 weights are rebuilt in fp32 exactly as gguf-py dequantizes them (product
+ * and sum rounded separately: the build uses -ffp-contract=off), rounded to bf16 (to
+ * nearest even, as torch rounds) and fed to the same `vdpbf16ps` chain as the bf16 kernel,
+ * so the result is bit-identical to lorastack_gemv_bf16 on the dequantized bf16 weights the
+ * rest of the engine uses: the quantized path changes the speed, never the output. */
+enum { BLOCK_Q4_1 = 0, BLOCK_Q8_0 = 1 };
+
+static inline __m512bh q4_1_block(const uint8_t *b) {
+    uint16_t dh, mh;
+    memcpy(&dh, b, 2);
+    memcpy(&mh, b + 2, 2);
+    __m512 d = _mm512_set1_ps(_cvtsh_ss(dh)), m = _mm512_set1_ps(_cvtsh_ss(mh));
+    __m128i q = _mm_loadu_si128((const __m128i *)(b + 4)), low4 = _mm_set1_epi8(15);
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low4)));
+    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low4)));
+    return _mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_mul_ps(d, hi), m), _mm512_add_ps(_mm512_mul_ps(d, lo), m));
+}
+
+static inline __m512bh q8_0_block(const uint8_t *b) {
+    uint16_t dh;
+    memcpy(&dh, b, 2);
+    __m512 d = _mm512_set1_ps(_cvtsh_ss(dh));
+    __m128i q0 = _mm_loadu_si128((const __m128i *)(b + 2)), q1 = _mm_loadu_si128((const __m128i *)(b + 18));
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1));
+    return _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, d), _mm512_mul_ps(lo, d));
+}
+
+/* y[m, out] = x[m, in] @ W^T with W [out] rows of in/32 blocks of `kind`, m <= MAX_ROWS. */
+static inline __attribute__((always_inline)) void gemv_blocks(int kind, const uint16_t *x, const uint8_t *W, uint16_t *y,
+                                                              int m, int in, int out, int threads) {
+    int nb = in / 32, bytes = kind == BLOCK_Q4_1 ? 20 : 34;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int o = 0; o < out; o++) {
+        const uint8_t *w = W + (int64_t)o * nb * bytes;
+        __m512 acc[MAX_ROWS];
+        for (int r = 0; r < m; r++) acc[r] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            __m512bh wv = kind == BLOCK_Q4_1 ? q4_1_block(w + b * bytes) : q8_0_block(w + b * bytes);
+            for (int r = 0; r < m; r++)
+                acc[r] = _mm512_dpbf16_ps(acc[r], wv, (__m512bh)_mm512_loadu_si512(x + (int64_t)r * in + b * 32));
+        }
+        for (int r = 0; r < m; r++) y[(int64_t)r * out + o] = f32_to_bf16(_mm512_reduce_add_ps(acc[r]));
+    }
+}
+
+void lorastack_gemv_q4_1(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads) {
+    gemv_blocks(BLOCK_Q4_1, x, W, y, m, in, out, threads);
+}
+
+void lorastack_gemv_q8_0(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads) {
+    gemv_blocks(BLOCK_Q8_0, x, W, y, m, in, out, threads);
+}
+
+/* ---------------------------------------------------------------- decode attention
+ * Attention of a few new query tokens against the KV cache, one (token, head) per job:
+ *   out[i, h] = softmax(scale * q[i, h] . K[rows[i], h / group, 0..pos[i]]) @ V[same]
+ * Why a kernel: (1) the same query gives the same bits whatever else is in the batch, how
+ * long the other rows are and how many draft tokens ride along (torch's batched products
+ * pick different blockings for different shapes, so a speculative verify pass and a plain
+ * decode step could round differently and flip a near-tied greedy token); (2) it replaces
+ * the 6-8 small torch ops per layer of the fp32-converting attention path.
+ * q [total, heads, d], out [total, heads, d]; K, V: the cache layer [R, kv, T, d]. */
+static inline __m512 exp512(__m512 x) { /* Cephes expf on 16 lanes, ~1 ulp; exp(-inf) = 0 */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 load16_bf16(const uint16_t *p, int left) { /* 16 bf16 as fp32, zero past `left` */
+    __mmask16 k = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+    return bf16x16_to_f32(_mm256_maskz_loadu_epi16(k, p));
+}
+
+void lorastack_attention_bf16(const uint16_t *q, const uint16_t *K, const uint16_t *V, uint16_t *out,
+                              const int64_t *rows, const int64_t *pos, int total, int heads, int kv, int d,
+                              int64_t row_stride, int64_t head_stride, float scale, int maxlen, int threads) {
+    int group = heads / kv;
+#pragma omp parallel num_threads(threads)
+    {
+        float *s = (float *)malloc(sizeof(float) * (size_t)(maxlen + 16));
+        float *acc = (float *)malloc(sizeof(float) * (size_t)(d + 16));
+#pragma omp for schedule(static)
+        for (int64_t job = 0; job < (int64_t)total * heads; job++) {
+            int64_t i = job / heads;
+            int h = (int)(job % heads);
+            const uint16_t *qi = q + job * d;
+            int64_t base = rows[i] * row_stride + (int64_t)(h / group) * head_stride;
+            const uint16_t *k = K + base, *v = V + base;
+            int n = (int)pos[i] + 1;
+            float mx = -INFINITY;
+            for (int t = 0; t < n; t++) {
+                __m512 a = _mm512_setzero_ps();
+                for (int c = 0; c < d; c += 32) a = _mm512_dpbf16_ps(a, load32(k + (int64_t)t * d + c, d - c), load32(qi + c, d - c));
+                s[t] = scale * _mm512_reduce_add_ps(a);
+                if (s[t] > mx) mx = s[t];
+            }
+            __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(mx);
+            for (int t = 0; t < n; t += 16) {
+                __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
+                __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), mv));
+                e = _mm512_maskz_mov_ps(m, e);
+                _mm512_mask_storeu_ps(s + t, m, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            float inv = 1.0f / _mm512_reduce_add_ps(sum);
+            for (int c = 0; c < d; c++) acc[c] = 0.0f;
+            for (int t = 0; t < n; t++) {
+                __m512 p = _mm512_set1_ps(s[t]);
+                const uint16_t *vt = v + (int64_t)t * d;
+                for (int c = 0; c < d; c += 16) {
+                    __mmask16 m = d - c >= 16 ? 0xffff : (__mmask16)((1u << (d - c)) - 1);
+                    _mm512_mask_storeu_ps(acc + c, m, _mm512_fmadd_ps(p, load16_bf16(vt + c, d - c), _mm512_maskz_loadu_ps(m, acc + c)));
+                }
+            }
+            uint16_t *o = out + job * d;
+            for (int c = 0; c < d; c++) o[c] = f32_to_bf16(acc[c] * inv);
+        }
+        free(acc);
+        free(s);
+    }
 }
