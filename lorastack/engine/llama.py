@@ -93,6 +93,12 @@ class LlamaRunner:
         self.native_rows = MAX_ROWS if self.native else 0
         self.q8: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.blocks: dict[int, Blocks] = self._match_blocks(blocks) if blocks and self.native else {}
+        # The compiled glue (kernels.c: norms, rotary, K/V append, attention, SiLU*up) for decode
+        # steps: measured at batch 1 on the embedded base, the ~45 torch ops a layer between the
+        # matmuls cost more than the matmuls themselves (torch.profiler: ~16 ms a token).
+        self.eps = getattr(self.layers[0].input_layernorm, "variance_epsilon", None)
+        self.glue = (self.native is not None and getattr(cfg, "hidden_act", None) == "silu" and self.eps is not None
+                     and self.head_dim % 2 == 0)
         if self.int8_rows:
             for mods in self.fused:
                 for weight, *_ in mods.values():
@@ -244,6 +250,12 @@ class LlamaRunner:
         if isinstance(tokens, list):
             return self._verify(cache, tokens, lora)
         n = cache.n
+        if self.glue:
+            pos = cache.lengths[:n].clone()
+            cache.reserve(n, int(pos.max()) + 1)
+            logits = self._glued(cache, tokens.view(n), torch.arange(n), pos, lora)
+            cache.lengths[:n] += 1
+            return logits
         pos = cache.lengths[:n].clone()
         cache.reserve(n, int(pos.max()) + 1)
         h = self.inner.embed_tokens(tokens.view(n, 1))
@@ -293,7 +305,12 @@ class LlamaRunner:
         positions = pos[row_of] + step_of
         span = int((pos + counts).max())
         cache.reserve(n, span)
-        h = self.inner.embed_tokens(torch.tensor([t for f in feeds for t in f]).view(1, total))
+        ids = torch.tensor([t for f in feeds for t in f])
+        if self.glue:
+            logits = self._glued(cache, ids, row_of, positions, lora)
+            cache.lengths[:n] += counts
+            return logits
+        h = self.inner.embed_tokens(ids.view(1, total))
         cos, sin = self.inner.rotary_emb(h, positions.view(1, total))
         # Additive mask [n, 1, most, span]: query j of row i sees keys up to position pos_i + j.
         limit = pos[:, None] + torch.arange(most)[None, :]
@@ -320,6 +337,25 @@ class LlamaRunner:
         cache.lengths[:n] += counts
         head = self.model.lm_head
         return self._matmul(self.inner.norm(h[0]), head.weight, head.bias).float()
+
+    def _glued(self, cache: KVCache, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+        """New tokens `ids [total]` of cache rows `rows` at positions `pos` through every layer with
+        the compiled glue between the matmuls; K/V appended; returns logits `[total, V]`. The
+        residual stream `h` is updated in place by the fused add+norm calls."""
+        nat, eps = self.native, self.eps
+        h = self.inner.embed_tokens(ids)  # [total, d]
+        cos, sin = self.inner.rotary_emb(h[None], pos[None])
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()
+        x = nat.rmsnorm(h, self.layers[0].input_layernorm.weight, eps)
+        for li, layer in enumerate(self.layers):
+            qkv = self._linear(li, "qkv_proj", x, lora)
+            a = nat.rope_attend(qkv, cos, sin, cache.k[li], cache.v[li], rows, pos, self.n_heads, layer.self_attn.scaling)
+            x = nat.rmsnorm(h, layer.post_attention_layernorm.weight, eps, delta=self._linear(li, "o_proj", a, lora))
+            down = self._linear(li, "down_proj", nat.silu_mul(self._linear(li, "gate_up_proj", x, lora)), lora)
+            after = self.layers[li + 1].input_layernorm.weight if li + 1 < len(self.layers) else self.inner.norm.weight
+            x = nat.rmsnorm(h, after, eps, delta=down)
+        head = self.model.lm_head
+        return self._matmul(x, head.weight, head.bias).float()
 
     def _mlp(self, li: int, layer: torch.nn.Module, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         g, u = self._linear(li, "gate_up_proj", x, lora).chunk(2, dim=-1)

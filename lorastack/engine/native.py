@@ -94,6 +94,15 @@ class Kernels:
         self._attention = lib.lorastack_attention_bf16
         self._attention.argtypes = [p, p, p, p, p, p, i, i, i, i, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, i, i]
         self._attention.restype = None
+        self._rmsnorm = lib.lorastack_rmsnorm_bf16
+        self._rmsnorm.argtypes = [p, p, p, p, i, i, ctypes.c_float]
+        self._rmsnorm.restype = None
+        self._silu_mul = lib.lorastack_silu_mul_bf16
+        self._silu_mul.argtypes = [p, p, i, i]
+        self._silu_mul.restype = None
+        self._rope_attend = lib.lorastack_rope_attend_bf16
+        self._rope_attend.argtypes = [p, p, p, p, p, p, p, i, i, i, i, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, i, p, i]
+        self._rope_attend.restype = None
         self._gemv_blocks = {}
         for kind in BLOCK_KINDS:
             fn = getattr(lib, f"lorastack_gemv_{kind.lower()}")
@@ -125,6 +134,30 @@ class Kernels:
         out = torch.empty_like(q)
         self._attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), rows.data_ptr(), pos.data_ptr(), total,
                         heads, k.shape[1], d, k.stride(0), k.stride(1), scale, int(pos.max()) + 1, torch.get_num_threads())
+        return out
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """RMSNorm of the rows of `x [n, d]`; with `delta`, `x += delta` in place first (the residual add)."""
+        y = torch.empty_like(x)
+        self._rmsnorm(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), y.data_ptr(),
+                      x.shape[0], x.shape[1], eps)
+        return y
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        """`silu(g) * u` for `gu [n, 2 * d]` = [g | u]."""
+        y = torch.empty(gu.shape[0], gu.shape[1] // 2, dtype=gu.dtype)
+        self._silu_mul(gu.data_ptr(), y.data_ptr(), gu.shape[0], y.shape[1])
+        return y
+
+    def rope_attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    rows: torch.Tensor, pos: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+        """Rotary, K/V append at `(rows[i], pos[i])` and attention for `qkv [total, (heads + 2 kv) d]`
+        (cos, sin `[total, d]`; the cache layer `k`, `v` `[R, kv, T, d]`); returns `[total, heads d]`."""
+        total, d, kv = qkv.shape[0], k.shape[-1], k.shape[1]
+        out = torch.empty(total, heads * d, dtype=qkv.dtype)
+        self._rope_attend(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(), rows.data_ptr(),
+                          pos.data_ptr(), total, heads, kv, d, k.stride(0), k.stride(1), scale, int(pos.max()) + 1,
+                          out.data_ptr(), torch.get_num_threads())
         return out
 
     def lora_raw(self, x: torch.Tensor, y: torch.Tensor, group: tuple, rank: int, rows: tuple) -> None:
