@@ -229,3 +229,25 @@ def test_attention_kernel_matches_math_and_is_batch_invariant(kernels):
         ref = (torch.softmax((q[i].float()[:, None] @ keys.transpose(-1, -2)) * 0.125, -1) @ vals)[:, 0]
         assert (out[i].float() - ref).abs().max().item() <= _rounding(ref)
     assert torch.equal(kernels.attention(q[1:3].contiguous(), k, v, rows[1:3].contiguous(), pos[1:3].contiguous(), 0.125), out[1:3])
+
+
+def test_gguf_blocks_are_cached_and_a_damaged_cache_entry_is_rebuilt(tiny_base, tmp_path, monkeypatch):
+    from lorastack.engine import gguf_blocks
+
+    monkeypatch.setenv("LORASTACK_CACHE", str(tmp_path / "cache"))
+    model = copy.deepcopy(tiny_base.model).to(torch.bfloat16)
+    write_tiny_gguf(model, tmp_path / "tiny.gguf")
+    cfg = model.config
+    args = (tmp_path / "tiny.gguf", cfg.num_attention_heads, cfg.num_key_value_heads)
+    gguf_blocks.read_blocks.cache_clear()
+    first = gguf_blocks.read_blocks(*args)
+    [entry] = (tmp_path / "cache" / "gguf_blocks").glob("*.safetensors")
+    for damage in (False, True):
+        if damage:
+            entry.write_bytes(b"not a safetensors file")
+        gguf_blocks.read_blocks.cache_clear()
+        again = gguf_blocks.read_blocks(*args)
+        assert again.keys() == first.keys()
+        assert all(again[k].kind == first[k].kind and torch.equal(again[k].data, first[k].data) for k in first)
+    assert entry.stat().st_size > 100  # rewritten
+    gguf_blocks.read_blocks.cache_clear()

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..base import file_digest
+from ..paths import cache_dir
 
 log = logging.getLogger("lorastack.gguf")
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # 32 weights a block
@@ -66,8 +71,40 @@ def _unpermute_rows(rows: int, heads: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=2)
 def read_blocks(path: Path, n_heads: int, kv_heads: int) -> dict[str, Blocks]:
-    """Hugging Face parameter name -> Blocks, for every Q4_1/Q8_0 matrix of a Llama-family GGUF
-    (cached: every engine on the same base shares one copy, ~96 MB for the embedded one)."""
+    """Hugging Face parameter name -> Blocks, for every Q4_1/Q8_0 matrix of a Llama-family GGUF.
+
+    Cached twice: in memory (every engine on the same base shares one copy, ~96 MB for the
+    embedded one) and as a safetensors file under the cache, because parsing the GGUF (its
+    tokenizer metadata, mostly) takes ~3-4 s, which every engine start would pay."""
+    from safetensors.torch import load_file, save_file
+
+    entry = cache_dir() / "gguf_blocks" / f"{path.stem}-{file_digest(path)}-h{n_heads}-{kv_heads}.safetensors"
+    if entry.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(entry), "pt") as fh:
+                kinds = fh.metadata() or {}
+            return {name: Blocks(kinds[name], t) for name, t in load_file(str(entry)).items()}
+        except Exception as e:  # noqa: BLE001 - a damaged cache entry is rebuilt
+            log.warning("GGUF block cache %s unreadable (%s); reading the GGUF", entry, e)
+    out = _parse(path, n_heads, kv_heads)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({n: b.data for n, b in out.items()}, tmp, metadata={n: b.kind for n, b in out.items()})
+            os.replace(tmp, entry)  # atomic: readers never see a half-written file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as e:  # a read-only cache only costs the next start its parse
+        log.warning("could not write GGUF block cache %s: %s", entry, e)
+    return out
+
+
+def _parse(path: Path, n_heads: int, kv_heads: int) -> dict[str, Blocks]:
     from gguf import GGUFReader
 
     out: dict[str, Blocks] = {}
