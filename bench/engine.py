@@ -15,6 +15,8 @@ decode from the GGUF's Q4_1/Q8_0 blocks and without speculation unless said othe
   (k) lorastack, bare base, compiled kernels on the dequantized bf16 weights (what decoding
       from the GGUF blocks buys: compare with (c); same output by construction)
   (l) lorastack, one adapter, bf16 weights (compare with (b))
+  (m) lorastack, bare base, as before GGUF blocks and compiled glue: bf16 weights, torch ops
+      between the matmuls (compare with (c))
 Prompt lookup (engine/speculative.py): batch 1, one adapter, greedy, each task's test prompts
 one after another until EOS (at most 64 tokens), the same engine with and without drafts; the
 outputs must be identical, the ratio is the speed-up.
@@ -170,9 +172,11 @@ def main() -> None:
     int8 = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, int8_rows=4, speculate=0)
     plain = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, native=False, speculate=0)
     bf16 = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, gguf_blocks=False, speculate=0)
+    before = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, gguf_blocks=False, speculate=0)
+    before.runner.glue = before.runner.attention_kernel = False
     blocks_note = f"{len(engine.runner.blocks)} matrices from GGUF blocks" if engine.runner.blocks else "no GGUF blocks in use"
     native_note = "compiled kernels in use" if engine.runner.native else "compiled kernels unavailable here: torch only"
-    rows: dict[str, dict[int, float]] = {k: {} for k in "abcdefghijkl"}
+    rows: dict[str, dict[int, float]] = {k: {} for k in "abcdefghijklm"}
 
     def best(fn, *a, **kw) -> float:
         return max(fn(*a, **kw) for _ in range(args.repeats))
@@ -186,6 +190,7 @@ def main() -> None:
         rows["j"][n] = best(engine_tps, plain, ids, [BASE_ROUTE] * n, T)
         rows["k"][n] = best(engine_tps, bf16, ids, [BASE_ROUTE] * n, T)
         rows["l"][n] = best(engine_tps, bf16, ids, [parse_spec(names[0])] * n, T)
+        rows["m"][n] = best(engine_tps, before, ids, [BASE_ROUTE] * n, T)
         if n <= int8.runner.int8_rows:
             rows["i"][n] = best(engine_tps, int8, ids, [BASE_ROUTE] * n, T)
         if n <= args.peers_max_n:
@@ -239,6 +244,7 @@ def main() -> None:
         "g": f"llama.cpp ({g_note})", "h": "HF generate, bare base",
         "i": "lorastack, bare base, --int8 decode", "j": "lorastack, bare base, torch only",
         "k": "lorastack, bare base, bf16 weights", "l": "lorastack, one adapter, bf16 weights",
+        "m": "lorastack, bare base, as before (bf16, torch glue)",
     }
     print(f"\ndecode throughput, tokens/s in total ({args.dtype}, {T} tokens per request, {torch.get_num_threads()} threads, "
           f"best of {args.repeats}; {native_note}; {blocks_note}; machine shared with other jobs)")
@@ -260,7 +266,8 @@ def main() -> None:
               f"{rows['c'][1] / rows['g'][1]:.2f}x, one adapter at {rows['b'][1] / rows['g'][1]:.2f}x of it")
     print(f"batch-1 decode with --int8: {rows['i'].get(1, float('nan')):.1f} tok/s -> {b1_int8:.2f}x HF generate (bf16)")
     print(f"batch-1 decode from GGUF blocks vs bf16 weights: base {rows['c'][1] / rows['k'][1]:.2f}x (c/k), "
-          f"one adapter {rows['b'][1] / rows['l'][1]:.2f}x (b/l)")
+          f"one adapter {rows['b'][1] / rows['l'][1]:.2f}x (b/l); blocks + compiled glue vs as before: "
+          f"{rows['c'][1] / rows['m'][1]:.2f}x (c/m)")
     print(f"memory bandwidth {bw:.1f} GB/s; bf16 weights {weight_bytes / 1e6:.0f} MB/token -> batch-1 roofline {roofline:.0f} tok/s "
           f"(bf16 row k reaches {rows['k'][1] / roofline:.0%}); GGUF blocks {block_bytes / 1e6:.0f} MB/token -> roofline "
           f"{roofline_blocks:.0f} tok/s (row c reaches {rows['c'][1] / roofline_blocks:.0%})")
