@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
     ap.add_argument("--lookup-prompts", type=int, default=8, help="test prompts per task for the prompt-lookup rows")
     args = ap.parse_args()
-    ns = [int(x) for x in args.n.split(",")]
+    ns = sorted({1, *(int(x) for x in args.n.split(","))})  # batch 1 always runs: the summary compares it
     torch.manual_seed(0)
 
     base = Base.load("embedded", dtype=args.dtype)
