@@ -267,7 +267,7 @@ def main() -> None:
     print(f"batch-1 decode: lorastack base {rows['c'][1]:.1f} tok/s vs HF generate {rows['h'][1]:.1f} -> {b1:.2f}x")
     b1_int8 = rows["i"][1] / rows["h"][1] if 1 in rows["i"] else float("nan")
     if 1 in rows["g"]:
-        print(f"batch-1 llama.cpp (Q4_1 GGUF, ~4.5 bits/weight): {rows['g'][1]:.1f} tok/s; lorastack bf16 base at "
+        print(f"batch-1 llama.cpp (Q4_1 GGUF, ~4.5 bits/weight): {rows['g'][1]:.1f} tok/s; lorastack base at "
               f"{rows['c'][1] / rows['g'][1]:.2f}x, one adapter at {rows['b'][1] / rows['g'][1]:.2f}x of it")
     print(f"batch-1 decode with --int8: {rows['i'].get(1, float('nan')):.1f} tok/s -> {b1_int8:.2f}x HF generate (bf16)")
     print(f"batch-1 decode from GGUF blocks vs bf16 weights: base {rows['c'][1] / rows['k'][1]:.2f}x (c/k), "
