@@ -386,14 +386,21 @@ def generate(
     stop: list[str] = typer.Option([], "--stop"),
     explain: bool = typer.Option(False, "--explain", help="With auto: print the routing decision and what it was made on (stderr)."),
     false_route: Optional[float] = typer.Option(None, "--false-route", help="With auto: this call's routing operating point."),
+    json_object: bool = typer.Option(False, "--json-object", help="Constrain the reply to a JSON object."),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Constrain the reply to JSON valid under the schema in FILE."),
 ) -> None:
     """Generate one reply to PROMPT (a stack: `--model stack/NAME`, its stages' own settings apply)."""
+    import dataclasses
+
     from .data import check_text
 
     check_text(prompt, "PROMPT")
-    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+    sampling = dataclasses.replace(_sampling(max_tokens, temperature, top_p, top_k, seed, stop),
+                                   constraint=_constraint(json_object, json_schema))
     rt = _runtime()
     stack = _stack_for(rt, model)
+    if stack is not None and sampling.constraint is not None:
+        raise LorastackError("--json-object / --json-schema do not apply to stacks (each stage has its own settings)")
     if stack is not None:
         result = stack[0].run(stack[1], prompt)
         if explain:
@@ -401,6 +408,21 @@ def generate(
         typer.echo(result.output)
         return
     typer.echo(rt.generate(prompt, _decided(rt, model, prompt, explain, false_route), sampling).text)
+
+
+def _constraint(json_object: bool, json_schema: Optional[Path]):
+    """The structured-output constraint `generate` was asked for (None: free text)."""
+    from .engine.constrain import Constraint
+
+    if json_schema is None:
+        return Constraint.json_object() if json_object else None
+    if json_object:
+        raise LorastackError("give --json-object or --json-schema, not both")
+    try:
+        schema = json.loads(json_schema.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LorastackError(f"--json-schema {json_schema}: cannot read a JSON schema ({e})") from e
+    return Constraint.json_schema(schema)
 
 
 def _decided(rt, model: str, text: str, explain: bool, false_route: Optional[float]) -> str:

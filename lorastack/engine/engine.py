@@ -30,6 +30,7 @@ from ..route import Route
 from .lora import LoraBank, LoraBatch
 from .prefix import PrefixCache
 from .llama import LlamaRunner, supports
+from .constrain import Grammars, RowGrammar, mask_logits
 from .sampling import Generation, Messages, Sampling, pick_tokens
 
 _ids = itertools.count(1)
@@ -63,6 +64,7 @@ class Request:
     _emitted: int = 0
     _slots: tuple = ()  # ((slot, weight), ...) in the LoRA bank
     _rng: torch.Generator | None = None
+    _grammar: RowGrammar | None = None  # structured output: this row's grammar state
     _events: "queue.Queue[str | None]" = field(default_factory=queue.Queue, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -143,6 +145,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.failure: BaseException | None = None  # what ended the last loop thread, if anything did
+        self._grammars: Grammars | None = None  # built at the first constrained request
+        self._grammars_lock = threading.Lock()
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "batch_rows_sum": 0,
                       "failed_steps": 0, "failed_rows": 0, "restarts": 0}
 
@@ -166,6 +170,8 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the engine's limit of {self.max_tokens_in_flight}"
             )
         req = Request(ids, route, sampling, abandon_when=abandon_when, on_event=on_event, reroute=reroute)
+        if sampling.constraint is not None:
+            req._grammar = self.grammars().matcher(sampling.constraint)
         if sampling.temperature > 0:
             req._rng = torch.Generator()
             req._rng.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ())))
@@ -188,6 +194,13 @@ class Engine:
                     on_done(len(finished))
                 pending -= finished
         return [r.result() for r in reqs]
+
+    def grammars(self) -> Grammars:
+        """The structured-output compiler for this base's tokenizer (built once, on first use)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.base.tokenizer, self.base.model.config.vocab_size, self.base.eos_token_id)
+            return self._grammars
 
     def forget(self, adapter: str) -> None:
         """Drop everything cached for `adapter` (it was replaced or removed in the library)."""
@@ -382,6 +395,7 @@ class Engine:
         self._emit(list(self.running), logits, list(range(len(self.running))))
 
     def _emit(self, reqs: list[Request], logits: torch.Tensor, rows: list[int]) -> None:
+        mask_logits(logits, [r._grammar for r in reqs])  # structured-output rows: only what their grammar allows
         picks = pick_tokens(logits, [r.sampling for r in reqs], [r._rng for r in reqs])
         now = time.perf_counter()
         done: list[Request] = []
@@ -392,6 +406,8 @@ class Engine:
             try:
                 if isinstance(tok, Exception):
                     raise tok
+                if req._grammar is not None:
+                    req._grammar.accept(tok)
                 if tok == eos and not req.sampling.ignore_eos:
                     req.finish_reason = "stop"
                 else:

@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import __version__
 from ..engine.engine import Engine, Request as EngineRequest
+from ..engine.constrain import Constraint
 from ..engine.sampling import Sampling
 from ..errors import LorastackError, NotFoundError
 from ..names import validate_name
@@ -39,7 +40,7 @@ from .metrics import Metrics
 from .schemas import (
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion, CompletionChoice,
     CompletionRequest, ErrorBody, ImportAdapter, LoadLoraAdapter, ModelCard, ModelList, RouteInfo,
-    UnloadLoraAdapter, Usage,
+    UnloadLoraAdapter, Usage, assistant_message, chat_messages, structured_output,
 )
 from .settings import ServeSettings
 
@@ -77,7 +78,8 @@ class Server:
     def context(self) -> int:
         return self.runtime.context_length()
 
-    def sampling(self, body: ChatCompletionRequest | CompletionRequest, prompt_tokens: int = 0) -> Sampling:
+    def sampling(self, body: ChatCompletionRequest | CompletionRequest, prompt_tokens: int = 0,
+                 constraint: Constraint | None = None) -> Sampling:
         """Validated sampling; an unset max_tokens is the default, shrunk to fit the context."""
         if body.n > MAX_N:
             raise ApiError(400, f"n is {body.n}; at most {MAX_N} samples per request", param="n")
@@ -95,7 +97,7 @@ class Server:
                            param="max_tokens")
         try:
             return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                            seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos)
+                            seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos, constraint=constraint)
         except LorastackError as e:
             raise ApiError(400, str(e)) from e
 
@@ -385,16 +387,19 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
     @app.post("/v1/chat/completions", dependencies=auth, response_model=ChatCompletion, responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         srv.sampling(body)  # field errors first
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        structured = structured_output(body, chat=True)
+        messages = chat_messages(body.messages, structured.tool)
         users = [m["content"] for m in messages if m["role"] == "user"]
         try:
             ids = runtime.base.chat_ids(messages)
         except Exception as e:  # noqa: BLE001 - a template that rejects the conversation is the client's error
             raise ApiError(400, f"messages: the chat template rejected this conversation ({e})", param="messages") from e
         if srv.is_stack(body.model):
+            if structured.constraint is not None:
+                raise ApiError(400, "structured output is not supported for stack/ models", param="response_format")
             return await srv.stack_chat(body, users[-1] if users else messages[-1]["content"])
         decision = await srv.decide(body.model, users[-1] if users else messages[-1]["content"], body.false_route)
-        sampling = srv.sampling(body, len(ids))
+        sampling = srv.sampling(body, len(ids), structured.constraint)
         srv.check_prompt(ids, sampling, "messages")
         info = srv.route_info(body.model, decision)
         reroute = srv.rerouter(body.model, users[-1] if users else messages[-1]["content"], body.false_route)
@@ -412,7 +417,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         reqs = await srv.collect_all(request, [lambda: (req, pieces), *more], "chat")
         completion = sum(len(r.tokens) for r in reqs)
         return ChatCompletion(id=rid, created=created, model=body.model,
-                              choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=_finish(r))
+                              choices=[ChatChoice(index=i, message=assistant_message(r.text, structured), finish_reason=_finish(r))
                                        for i, r in enumerate(reqs)],
                               usage=Usage(prompt_tokens=len(ids), completion_tokens=completion, total_tokens=len(ids) + completion),
                               lorastack=info)
@@ -420,6 +425,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
     @app.post("/v1/completions", dependencies=auth, response_model=Completion, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         srv.sampling(body)
+        constraint = structured_output(body, chat=False).constraint
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or len(prompts) > 16:
             raise ApiError(400, "prompt: give a string or a list of 1 to 16 strings", param="prompt")
@@ -431,7 +437,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         except Exception as e:  # noqa: BLE001 - e.g. an unpaired surrogate (\ud800) the tokenizer cannot encode
             raise ApiError(400, f"prompt cannot be tokenized ({type(e).__name__}); is it valid Unicode text?", param="prompt") from e
         decisions = [await srv.decide(body.model, p, body.false_route) for p in prompts]
-        sampling = srv.sampling(body, max(len(ids) for ids in all_ids))
+        sampling = srv.sampling(body, max(len(ids) for ids in all_ids), constraint)
         for ids in all_ids:
             if not ids:
                 raise ApiError(400, "prompt is empty", param="prompt")
