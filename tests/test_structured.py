@@ -305,3 +305,25 @@ def test_cli_generate_json_schema(tiny_base_dir, tmp_path):
     schema_file.write_text(json.dumps({"type": "array", "uniqueItems": True}))
     r = run(*common, "generate", "x", "--json-schema", str(schema_file))
     assert r.returncode != 0 and "uniqueItems" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------ the real base
+@pytest.mark.integration
+def test_embedded_base_fills_a_schema_from_the_prompt():
+    """On SmolLM2 the constraint gives the shape; the model still supplies the content."""
+    from lorastack.base import Base
+
+    engine = Engine(Base.load("embedded"))
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "days": {"type": "integer", "minimum": 1, "maximum": 14}},
+              "required": ["city", "days"], "additionalProperties": False}
+    ask = [{"role": "user", "content": "Extract the city and the number of days as JSON: "
+                                       "I want the weather forecast for Paris for the next 3 days."}]
+    free = engine.submit(ask, BASE_ROUTE, Sampling(max_tokens=48))
+    constrained = engine.submit(ask, BASE_ROUTE, Sampling(max_tokens=48, constraint=Constraint.json_schema(schema)))
+    while not (free.done and constrained.done):
+        engine.step()
+    assert constrained.finish_reason == "stop", constrained.text
+    value = json.loads(constrained.text)
+    jsonschema.validate(value, schema)
+    assert value["city"] == "Paris" and value["days"] == 3, (constrained.text, free.text)
