@@ -215,6 +215,7 @@ def test_server_response_format_json_object_and_schema(runtime):  # noqa: F811
 @pytest.mark.parametrize("extra, param, needle", [
     ({"response_format": json_schema_format({"type": "array", "uniqueItems": True})}, "response_format", "uniqueItems"),
     ({"response_format": {"type": "yaml"}}, "response_format", "'yaml'"),
+    ({"response_format": json_schema_format({"type": "string", "pattern": "(["})}, "response_format", "cannot compile"),
     ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
     ({"response_format": {"type": "json_object"}, "stop": ["}"]}, None, "stop"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "auto"),
@@ -290,6 +291,11 @@ def test_langchain_with_structured_output(runtime):  # noqa: F811
             assert isinstance(out, Person), (method, out)  # LangChain parsed and validated it
         many = llm.with_structured_output(Person).batch(["A person.", "Another person."])
         assert all(isinstance(p, Person) for p in many)
+        from openai import OpenAI
+
+        parsed = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0).chat.completions.parse(
+            model="base", messages=[{"role": "user", "content": "A person."}], response_format=Person, max_tokens=60, temperature=0)
+        assert isinstance(parsed.choices[0].message.parsed, Person)
 
 
 # ------------------------------------------------------------------ the CLI

@@ -22,6 +22,7 @@ tests/test_structured.py and names every other keyword in its error.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -154,7 +155,8 @@ class Grammars:
                 try:
                     hit = self._compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=c.schema is not None)
                 except Exception as e:  # noqa: BLE001 - xgrammar's message says what it rejected
-                    raise SchemaError(f"cannot compile the JSON schema: {str(e).splitlines()[-1][:300]}") from e
+                    why = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip().splitlines()[-1])  # drop "[time] file.cc:N: "
+                    raise SchemaError(f"cannot compile the JSON schema: {why[:300]}") from e
             self._compiled[c] = hit
             while len(self._compiled) > self._cache_size:
                 self._compiled.pop(next(iter(self._compiled)))

@@ -101,6 +101,15 @@ class Server:
         except LorastackError as e:
             raise ApiError(400, str(e)) from e
 
+    async def prepare(self, constraint: Constraint | None, param: str) -> None:
+        """Compile a structured-output grammar off the event loop (the first one also builds the
+        tokenizer's tables, ~1 s); a schema the compiler rejects is the client's 400."""
+        if constraint is not None:
+            try:
+                await run_in_threadpool(lambda: self.engine.grammars().compiled(constraint))
+            except LorastackError as e:
+                raise ApiError(400, str(e), param=param) from e
+
     @staticmethod
     def samples(sampling: Sampling, n: int) -> list[Sampling]:
         """`n` independent samples: with a seed, sample i uses seed + i (reproducible, and
@@ -400,6 +409,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
             return await srv.stack_chat(body, users[-1] if users else messages[-1]["content"])
         decision = await srv.decide(body.model, users[-1] if users else messages[-1]["content"], body.false_route)
         sampling = srv.sampling(body, len(ids), structured.constraint)
+        await srv.prepare(structured.constraint, "tools" if structured.tool else "response_format")
         srv.check_prompt(ids, sampling, "messages")
         info = srv.route_info(body.model, decision)
         reroute = srv.rerouter(body.model, users[-1] if users else messages[-1]["content"], body.false_route)
@@ -438,6 +448,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
             raise ApiError(400, f"prompt cannot be tokenized ({type(e).__name__}); is it valid Unicode text?", param="prompt") from e
         decisions = [await srv.decide(body.model, p, body.false_route) for p in prompts]
         sampling = srv.sampling(body, max(len(ids) for ids in all_ids), constraint)
+        await srv.prepare(constraint, "response_format")
         for ids in all_ids:
             if not ids:
                 raise ApiError(400, "prompt is empty", param="prompt")
