@@ -7,12 +7,15 @@ Per composite task, every row on the same test inputs (held out by prompt hash) 
 `long` split (more words / fields / digits than any training record):
   base             the bare base, the composite prompt as is
   auto             the default router's choice per input
-  e2e adapter      one LoRA trained on the composite records, --steps x (number of stages) steps
+  e2e adapter      one LoRA trained on the composite records, --steps x (trained stages) steps:
+                   the same records and the same total steps as the trained stack
   library stack    the stack over existing library adapters, no training (skipped, with the
                    reason, when a sub-task adapter is missing: train them with `make demo
                    --tasks ...` or pass --import-from a library that has them)
-  trained stack    one adapter per stage from the same records, --steps steps each
-                   (teacher-forced: each stage learns from the reference intermediate outputs)
+  trained stack    the library stack's decomposition with one adapter per model stage, trained
+                   from the same records, --steps steps each (teacher-forced: each stage learns
+                   from the reference intermediate outputs); model-free stages (regex, JSON
+                   field, list reversal) are transforms, caesar_title decodes word by word (map)
 Prints exact match, completion tokens and wall time per answer; writes stacks.json and stacks.png.
 """
 
@@ -48,7 +51,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default=",".join(COMPOSITE))
     ap.add_argument("--n-train", type=int, default=400)
-    ap.add_argument("--steps", type=int, default=60, help="training steps per stage; the e2e adapter gets steps x stages")
+    ap.add_argument("--steps", type=int, default=60,
+                    help="training steps per trained stage; the e2e adapter gets steps x trained stages")
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--library", default=None, help="library to train into and read sub-task adapters from")
     ap.add_argument("--import-from", default=None, help="copy missing sub-task adapters from this library first")
@@ -81,7 +85,9 @@ def main() -> None:
                                               progress=False, label="auto", stop_early=False))
         e2e = f"{name.replace('_', '-')}-e2e"
         t0 = time.perf_counter()
-        e2e_cfg = TrainConfig(**{**cfg.__dict__, "steps": args.steps * len(task.stage_order)})
+        trained_spec = parse_stack(task.trained_stack())
+        n_trained = sum(s.train for s in trained_spec.stages)
+        e2e_cfg = TrainConfig(**{**cfg.__dict__, "steps": args.steps * n_trained})
         if e2e not in lib.names():
             train_to_library(rt.base, lib, train, e2e, e2e_cfg, progress=False,
                              description=f"{name} end to end ({e2e_cfg.steps} steps)")
@@ -104,7 +110,6 @@ def main() -> None:
                 rows[split]["library stack"] = {"model": "library stack", "skipped": f"missing {', '.join(needed)}"}
         else:
             measure("library stack", lambda recs: evaluate_stack(runner, library_spec, recs, progress=False))
-        trained_spec = parse_stack(task.trained_stack())
         t0 = time.perf_counter()
         if not all(m in lib.names() for m in trained_spec.models()):
             train_stack(rt.base, lib, trained_spec, train, cfg, overwrite=True, progress=False)

@@ -362,7 +362,10 @@ def test_composite_tasks_carry_intermediate_targets_and_a_longer_split():
         size = (lambda r: len(r["completion"])) if task.name == "word_problem" else (lambda r: len(r["prompt"]))
         assert max(size(r) for r in train) < sum(size(r) for r in long) / len(long)  # bigger than anything trained on
         lib, trained = parse_stack(task.library_stack()), parse_stack(task.trained_stack())
-        assert [s.name for s in trained.stages] == list(task.stage_order)
+        assert [s.name for s in parse_stack(task.chain_stack()).stages] == list(task.stage_order)
+        # Every trained stage learns one of the records' intermediate targets.
+        assert {s.name for s in trained.stages if s.train} <= set(task.stage_order)
+        assert all(s.model == f"{task.name.replace('_', '-')}-{s.name}" for s in trained.stages if s.train)
         # The library stack's model-free stages compute exactly what its next model stage expects.
         for r in test[:5]:
             outs: dict[str, str] = {}
@@ -383,7 +386,7 @@ def test_stage_records_are_teacher_forced_and_missing_targets_are_named():
     from lorastack.stacks.train import stage_records
 
     task = get_composite("sort_desc")
-    spec = parse_stack(task.trained_stack())
+    spec = parse_stack(task.chain_stack())
     recs = task.generate(4, "train", seed=1)
     per = stage_records(spec, recs)
     assert [x["prompt"] for x in per["sort"]] == [r["prompt"] for r in recs]
@@ -407,8 +410,32 @@ def test_stack_train_makes_one_adapter_per_stage_and_the_stack_runs(runtime):
                            TrainConfig(rank=2, alpha=4, steps=2, batch_size=4, eval_generate=0), progress=False)
     assert [a.name for a in adapters] == ["ct-decode", "ct-title"]
     assert adapters[1].card.data["stage"] == "title"
-    res = StackRunner(runtime).run(spec, task.generate(1, "test", seed=0)[0]["prompt"])
-    assert res.error is None and [t.route for t in res.trace] == ["ct-decode", "ct-title"]
+    record = task.generate(1, "long", seed=0)[0]
+    res = StackRunner(runtime).run(spec, record["prompt"])
+    assert res.error is None and [t.stage for t in res.trace] == ["coded", "decode", "title"]
+    words = record["stages"]["decode"].split()
+    assert res.trace[1].route == ["ct-decode"] * len(words)  # the map decodes word by word
+    assert res.trace[2].route == "ct-title"
+
+
+def test_designed_stage_records_compute_transforms_and_split_map_targets_per_item():
+    from lorastack.stacks.composite import get_composite
+    from lorastack.stacks.train import stage_records
+
+    task = get_composite("caesar_title")
+    recs = task.generate(6, "train", seed=2)
+    per = stage_records(parse_stack(task.trained_stack()), recs)
+    words = [(c, p) for r in recs for c, p in zip(r["prompt"].split(": ")[1].split(), r["stages"]["decode"].split())]
+    assert [(x["prompt"], x["completion"]) for x in per["decode"]] == \
+        [(f"Decode this Caesar cipher (shift 1): {c}", p) for c, p in words]
+    assert [x["prompt"] for x in per["title"]] == [f"Convert to title case: {r['stages']['decode']}" for r in recs]
+    sort = get_composite("sort_desc")
+    recs = sort.generate(4, "train", seed=1)
+    spec = parse_stack(sort.trained_stack())
+    assert list(stage_records(spec, recs)) == ["sort"]
+    # The model-free last stage turns the sorted list into the answer.
+    rev = spec.stage("reverse")
+    assert all(rev.finish(rev.prompt.render(r["prompt"], {"sort": r["stages"]["sort"]})) == r["completion"] for r in recs)
 
 
 def test_hostile_specs_alias_bombs_and_backtracking_regexes_are_refused(tmp_path):

@@ -122,16 +122,53 @@ class CompositeTask:
         return {"name": f"{self.name.replace('_', '-')}-library", "stages": LIBRARY_STACKS[self.name]["stages"]}
 
     def trained_stack(self, prefix: str | None = None) -> dict[str, Any]:
-        """A stack whose model stages are trained from this task's records (`train: true`):
-        stage 1 reads the input, each later stage reads its predecessor's output."""
+        """The stack `lorastack stack train` learns for this task: the library stack's
+        decomposition, with its model stages marked `train: true` and writing adapters named
+        `{prefix}-{stage}`; model-free stages (regex, JSON field, reversing a list) stay as they are."""
+        prefix = prefix or self.name.replace("_", "-")
+        stages = []
+        for s in TRAINED_STACKS[self.name]:
+            s = dict(s)
+            if "model" in s:
+                s.update(model=f"{prefix}-{s['name']}", train=True)
+            stages.append(s)
+        return {"name": f"{prefix}-trained", "stages": stages}
+
+    def chain_stack(self, prefix: str | None = None) -> dict[str, Any]:
+        """A pure chain of trained model stages, one per intermediate target, each reading its
+        predecessor's output (FSLM's shape: no model-free stage at all)."""
         prefix = prefix or self.name.replace("_", "-")
         stages = []
         prev = None
         for s in self.stage_order:
             prompt = "{input}" if prev is None else f"{{stages.{prev}.output}}"
-            stages.append({"name": s, "prompt": prompt, "model": f"{prefix}-{s}", "train": True})
+            stages.append({"name": s, "prompt": prompt, "model": f"{prefix}-chain-{s}", "train": True})
             prev = s
-        return {"name": f"{prefix}-trained", "stages": stages}
+        return {"name": f"{prefix}-chain", "stages": stages}
+
+
+# What a trained stack learns per task: deterministic steps (finding the JSON object, the
+# numbers of a story, the word list; reversing a list) are transforms, the rest model stages
+# ("model" is a placeholder replaced by the trained adapter's name). caesar_title decodes word
+# by word (a map stage), so a phrase longer than any in training is just more items.
+_WORD_LIST = {"name": "words", "prompt": "{input}", "parse": [{"regex": r":\s*(.*)$"}]}
+TRAINED_STACKS: dict[str, list[dict[str, Any]]] = {
+    "record_date": [
+        {"name": "extract", "prompt": "{input}", "parse": [{"regex": r"(\{.*\})", "group": 1}, {"json_field": "born"}]},
+        {"name": "words", "prompt": "Rewrite the date {stages.extract.output} in words", "model": "-"}],
+    "sort_desc": [
+        _WORD_LIST,
+        {"name": "sort", "prompt": "Sort these words alphabetically: {stages.words.output}", "model": "-"},
+        {"name": "reverse", "prompt": "{stages.sort.output}", "parse": [{"split": " "}, "reverse", {"join": " "}]}],
+    "caesar_title": [
+        dict(_WORD_LIST, name="coded"),
+        {"name": "decode", "map": "{stages.coded.output}", "split": " ", "join": " ",
+         "prompt": "Decode this Caesar cipher (shift 1): {item}", "model": "-", "max_tokens": 16},
+        {"name": "title", "prompt": "Convert to title case: {stages.decode.output}", "model": "-"}],
+    "word_problem": [
+        LIBRARY_STACKS["word_problem"]["stages"][0],
+        {"name": "sum", "prompt": "{stages.expr.output}", "model": "-"}],
+}
 
 
 COMPOSITE: dict[str, CompositeTask] = {t.name: t for t in (

@@ -10,7 +10,6 @@ route (with the router's scores for `auto`), raw and parsed output, tokens, time
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ from ..engine.engine import Engine, Request
 from ..engine.sampling import Sampling
 from ..errors import LorastackError
 from ..route import AutoSpec
-from .spec import MAX_MAP_ITEMS, Stage, StackError, StackSpec
+from .spec import MAX_MAP_ITEMS, Stage, StackError, StackSpec, map_items
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -176,7 +175,7 @@ class StackRunner:
         if stage.kind == "model":
             prompts = [stage.prompt.render(ex.input, ex.outputs)]
         else:
-            items = _items(stage.over.render(ex.input, ex.outputs), stage.split)  # type: ignore[union-attr]
+            items = map_items(stage.over.render(ex.input, ex.outputs), stage.split)  # type: ignore[union-attr]
             if len(items) > MAX_MAP_ITEMS:
                 raise StackError(f"map over {len(items)} items; at most {MAX_MAP_ITEMS}")
             prompts = [stage.prompt.render(ex.input, ex.outputs, item=it) for it in items]
@@ -242,19 +241,6 @@ def _capped(text: str, what: str) -> str:
     if len(text) > MAX_STAGE_TEXT:
         raise StackError(f"{what} is {len(text)} characters; a stage's is at most {MAX_STAGE_TEXT}")
     return text
-
-
-def _items(text: str, split: str) -> list[str]:
-    """A map stage's items: a JSON list if the text is one, else the text split on `split`."""
-    stripped = text.strip()
-    if stripped.startswith("["):
-        try:
-            value = json.loads(stripped)
-            if isinstance(value, list):
-                return [v if isinstance(v, str) else json.dumps(v) for v in value]
-        except (ValueError, RecursionError):
-            pass
-    return [p.strip() for p in text.split(split) if p.strip()]
 
 
 def _ms(t0: float) -> float:

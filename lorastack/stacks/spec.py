@@ -5,7 +5,7 @@ Three kinds of stage, told apart by their keys:
 - a *map* stage (`map:` a template yielding a list, plus `model:`) runs its prompt once per
   item (`{item}`) and joins the answers — map-reduce over parts of the input;
 - a *transform* stage (no `model:`) makes no model call: its output is its rendered
-  `prompt` put through its `parse` steps (regex, JSON field, split, join, strip...).
+  `prompt` put through its `parse` steps (regex, JSON field, split, reverse, join, strip...).
 
 Templates know three placeholders: `{input}`, `{stages.NAME.output}` and, in map stages,
 `{item}`. Every other brace is literal, so prompts may hold JSON. Stages form a DAG (a
@@ -34,7 +34,7 @@ SUSPECT = re.compile(r"\{[A-Za-z_][\w.-]*\}")
 STAGE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 MAX_STAGES = 32
 MAX_MAP_ITEMS = 64
-PARSERS = ("regex", "replace", "json_field", "strip", "first_line", "split", "join", "lower")
+PARSERS = ("regex", "replace", "json_field", "strip", "first_line", "split", "join", "lower", "reverse")
 
 
 class StackError(LorastackError):
@@ -82,6 +82,8 @@ class ParseStep:
     group: int = 0
 
     def apply(self, value: str | list[str], stage: str) -> str | list[str]:
+        if self.kind == "reverse":  # list order, e.g. after `split`; a plain text's lines
+            return value[::-1] if isinstance(value, list) else "\n".join(value.splitlines()[::-1])
         if isinstance(value, list) and self.kind != "join":
             return [self._one(v, stage) for v in value]  # type: ignore[misc]
         if self.kind == "join":
@@ -242,6 +244,19 @@ def _stage(raw: Any, i: int) -> Stage:
         split=raw.get("split", "\n"), join=raw.get("join", "\n"), max_tokens=max_tokens, temperature=float(temperature),
         stop=tuple(stop), parse=_parse_steps(raw.get("parse"), where), train=bool(raw.get("train", False)),
     )
+
+
+def map_items(text: str, split: str) -> list[str]:
+    """A map stage's items: a JSON list if the text is one, else the text split on `split`."""
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            value = json.loads(stripped)
+            if isinstance(value, list):
+                return [v if isinstance(v, str) else json.dumps(v) for v in value]
+        except (ValueError, RecursionError):
+            pass
+    return [p.strip() for p in text.split(split) if p.strip()]
 
 
 def waves(stages: tuple[Stage, ...]) -> tuple[tuple[str, ...], ...]:
