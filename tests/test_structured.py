@@ -77,8 +77,14 @@ def test_unsupported_schema_keywords_are_named(schema, named):
     assert named in str(e.value)
 
 
-@pytest.mark.parametrize("schema, needle", [([1], "must be an object"), ({"type": "strin"}, "type must be one of"),
-                                            ({"$ref": "http://x/y.json"}, "local references"), ({"enum": []}, "non-empty")])
+@pytest.mark.parametrize("schema, needle", [
+    ([1], "must be an object"), ({"type": "strin"}, "type must be one of"), ({"$ref": "http://x/y.json"}, "local references"),
+    ({"enum": []}, "non-empty"), ({"type": "string", "pattern": "[a-z]{1,5000}"}, "repetitions"),
+    ({"type": "string", "pattern": "(a{1,100}){1,100}"}, "repetitions"),
+    ({"type": "object", "properties": {f"p{i}": {"type": "string", "pattern": "[a-z]{1,300}"} for i in range(8)}}, "summed"),
+    ({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(300)}}, "at most 256 per object"),
+    ({"type": "array", "prefixItems": [{"type": "object", "properties": {f"p{i}": {} for i in range(200)}}] * 3}, "subschemas"),
+])
 def test_malformed_schemas_are_refused(schema, needle):
     with pytest.raises(SchemaError, match=needle):
         check_schema(schema)

@@ -45,6 +45,17 @@ ENFORCED = frozenset({
 })
 TYPES = frozenset({"object", "array", "string", "integer", "number", "boolean", "null"})
 MAX_SCHEMA_DEPTH = 64
+# Compiling a `pattern` costs time linear in its expanded bounded repetitions (measured on the
+# 49k vocab: [a-z]{1,5000} took 4.9 s, (a{1,100}){1,100} 0.9 s, in C++ that cannot be
+# interrupted), so the product of a pattern's {m,n} bounds, summed over the schema, is capped.
+MAX_PATTERN_REPEATS = 2048
+MAX_PATTERN_CHARS = 1000
+# Compile time also grows faster than linearly with optional properties (measured, 600-token
+# vocab: 400 optional properties 0.16 s, 900 took 3 s, 3000 did not finish in 100 s), so the
+# number of subschemas and of properties per object are capped too.
+MAX_SCHEMA_NODES = 512
+MAX_PROPERTIES = 256
+_REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 INSTALL_HINT = "pip install --no-deps xgrammar apache-tvm-ffi"
 
 
@@ -80,19 +91,30 @@ def check_schema(schema: Any) -> None:
     if not isinstance(schema, dict):
         raise SchemaError(f"the JSON schema must be an object, got {type(schema).__name__}")
     bad: list[str] = []
-    _walk(schema, "#", bad, 0)
+    _walk(schema, "#", bad, 0, _Budget())
     if bad:
         raise SchemaError("unsupported JSON schema keyword(s): " + ", ".join(bad[:20])
                           + f" (supported: {', '.join(sorted(ENFORCED))}; annotations like title/description are ignored)")
 
 
-def _walk(node: Any, path: str, bad: list[str], depth: int) -> None:
+@dataclass
+class _Budget:
+    """What compiling the schema will cost, counted while walking it."""
+
+    nodes: int = 0
+    repeats: int = 0
+
+
+def _walk(node: Any, path: str, bad: list[str], depth: int, budget: _Budget) -> None:
     if isinstance(node, bool):
         return  # `true` / `false` schemas
     if not isinstance(node, dict):
         raise SchemaError(f"{path}: a schema must be an object or a boolean, got {type(node).__name__}")
     if depth > MAX_SCHEMA_DEPTH:
         raise SchemaError(f"{path}: the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+    budget.nodes += 1
+    if budget.nodes > MAX_SCHEMA_NODES:
+        raise SchemaError(f"the schema has more than {MAX_SCHEMA_NODES} subschemas (at {path})")
     for key, value in node.items():
         here = f"{path}/{key}"
         if key in ANNOTATIONS:
@@ -109,19 +131,38 @@ def _walk(node: Any, path: str, bad: list[str], depth: int) -> None:
         elif key in ("properties", "$defs", "definitions"):
             if not isinstance(value, dict):
                 raise SchemaError(f"{here}: must be an object of schemas")
+            if key == "properties" and len(value) > MAX_PROPERTIES:
+                raise SchemaError(f"{here}: {len(value)} properties; at most {MAX_PROPERTIES} per object")
             for name, sub in value.items():
-                _walk(sub, f"{here}/{name}", bad, depth + 1)
+                _walk(sub, f"{here}/{name}", bad, depth + 1, budget)
         elif key in ("anyOf", "prefixItems"):
             if not isinstance(value, list) or not value:
                 raise SchemaError(f"{here}: must be a non-empty list of schemas")
             for i, sub in enumerate(value):
-                _walk(sub, f"{here}/{i}", bad, depth + 1)
+                _walk(sub, f"{here}/{i}", bad, depth + 1, budget)
         elif key in ("items", "additionalProperties"):
-            _walk(value, here, bad, depth + 1)
+            _walk(value, here, bad, depth + 1, budget)
         elif key == "required" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise SchemaError(f"{here}: must be a list of property names")
         elif key == "enum" and not (isinstance(value, list) and value):
             raise SchemaError(f"{here}: must be a non-empty list")
+        elif key == "pattern":
+            budget.repeats += _pattern_cost(value, here)
+            if budget.repeats > MAX_PATTERN_REPEATS:
+                raise SchemaError(f"{here}: the patterns' bounded repetitions ({{m,n}}, multiplied within a pattern, summed "
+                                  f"over the schema) exceed {MAX_PATTERN_REPEATS}; bound long strings with maxLength instead")
+
+
+def _pattern_cost(pattern: Any, where: str) -> int:
+    """The product of a pattern's repetition bounds (conservatively, as if all were nested)."""
+    if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN_CHARS:
+        raise SchemaError(f"{where}: must be a regular expression of at most {MAX_PATTERN_CHARS} characters")
+    cost = 1
+    for low, high in _REPEAT.findall(pattern):
+        cost *= max(int(low), int(high or 0), 1)
+        if cost > MAX_PATTERN_REPEATS:
+            break
+    return cost
 
 
 class Grammars:
