@@ -405,7 +405,8 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
             raise ApiError(400, f"messages: the chat template rejected this conversation ({e})", param="messages") from e
         if srv.is_stack(body.model):
             if structured.constraint is not None:
-                raise ApiError(400, "structured output is not supported for stack/ models", param="response_format")
+                raise ApiError(400, "structured output is not supported for stack/ models",
+                               param="tools" if structured.tool else "response_format")
             return await srv.stack_chat(body, users[-1] if users else messages[-1]["content"])
         decision = await srv.decide(body.model, users[-1] if users else messages[-1]["content"], body.false_route)
         sampling = srv.sampling(body, len(ids), structured.constraint)
