@@ -229,7 +229,10 @@ class RowGrammar:
     def accept(self, token: int) -> None:
         """Advance past the token the row picked (always one the mask allowed)."""
         if not self.matcher.accept_token(int(token)):
-            raise EngineError(f"token {token} broke the output constraint ({self.constraint.describe()})")
+            # Only reachable when the mask left nothing (argmax of all -inf): a schema whose
+            # next character would have to be a raw control byte, which JSON forbids.
+            raise EngineError(f"the output constraint allowed no token here (token {token} refused; "
+                              f"{self.constraint.describe()})")
 
 
 def mask_logits(logits: torch.Tensor, grammars: Sequence[RowGrammar | None]) -> None:
