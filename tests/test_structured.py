@@ -221,6 +221,7 @@ def test_server_response_format_json_object_and_schema(runtime):  # noqa: F811
 @pytest.mark.parametrize("extra, param, needle", [
     ({"response_format": json_schema_format({"type": "array", "uniqueItems": True})}, "response_format", "uniqueItems"),
     ({"response_format": {"type": "yaml"}}, "response_format", "'yaml'"),
+    ({"model": "stack/any", "response_format": {"type": "json_object"}}, "response_format", "stack/"),
     ({"response_format": json_schema_format({"type": "string", "pattern": "(["})}, "response_format", "cannot compile"),
     ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
     ({"response_format": {"type": "json_object"}, "stop": ["}"]}, None, "stop"),
