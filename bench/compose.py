@@ -106,7 +106,7 @@ def main() -> None:
         return round(time.perf_counter() - t0, 1)
 
     def evals(jobs: list[EvalJob]) -> list[float]:
-        return [r.accuracy for r in evaluate_many(rt.generator, jobs, progress=False)]
+        return [r.accuracy for r in evaluate_many(rt, jobs, progress=False)]
 
     # 1. library
     res.setdefault("library", {})

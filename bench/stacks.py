@@ -79,9 +79,9 @@ def main() -> None:
                 print(f"{name:<13} {split:<5} {label:<15} {res.accuracy:6.1%}  "
                       f"{rows[split][label]['tokens_per_answer']:6.1f} tok  {rows[split][label]['ms_per_answer']:7.1f} ms/answer", flush=True)
 
-        measure("base", lambda recs: evaluate(rt.generator, rt.routes_for("base", [r["prompt"] for r in recs]), recs,
+        measure("base", lambda recs: evaluate(rt, "base", recs,
                                               progress=False, label="base", stop_early=False))
-        measure("auto", lambda recs: evaluate(rt.generator, rt.routes_for("auto", [r["prompt"] for r in recs]), recs,
+        measure("auto", lambda recs: evaluate(rt, "auto", recs,
                                               progress=False, label="auto", stop_early=False))
         e2e = f"{name.replace('_', '-')}-e2e"
         t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def main() -> None:
                              description=f"{name} end to end ({e2e_cfg.steps} steps)")
             rt.refresh(e2e)
         print(f"{name:<13} trained {e2e} ({e2e_cfg.steps} steps) in {time.perf_counter() - t0:.0f}s", flush=True)
-        measure("e2e adapter", lambda recs: evaluate(rt.generator, rt.routes_for(e2e, [r["prompt"] for r in recs]), recs,
+        measure("e2e adapter", lambda recs: evaluate(rt, e2e, recs,
                                                      progress=False, label=e2e, stop_early=False))
         library_spec = parse_stack(task.library_stack())
         needed = [m for m in library_spec.models() if m not in lib.names()]

@@ -28,6 +28,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CARD_FILE = "card.json"
 EXAMPLES_FILE = "examples.jsonl"
+PLOT_FILE = "loss.png"  # the training loss curve, next to the card
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 CARD_VERSION = 1
 

@@ -21,8 +21,27 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 import click  # noqa: E402
 import typer  # noqa: E402
+import typer.core  # noqa: E402
 
 from .errors import LorastackError  # noqa: E402
+
+def _flags_without_value_types() -> None:
+    """typer's rich help prints a value type after every option, flags too (`--force <bool>`),
+    which reads as if the flag took a value. A flag takes none: show nothing there.
+    (Click's plain help already omits it; this aligns the rich one.)"""
+    option = getattr(typer.core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "_flag_aware", False):
+        return
+
+    def display_type_rich(self, ctx):  # type: ignore[no-untyped-def]
+        return None if getattr(self, "is_flag", False) or getattr(self, "count", False) else shown(self, ctx)
+
+    display_type_rich._flag_aware = True  # type: ignore[attr-defined]
+    option.display_type_rich = display_type_rich
+
+
+_flags_without_value_types()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, route and serve a library of LoRA experts on one small base model.")
@@ -56,6 +75,9 @@ def _global(
     OPTS.base, OPTS.library, OPTS.dtype, OPTS.debug, OPTS.int8 = base, library, dtype, debug, int8
 
 
+JSON_HELP = "Print the result as JSON (for scripts) instead of text."
+
+
 def _print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
@@ -80,7 +102,7 @@ def _sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, see
 
 # ------------------------------------------------------------------ base
 @base_app.command("info")
-def base_info(as_json: bool = typer.Option(False, "--json")) -> None:
+def base_info(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Load the base and print its identity (fingerprint, shapes, load time)."""
     from .base import Base
 
@@ -94,7 +116,7 @@ def base_info(as_json: bool = typer.Option(False, "--json")) -> None:
 
 # ------------------------------------------------------------------ tasks
 @tasks_app.command("list")
-def tasks_list(as_json: bool = typer.Option(False, "--json")) -> None:
+def tasks_list(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """List the built-in task families."""
     from .tasks import list_tasks
 
@@ -110,10 +132,10 @@ def tasks_list(as_json: bool = typer.Option(False, "--json")) -> None:
 
 @tasks_app.command("make")
 def tasks_make(
-    name: str,
+    name: str = typer.Argument(..., help="A built-in task (lorastack tasks list)."),
     n: int = typer.Option(100, "--n", help="Number of records."),
     split: str = typer.Option("train", "--split", help="train, test (disjoint streams, same phrasings) or paraphrase (held-out phrasings)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Generator seed (same seed, same records)."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write JSONL here instead of stdout."),
 ) -> None:
     """Generate a JSONL dataset from a built-in task."""
@@ -137,34 +159,46 @@ def tasks_make(
 def train(
     data: Path = typer.Argument(..., help="JSONL records {prompt|messages, completion}."),
     name: str = typer.Option(..., "--name", help="Adapter name in the library."),
-    rank: int = typer.Option(16, "--rank"),
-    alpha: float = typer.Option(32.0, "--alpha"),
+    rank: int = typer.Option(16, "--rank", help="LoRA rank r (size of the update)."),
+    alpha: float = typer.Option(32.0, "--alpha", help="LoRA alpha; the update is scaled by alpha / rank."),
     targets: str = typer.Option("all-linear", "--targets", help="Comma-separated module names, or all-linear."),
-    steps: Optional[int] = typer.Option(None, "--steps"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: one epoch)."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Default 1 epoch when --steps is not given."),
-    lr: float = typer.Option(1e-3, "--lr"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    max_len: int = typer.Option(256, "--max-len"),
-    seed: int = typer.Option(0, "--seed"),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (warmup, then cosine decay)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Records per optimizer step."),
+    max_len: int = typer.Option(256, "--max-len", help="Longest example in tokens (the prompt is cut from the left)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialisation, data order and the held-out split."),
     eval_data: Optional[Path] = typer.Option(None, "--eval", help="Held-out JSONL (default: 10% of DATA, at most 200)."),
-    description: str = typer.Option("", "--description"),
+    description: str = typer.Option("", "--description", help="What the adapter does (shown in lists, searched, routes example-less adapters)."),
+    eval_n: Optional[int] = typer.Option(None, "--eval-n", help="Hold out this many records of DATA for eval (0: none; default 10%, at most 200)."),
+    checkpoint_every: int = typer.Option(20, "--checkpoint-every", help="Save a resumable checkpoint every N steps (0: never)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue this adapter's interrupted run from its last checkpoint (same data and options)."),
+    early_stop: Optional[int] = typer.Option(None, "--early-stop", help="Stop after PATIENCE held-out evaluations without a lower loss and keep the best weights."),
+    eval_every: int = typer.Option(20, "--eval-every", help="With --early-stop: steps between held-out evaluations."),
     force: bool = typer.Option(False, "--force", help="Replace an existing adapter of that name."),
     no_autocast: bool = typer.Option(False, "--no-autocast", help="Train in float32 instead of bf16 autocast."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Train a LoRA adapter on DATA and add it to the library."""
+    """Train a LoRA adapter on DATA and add it to the library (resumable: see --resume)."""
     from .base import Base
     from .data import read_jsonl
     from .names import validate_name
-    from .train import TrainConfig, train_to_library
+    from .train import TrainConfig, checkpoint_for, train_to_library
 
     validate_name(name)
     records = read_jsonl(data)
     eval_records = read_jsonl(eval_data) if eval_data else None
+    if eval_data and eval_n is not None:
+        raise LorastackError("give --eval FILE or --eval-n N, not both")
     cfg = TrainConfig(rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",")] if targets != "all-linear" else targets,
                       steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, max_len=max_len, seed=seed,
-                      autocast_bf16=not no_autocast)
+                      autocast_bf16=not no_autocast, eval_n=eval_n, checkpoint_every=checkpoint_every,
+                      early_stop=early_stop, eval_every=eval_every)
     cfg.validate()
     library = _library()
+    checkpoint = checkpoint_for(library, name)
+    if not resume and (checkpoint / "state.json").is_file():
+        typer.echo(f"note: an interrupted run of {name} has a checkpoint; --resume continues it (this run replaces it)", err=True)
     base = Base.load(OPTS.base, dtype="float32")
     from .eval import scorer_for
 
@@ -172,16 +206,34 @@ def train(
         adapter = train_to_library(
             base, library, records, name, cfg, eval_records=eval_records, description=description,
             data_info={"source": Path(data).name}, scorer=lambda out, r: scorer_for(r)(out, r), overwrite=force,
+            resume=resume, progress=not as_json, log=lambda msg: typer.echo(msg, err=True),
         )
     except KeyboardInterrupt:
-        typer.echo("training interrupted; the library is unchanged", err=True)
+        typer.echo("training interrupted; the library is unchanged" + _resume_hint(checkpoint), err=True)
         raise typer.Exit(130)
+    except Exception:
+        if (checkpoint / "state.json").is_file():
+            typer.echo("training stopped; the library is unchanged" + _resume_hint(checkpoint), err=True)
+        raise
     tr, m = adapter.card.training, adapter.card.metrics
+    if as_json:
+        _print_json({"adapter": adapter.name, "path": str(adapter.path), "loss_plot": str(adapter.path / "loss.png"),
+                     "training": tr, "metrics": m, "data": adapter.card.data})
+        return
     typer.echo(f"added {adapter.name}: {tr['steps']} steps in {tr['seconds']}s ({tr['tokens_per_s']} tok/s), "
                f"loss {m['train_loss_first']:.3f} (first step) -> {m['train_loss_last']:.3f} (mean of the last {min(5, tr['steps'])} steps)"
                + (f", eval loss {m['eval_loss']:.3f}" if "eval_loss" in m else "")
                + (f", held-out exact match {m['eval_exact_match']:.1%} (n={m['eval_exact_match_n']})" if "eval_exact_match" in m else ""))
+    if tr.get("stopped_early"):
+        typer.echo(f"stopped early after {tr['steps_run']} of {tr['steps']} steps; kept the weights of step {tr['best_step']}")
+    typer.echo(f"loss curve: {adapter.path / 'loss.png'}")
     _report_capture(base, library, adapter.name)
+
+
+def _resume_hint(checkpoint: Path) -> str:
+    if (checkpoint / "state.json").is_file():
+        return f"; its last checkpoint is in {checkpoint}: run the same command with --resume to continue"
+    return ""
 
 
 def _report_capture(base, library, name: str) -> None:
@@ -200,7 +252,7 @@ def _report_capture(base, library, name: str) -> None:
 
 # ------------------------------------------------------------------ adapters
 @adapters_app.command("list")
-def adapters_list(as_json: bool = typer.Option(False, "--json")) -> None:
+def adapters_list(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """List adapters in the library."""
     adapters = _library().list()
     if as_json:
@@ -216,7 +268,7 @@ def adapters_list(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @adapters_app.command("show")
-def adapters_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def adapters_show(name: str = typer.Argument(..., help="Adapter name."), as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Show one adapter's card."""
     a = _library().get(name)
     card = a.card.model_dump() if hasattr(a.card, "model_dump") else dict(a.card.__dict__)
@@ -229,31 +281,85 @@ def adapters_show(name: str, as_json: bool = typer.Option(False, "--json")) -> N
 
 
 @adapters_app.command("rm")
-def adapters_rm(name: str) -> None:
+def adapters_rm(name: str = typer.Argument(..., help="Adapter name."),
+                as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Remove an adapter from the library."""
     _library().remove(name)
-    typer.echo(f"removed {name}")
+    if as_json:
+        _print_json({"removed": name})
+    else:
+        typer.echo(f"removed {name}")
+
+
+@adapters_app.command("edit")
+def adapters_edit(
+    name: str = typer.Argument(..., help="Adapter name."),
+    description: Optional[str] = typer.Option(None, "--description", help="New description (shown in lists, searched, routes example-less adapters)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Change an adapter's card (atomically; the weights are untouched)."""
+    from .data import check_text
+
+    if description is None:
+        raise LorastackError("nothing to change; give --description TEXT")
+    check_text(description, "--description")
+    a = _library().update_card(name, description=description)
+    if as_json:
+        _print_json({"adapter": a.name, "description": a.card.description})
+    else:
+        typer.echo(f"updated {a.name}: description {a.card.description!r}")
 
 
 @adapters_app.command("import")
 def adapters_import(
     src: Path = typer.Argument(..., help="A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)."),
     name: Optional[str] = typer.Option(None, "--name", help="Default: the card's name or the directory name."),
-    force: bool = typer.Option(False, "--force"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing adapter of that name."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Import a PEFT LoRA trained elsewhere; checks it against the base first."""
     from .base import Base
 
     base = Base.load(OPTS.base, dtype=OPTS.dtype)
     a = _library().import_dir(src, name, base=base, overwrite=force)
+    if as_json:
+        _print_json({"adapter": a.name, "rank": a.card.rank, "target_modules": a.card.target_modules, "path": str(a.path)})
+        return
     typer.echo(f"imported {a.name} (rank {a.card.rank}, targets {', '.join(a.card.target_modules)})")
 
 
 @adapters_app.command("export")
-def adapters_export(name: str, dest: Path) -> None:
-    """Copy an adapter out as a plain PEFT directory."""
-    _library().export(name, dest)
-    typer.echo(f"exported {name} to {dest}")
+def adapters_export(
+    spec: str = typer.Argument(..., help="An adapter name, or a mixture SPEC such as a:0.7+b:0.3."),
+    dest: Path = typer.Argument(..., help="Directory to write (missing or empty, unless --force)."),
+    merged: bool = typer.Option(False, "--merged", help="A Hugging Face model directory with the update merged into the base (transformers, vLLM)."),
+    gguf: bool = typer.Option(False, "--gguf", help="A llama.cpp LoRA adapter GGUF, to load next to the base's GGUF with --lora."),
+    dtype: str = typer.Option("float32", "--dtype", help="Weights of a --merged export: float32 or bfloat16."),
+    force: bool = typer.Option(False, "--force", help="Replace DEST if it is not empty."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Export an adapter or mixture: the PEFT directory (default), --merged or --gguf."""
+    from .export import GGUF_FILE, check_request, export
+
+    if merged and gguf:
+        raise LorastackError("give --merged or --gguf, not both")
+    mode = "merged" if merged else "gguf" if gguf else "peft"
+    library = _library()
+    check_request(library, spec, dest, mode, force)  # a typo fails before the base loads
+    base = None
+    if mode != "peft":
+        from .base import Base
+
+        base = Base.load(OPTS.base, dtype="float32")
+    result = export(library, spec, dest, mode=mode, base=base, force=force, dtype=dtype)
+    if as_json:
+        _print_json(result.to_json())
+        return
+    typer.echo(f"exported {result.spec} to {result.path} ({mode}: {', '.join(result.files)})")
+    if mode == "merged":
+        typer.echo(f"load it with: AutoModelForCausalLM.from_pretrained({str(result.path)!r}), or vllm serve {result.path}")
+    elif mode == "gguf":
+        typer.echo(f"use it with the base's GGUF: llama-cli -m BASE.gguf --lora {result.path / GGUF_FILE}")
 
 
 # ------------------------------------------------------------------ routing
@@ -262,7 +368,7 @@ app.add_typer(router_app, name="router")
 
 
 @router_app.command("fit")
-def router_fit(as_json: bool = typer.Option(False, "--json")) -> None:
+def router_fit(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Fit the learned gate on the library's stored examples (for auto:learned)."""
     from .routing.learned import LearnedRouter
 
@@ -275,7 +381,7 @@ def router_fit(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @adapters_app.command("search")
-def adapters_search(text: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def adapters_search(text: str = typer.Argument(..., help="Text to look for (case-insensitive)."), as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Adapters whose name or description contains TEXT."""
     found = _library().search(text)
     if as_json:
@@ -291,10 +397,10 @@ def adapters_search(text: str, as_json: bool = typer.Option(False, "--json")) ->
 
 @app.command("route")
 def route_cmd(
-    prompt: str,
+    prompt: str = typer.Argument(..., help="The request to route."),
     router: Optional[str] = typer.Option(None, "--router", help="knn (default), arrow or learned."),
     false_route: Optional[float] = typer.Option(None, "--false-route", help="Operating point for this call: share of generic inputs allowed to reach an adapter (default from config)."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Show which route a router picks for PROMPT, what the decision was made on, and the time taken."""
     rt = _runtime()
@@ -323,7 +429,7 @@ SCORE_MEANING = {
 def router_calibrate(
     data: Path = typer.Option(..., "--data", help="JSONL of your own inputs: {prompt|messages, adapter} (adapter null or 'base': should not be routed)."),
     router: str = typer.Option("knn", "--router", help="knn or learned."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Fit the router's abstention threshold on your own labelled phrasings and save it with the library."""
     from .routing.calibrate import calibrate_on_data
@@ -344,10 +450,10 @@ def eval_routing(
     ood: str = typer.Option("", "--ood", help="Comma-separated tasks with no adapter, added to the unrelated inputs."),
     n: int = typer.Option(100, "--n", help="Inputs per task and column."),
     n_unrelated: int = typer.Option(400, "--n-unrelated", help="Generic unrelated requests (at most ~450 built in)."),
-    routers: str = typer.Option("knn,learned,arrow", "--routers"),
+    routers: str = typer.Option("knn,learned,arrow", "--routers", help="Comma-separated routers to compare."),
     end_task: bool = typer.Option(True, "--end-task/--no-end-task", help="Also decode answers: exact match of routes vs oracle."),
     end_task_n: Optional[int] = typer.Option(None, "--end-task-n", help="Decode answers for only the first N inputs per adapter and column."),
-    out: Path = typer.Option(Path("out/routing"), "--out"),
+    out: Path = typer.Option(Path("out/routing"), "--out", help="Directory for routing.json and routing.png."),
 ) -> None:
     """Routing top-1 on in-template and held-out paraphrase inputs, abstention on unrelated ones, and end-task accuracy vs the oracle."""
     from .routing.evaluate import evaluate_routing, format_table, parse_data_args
@@ -376,20 +482,25 @@ CHAT_HELP = """commands:
 
 @app.command()
 def generate(
-    prompt: str,
+    prompt: str = typer.Argument(..., help="The user message to answer."),
     model: str = typer.Option("base", "--model", "-m", help="SPEC: base, an adapter name, a:0.7+b:0.3, or auto[:knn]."),
-    max_tokens: int = typer.Option(128, "--max-tokens"),
-    temperature: float = typer.Option(0.0, "--temperature"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    top_k: int = typer.Option(0, "--top-k"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    stop: list[str] = typer.Option([], "--stop"),
-    explain: bool = typer.Option(False, "--explain", help="With auto: print the routing decision and what it was made on (stderr)."),
+    max_tokens: int = typer.Option(128, "--max-tokens", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 decodes greedily; higher samples more freely."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set of tokens with this much probability."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k likeliest tokens (0: all)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (same seed, same sample)."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop at this text (repeatable)."),
+    explain: bool = typer.Option(False, "--explain", help="Print the routing decision and what it was made on (stderr)."),
+    show_route: bool = typer.Option(False, "--show-route", help="Print the route that answered (stderr) for every SPEC; auto always does."),
     false_route: Optional[float] = typer.Option(None, "--false-route", help="With auto: this call's routing operating point."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     json_object: bool = typer.Option(False, "--json-object", help="Constrain the reply to a JSON object."),
     json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Constrain the reply to JSON valid under the schema in FILE."),
 ) -> None:
-    """Generate one reply to PROMPT (a stack: `--model stack/NAME`, its stages' own settings apply)."""
+    """Generate one reply to PROMPT (a stack: `--model stack/NAME`, its stages' own settings apply).
+
+    With `auto`, the route that answered is printed on stderr ("auto abstained -> base" when no
+    expert matched); stdout holds only the reply."""
     import dataclasses
 
     from .data import check_text
@@ -398,16 +509,34 @@ def generate(
     sampling = dataclasses.replace(_sampling(max_tokens, temperature, top_p, top_k, seed, stop),
                                    constraint=_constraint(json_object, json_schema))
     rt = _runtime()
-    stack = _stack_for(rt, model)
-    if stack is not None and sampling.constraint is not None:
+    _check_model(rt, model)
+    if sampling.constraint is not None and _stack_for(rt, model) is not None:
         raise LorastackError("--json-object / --json-schema do not apply to stacks (each stage has its own settings)")
-    if stack is not None:
-        result = stack[0].run(stack[1], prompt)
-        if explain:
-            typer.echo("[route] " + " -> ".join(f"{t.stage}[{t.route or t.kind}]" for t in result.trace), err=True)
-        typer.echo(result.output)
+    handle = rt.start(model, prompt, sampling, false_route=false_route)
+    gen = handle.result()
+    line = _route_line(rt, model, handle, explain, show_route and not as_json)
+    if line:
+        typer.echo(line, err=True)
+    if as_json:
+        if handle.trace is not None:
+            _print_json({"model": model, **handle.stack_result.to_json()})
+            return
+        decision = handle.decision
+        _print_json({"model": model, "route": str(decision.route), "abstained": decision.abstained,
+                     "decision": decision.to_json() if rt.router_name(model) else None, "text": gen.text,
+                     "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
+                     "completion_tokens": gen.completion_tokens})
         return
-    typer.echo(rt.generate(prompt, _decided(rt, model, prompt, explain, false_route), sampling).text)
+    typer.echo(gen.text)
+
+
+def _check_model(rt, model: str) -> None:
+    """Fail on a bad SPEC (unknown adapter, router or stack) before any work, with one line."""
+    stack = _stack_for(rt, model)
+    if stack is not None:
+        stack[0].check(stack[1])
+    else:
+        rt.route(model)
 
 
 def _constraint(json_object: bool, json_schema: Optional[Path]):
@@ -425,32 +554,32 @@ def _constraint(json_object: bool, json_schema: Optional[Path]):
     return Constraint.json_schema(schema)
 
 
-def _decided(rt, model: str, text: str, explain: bool, false_route: Optional[float]) -> str:
-    """The SPEC to generate with: `auto...` is decided here (once), so it can be explained."""
-    if rt.router_name(model) is None or (not explain and false_route is None):
-        if explain:
-            typer.echo(f"[route] {model}", err=True)
-        return model
-    decision = rt.decide(model, [text], false_route)[0]
+def _route_line(rt, model: str, handle, explain: bool, show: bool) -> str | None:
+    """The route that answered, for stderr: routed SPECs always say where they went (or that
+    they abstained), fixed ones and stacks only with `show` or `explain`; `explain` adds what
+    the decision was made on."""
+    if handle.trace is not None:
+        return "[route] " + " -> ".join(f"{t.stage}[{t.route or t.kind}]" for t in handle.trace) if explain or show else None
+    decision = handle.decision
+    if rt.router_name(model) is None:
+        return f"[route] {decision.route}" if explain or show else None
     if explain:
-        typer.echo(f"[route] {decision.route}: {decision.explain()}", err=True)
-    return str(decision.route)
+        return f"[route] {decision.route}: {decision.explain()}"
+    return f"[route] {model} abstained → base" if decision.abstained else f"[route] {model} → {decision.route}"
 
 
 @app.command()
 def chat(
-    model: str = typer.Option("base", "--model", "-m"),
-    max_tokens: int = typer.Option(256, "--max-tokens"),
-    temperature: float = typer.Option(0.0, "--temperature"),
-    system: Optional[str] = typer.Option(None, "--system"),
-    explain: bool = typer.Option(False, "--explain", help="With auto: print each turn's routing decision (stderr)."),
+    model: str = typer.Option("base", "--model", "-m", help="SPEC to chat with (base, an adapter, a:0.7+b:0.3, auto, stack/NAME)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens per reply."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 decodes greedily; higher samples more freely."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message opening the conversation."),
+    explain: bool = typer.Option(False, "--explain", help="Print each turn's routing decision (stderr); /route toggles it."),
     false_route: Optional[float] = typer.Option(None, "--false-route", help="With auto: the routing operating point."),
 ) -> None:
     """Interactive chat. /help lists the commands: /model SPEC, /route, /clear, /quit."""
     rt = _runtime()
-    stack = _stack_for(rt, model)
-    if stack is None:
-        rt.route(model)  # fail before the first prompt on a bad SPEC
+    _check_model(rt, model)  # fail before the first prompt on a bad SPEC
     sampling = _sampling(max_tokens, temperature, 1.0, 0, None, [])
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     typer.echo(f"chatting with {model} on {rt.base.name}; /help for commands", err=True)
@@ -476,13 +605,11 @@ def chat(
             continue
         if command == "/model":
             try:
-                new_stack = _stack_for(rt, arg.strip())
-                if new_stack is None:
-                    rt.route(arg.strip())
+                _check_model(rt, arg.strip())
             except LorastackError as e:
                 typer.echo(f"error: {e}", err=True)
                 continue
-            model, stack = arg.strip(), new_stack
+            model = arg.strip()
             typer.echo(f"(now chatting with {model})", err=True)
             continue
         if command.startswith("/") and len(command) > 1:
@@ -498,26 +625,34 @@ def chat(
             typer.echo(f"error: {e}", err=True)
             continue
         history.append({"role": "user", "content": line})
-        # A stack answers each message on its own (its stages' prompts take one input).
-        reply = stack[0].run(stack[1], line).output if stack else \
-            rt.generate(history, _decided(rt, model, line, explain, false_route), sampling).text
+        # A stack answers each message on its own (its stages read the last user message).
+        handle = rt.start(model, history, sampling, false_route=false_route)
+        try:
+            reply = handle.result().text
+        except LorastackError as e:
+            history.pop()
+            typer.echo(f"error: {e}", err=True)
+            continue
+        shown = _route_line(rt, model, handle, explain, explain)
+        if shown:
+            typer.echo(shown, err=True)
         history.append({"role": "assistant", "content": reply})
         typer.echo(f"{model}> {reply}")
 
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Option("base", "--model", "-m"),
+    model: str = typer.Option("base", "--model", "-m", help="SPEC to evaluate (auto: routed per input, accuracy per route too)."),
     data: Optional[Path] = typer.Option(None, "--data", help="JSONL with completions."),
     task: Optional[str] = typer.Option(None, "--task", help="A built-in task (its test split)."),
     n: int = typer.Option(200, "--n", help="Examples from --task, or the first N of --data."),
-    seed: int = typer.Option(0, "--seed"),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --task test records."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Rows decoded at once (a new one starts as soon as one finishes)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Per-example results JSONL (default: eval-<model>.jsonl)."),
     full_outputs: bool = typer.Option(False, "--full-outputs", help="Decode every answer to the end. By default a "
                                       "row stops once it can no longer match exactly (same score, faster; its output "
                                       "is then the prefix so far, marked stopped_early)."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Exact-match accuracy of a SPEC on a dataset or a built-in task."""
     from .data import read_jsonl, write_jsonl
@@ -533,32 +668,29 @@ def eval_cmd(
         records = get_task(task).generate(n, split="test", seed=seed)
     else:
         records = read_jsonl(data)[:n]
-    from .data import prompt_text
 
     rt = _runtime()
-    stack = _stack_for(rt, model)
-    if stack is not None:
-        from .stacks.evaluate import evaluate_stack
-
-        result = evaluate_stack(stack[0], stack[1], records, label=model)
-    else:
-        routes = rt.routes_for(model, [prompt_text(r) for r in records])
-        result = evaluate(rt.generator, routes, records, batch_size=batch_size, label=model, stop_early=not full_outputs)
+    _check_model(rt, model)
+    result = evaluate(rt, model, records, batch_size=batch_size, label=model, stop_early=not full_outputs)
     out = out or Path(f"eval-{model.replace('/', '_').replace(':', '_').replace('+', '_')}.jsonl")
     write_jsonl(out, result.rows)
-    summary = {**result.summary(), "results": str(out)}
+    routed = rt.router_name(model) is not None
+    summary = {**result.summary(), "results": str(out), **({"by_route": result.by_route()} if routed else {})}
     if as_json:
         _print_json(summary)
     else:
         typer.echo(f"{model}: {result.correct}/{result.n} exact match = {result.accuracy:.1%} "
                    f"({result.seconds:.1f}s); per-example results in {out}")
+        for route, r in summary.get("by_route", {}).items():
+            label = f"{route} (auto abstained)" if route == "base" else route
+            typer.echo(f"  {label:<32} {r['correct']}/{r['n']} = {r['accuracy']:.1%}")
 
 
 @app.command()
 def demo(
-    tasks: str = typer.Option("reverse_words,title_case,json_field,date_format", "--tasks"),
-    n_test: int = typer.Option(200, "--n-test"),
-    out: Path = typer.Option(Path("out/demo"), "--out"),
+    tasks: str = typer.Option("reverse_words,title_case,json_field,date_format", "--tasks", help="Comma-separated built-in tasks."),
+    n_test: int = typer.Option(200, "--n-test", help="Test examples per task."),
+    out: Path = typer.Option(Path("out/demo"), "--out", help="Directory for matrix.json, matrix.png and examples.jsonl."),
     retrain: bool = typer.Option(False, "--retrain", help="Train again even if the adapters exist."),
 ) -> None:
     """The main job: train (or reuse) one adapter per task and print the accuracy matrix."""
@@ -571,15 +703,15 @@ def demo(
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0 exposes it to the network: set an API key)."),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", help="TCP port to listen on."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' (default: $LORASTACK_API_KEY)."),
     max_batch: int = typer.Option(32, "--max-batch", help="Rows decoded together."),
     max_resident: int = typer.Option(16, "--max-resident", help="Adapters resident in LoRA slots (LRU beyond)."),
     max_queue: int = typer.Option(64, "--max-queue", help="Waiting requests before 429 + Retry-After."),
     max_tokens: int = typer.Option(1024, "--max-tokens-cap", help="Largest max_tokens a request may ask for."),
-    max_body: int = typer.Option(1 << 20, "--max-body-bytes"),
+    max_body: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body accepted (413 beyond)."),
     import_root: list[Path] = typer.Option([], "--import-root", help="Directory HTTP imports may read from (repeatable; none = imports off)."),
-    log_level: str = typer.Option("warning", "--log-level"),
+    log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level: debug, info, warning, error."),
     docs: bool = typer.Option(True, "--docs/--no-docs", help="Serve /docs and /openapi.json (behind the API key when one is set)."),
 ) -> None:
     """Serve the base and the library over an OpenAI-compatible HTTP API."""
@@ -695,10 +827,10 @@ def stack_train(
     spec: Path = typer.Argument(..., help="A stack YAML whose trainable stages say `train: true`."),
     data: Path = typer.Argument(..., help="JSONL records {prompt, completion, stages: {STAGE: reference output}}."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Steps per stage (default: one epoch)."),
-    rank: int = typer.Option(16, "--rank"),
-    alpha: float = typer.Option(32.0, "--alpha"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    seed: int = typer.Option(0, "--seed"),
+    rank: int = typer.Option(16, "--rank", help="LoRA rank of each stage's adapter."),
+    alpha: float = typer.Option(32.0, "--alpha", help="LoRA alpha; the update is scaled by alpha / rank."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
+    seed: int = typer.Option(0, "--seed", help="Training seed."),
     force: bool = typer.Option(False, "--force", help="Replace stage adapters that already exist."),
     add: bool = typer.Option(True, "--add/--no-add", help="Also store the stack in the library as stack/NAME."),
 ) -> None:
@@ -730,7 +862,7 @@ def stack_train(
 
 
 @stack_app.command("list")
-def stack_list(as_json: bool = typer.Option(False, "--json")) -> None:
+def stack_list(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Stored stacks."""
     from .stacks import StackStore
 
@@ -746,7 +878,7 @@ def stack_list(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @stack_app.command("show")
-def stack_show(name: str) -> None:
+def stack_show(name: str = typer.Argument(..., help="stack/NAME, NAME or a YAML file.")) -> None:
     """Print a stored stack's YAML."""
     from .stacks.spec import dump_stack
 
@@ -754,7 +886,7 @@ def stack_show(name: str) -> None:
 
 
 @stack_app.command("rm")
-def stack_rm(name: str) -> None:
+def stack_rm(name: str = typer.Argument(..., help="stack/NAME or NAME.")) -> None:
     """Remove a stored stack (its adapters stay)."""
     from .stacks import StackStore
 
@@ -802,11 +934,11 @@ def compose_fewshot(
     budget: int = typer.Option(40, "--budget", help="Loss evaluations (forward passes over all examples) the search may spend."),
     l1: float = typer.Option(0.05, "--l1", help="L1 penalty on the weights (LoraHub)."),
     search: str = typer.Option("cma", "--search", help="cma (gradient-free, LoraHub) or gradient (Adam on the K weights)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the search (same seed, same weights)."),
     subtract: Optional[str] = typer.Option(None, "--subtract", help="Subtract this general adapter from every candidate (GenKnowSub)."),
     svd_rank: Optional[int] = typer.Option(None, "--svd-rank", help="Compress the result to this rank (lossy; default: exact cat)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing adapter of that name."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Find mixture weights over library adapters from a few examples and add the result as an adapter."""
     from tqdm.auto import tqdm

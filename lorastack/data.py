@@ -133,22 +133,41 @@ def read_jsonl(path: str | Path, require_completion: bool = True) -> list[Record
     if not path.is_file():
         raise DataError(f"{path}: not a regular file (a directory, FIFO or device cannot be a dataset)")
     records: list[Record] = []
+    problems: list[str] = []
     # Read bytes and decode per line, so a bad byte is reported at its line instead of as
-    # a UnicodeDecodeError from deep inside the file iterator.
+    # a UnicodeDecodeError from deep inside the file iterator. Every bad line is collected,
+    # so a user fixes the whole file in one pass instead of one error per run.
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             where = f"{path}:{lineno}"
-            obj = parse_json_line(raw, where)
-            if obj is None:
-                continue
-            if not require_completion and isinstance(obj, dict) and "completion" not in obj and "output" not in obj \
-                    and not (isinstance(obj.get("messages"), list) and obj["messages"]
-                             and isinstance(obj["messages"][-1], dict) and obj["messages"][-1].get("role") == "assistant"):
-                obj = {**obj, "completion": ""}
-            records.append(validate_record(obj, where))
+            try:
+                obj = parse_json_line(raw, where)
+                if obj is None:
+                    continue
+                if not require_completion and isinstance(obj, dict) and "completion" not in obj and "output" not in obj \
+                        and not (isinstance(obj.get("messages"), list) and obj["messages"]
+                                 and isinstance(obj["messages"][-1], dict) and obj["messages"][-1].get("role") == "assistant"):
+                    obj = {**obj, "completion": ""}
+                records.append(validate_record(obj, where))
+            except DataError as e:
+                problems.append(str(e))
+    if problems:
+        raise DataError(bad_lines_message(path, problems))
     if not records:
         raise DataError(f"{path}: no records")
     return records
+
+
+MAX_REPORTED = 20
+
+
+def bad_lines_message(path: Path, problems: list[str], limit: int = MAX_REPORTED) -> str:
+    """One problem as one line; several as a count, then each (up to `limit`) on its own line."""
+    if len(problems) == 1:
+        return problems[0]
+    shown = "\n".join(f"  {p}" for p in problems[:limit])
+    more = f"\n  … and {len(problems) - limit} more" if len(problems) > limit else ""
+    return f"{path}: {len(problems)} bad lines:\n{shown}{more}"
 
 
 def write_jsonl(path: str | Path, records: Iterable[Record]) -> None:
@@ -173,14 +192,15 @@ def prompt_text(record: Record) -> str:
     return "\n".join(m["content"] for m in record["messages"] if m["role"] != "assistant")
 
 
-def split_holdout(records: list[Record], fraction: float, seed: int, max_n: int = 200) -> tuple[list[Record], list[Record]]:
+def split_holdout(records: list[Record], fraction: float, seed: int, max_n: int = 200,
+                  n: int | None = None) -> tuple[list[Record], list[Record]]:
     """Deterministic train/held-out split; the held-out part is small but never empty
-    when there are at least 2 records."""
-    if len(records) < 2:
+    when there are at least 2 records. `n` asks for exactly that many held out (0: none)."""
+    if len(records) < 2 or n == 0:
         return list(records), []
     idx = list(range(len(records)))
     random.Random(seed).shuffle(idx)
-    n_eval = max(1, min(max_n, int(len(records) * fraction)))
+    n_eval = min(n, len(records) - 1) if n is not None else max(1, min(max_n, int(len(records) * fraction)))
     held = set(idx[:n_eval])
     train = [r for i, r in enumerate(records) if i not in held]
     evals = [r for i, r in enumerate(records) if i in held]

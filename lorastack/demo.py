@@ -77,7 +77,7 @@ def run_demo(
     tests = {t.name: t.generate(n_test, "test", seed=0) for t in task_objs}
     jobs = [EvalJob(f"{label} on {task.name}", route, tests[task.name], task.score) for label, route in routes for task in task_objs]
     t_eval = time.perf_counter()
-    results = evaluate_many(runtime.generator, jobs, desc=f"evaluating {len(routes)} models x {len(task_objs)} tasks")
+    results = evaluate_many(runtime, jobs, desc=f"evaluating {len(routes)} models x {len(task_objs)} tasks")
     eval_seconds = time.perf_counter() - t_eval
     matrix = [[results[i * len(task_objs) + j].accuracy for j in range(len(task_objs))] for i in range(len(routes))]
     rows_out = [{"model": label, **row} for i, (label, _) in enumerate(routes)

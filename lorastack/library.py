@@ -26,10 +26,12 @@ from .adapter import (
     CARD_FILE,
     CONFIG_FILE,
     EXAMPLES_FILE,
+    PLOT_FILE,
     WEIGHTS_FILE,
     Adapter,
     AdapterCard,
     AdapterError,
+    check_card_values,
     check_compatible,
     check_finite,
     read_json,
@@ -281,6 +283,8 @@ class Library:
             # changed after the check cannot slip in); errors name the adapter, not the folder.
             for f in (CONFIG_FILE, WEIGHTS_FILE):
                 shutil.copyfile(src / f, tmp / f)
+            if (src / PLOT_FILE).is_file() and not (src / PLOT_FILE).is_symlink():
+                shutil.copyfile(src / PLOT_FILE, tmp / PLOT_FILE)
             if base is not None:
                 check_compatible(tmp, base, card.get("base_fingerprint"), label=name, values=True)
                 card_obj.base_fingerprint = base.fingerprint
@@ -332,10 +336,12 @@ class Library:
         with self._writing():
             adapter = self.get(name)
             try:
-                adapter.card = AdapterCard.model_validate({**adapter.card.model_dump(), **fields, "name": name})
+                card = AdapterCard.model_validate({**adapter.card.model_dump(), **fields, "name": name})
             except ValidationError as e:
                 first = e.errors()[0]
                 raise LorastackError(f"{name}: invalid card field {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+            check_card_values(card.model_dump(), f"{name}: card")  # what `open` would refuse must not be written
+            adapter.card = card
             adapter.write_card()
             with self._db() as con:
                 self._index(con, adapter)
@@ -362,7 +368,7 @@ class Library:
             raise LorastackError(f"{dest} already exists and is not empty")
         dest.parent.mkdir(parents=True, exist_ok=True)
         with staging_dir(dest.parent) as tmp:
-            for f in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, EXAMPLES_FILE):
+            for f in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, EXAMPLES_FILE, PLOT_FILE):
                 if (adapter.path / f).exists():
                     shutil.copy2(adapter.path / f, tmp / f)
             if dest.is_dir():

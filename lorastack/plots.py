@@ -28,3 +28,28 @@ def heatmap(matrix: list[list[float]], rows: list[str], cols: list[str], path: P
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def loss_curve(losses: list[float], eval_curve: list[tuple[int, float]], final_eval: float | None, path: Path,
+               title: str) -> Path:
+    """Training loss per step, with held-out loss where it was measured (periodic and final)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    steps = list(range(1, len(losses) + 1))
+    ax.plot(steps, losses, color="#4c72b0", alpha=0.35, linewidth=1, label="train loss (per step)")
+    if len(losses) >= 5:  # a moving average: single-batch losses are noisy
+        k = max(2, len(losses) // 20)
+        smooth = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1]) for i in range(len(losses))]
+        ax.plot(steps, smooth, color="#4c72b0", linewidth=2, label=f"train loss (mean of {k})")
+    if eval_curve:
+        ax.plot([s for s, _ in eval_curve], [v for _, v in eval_curve], "o-", color="#dd8452", label="held-out loss")
+    if final_eval is not None:
+        ax.plot([len(losses)], [final_eval], "D", color="#c44e52", label=f"final held-out loss {final_eval:.3f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (completion tokens)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,13 +1,18 @@
 """The Python API's front door: a Base, a Library and a Generator wired together.
 
-The CLI, the demo, the benchmarks and (later) the server all go through `Runtime`, so a
+The server, the CLI, evaluation, the demo and the benchmarks all go through `Runtime`, so a
 SPEC means the same thing everywhere and adapters are checked against the base once.
+`start` is the one execution path: a fixed route, an `auto` decision or a stack in, a
+`Handle` out (handle.py). Runtime is the wiring layer: it reaches up to routing and stacks
+lazily, they only ever see it through the calls below.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from .base import EMBEDDED, Base
@@ -17,8 +22,11 @@ from .engine.generate import Generator
 from .engine.llama import supports
 from .engine.sampling import Generation, Messages, Sampling
 from .errors import IncompatibleError, LorastackError, NotFoundError, unknown_name_message
+from .handle import DoneHandle, EngineHandle, Handle
 from .library import Library
 from .route import AutoSpec, Route, SpecError, StackRef, parse_spec
+
+Spec = Route | AutoSpec | StackRef  # or a lorastack.stacks.StackSpec (anything with `stages`)
 
 
 @dataclass
@@ -89,7 +97,7 @@ class Runtime:
         if forget is not None:
             forget(name)
 
-    def decide(self, spec: str, texts: list[str], false_route: float | None = None) -> list:
+    def decide(self, spec: "str | Spec", texts: list[str], false_route: float | None = None) -> list:
         """A `RouteDecision` per text: fixed SPECs decide nothing, `auto...` asks its router
         (at operating point `false_route` when given, else the router's own).
 
@@ -148,21 +156,18 @@ class Runtime:
             self._routers[name] = get_router(name, self, router_options(name, config))
         return self._routers[name]
 
-    def routes_for(self, spec: str, prompts: list[str]) -> list[Route]:
+    def routes_for(self, spec: "str | Spec", prompts: list[str]) -> list[Route]:
         """One Route per prompt: fixed SPECs give the same route, `auto...` asks the router."""
-        parsed = self.route(spec)
-        if isinstance(parsed, AutoSpec):
-            return [d.route for d in self.router(parsed.router).route(prompts)]
-        return [parsed] * len(prompts)
+        return [d.route for d in self.decide(spec, prompts)]
 
-    def route(self, spec: str) -> Route | AutoSpec:
+    def route(self, spec: "str | Spec") -> Route | AutoSpec:
         """Parse a SPEC and check that every adapter it names exists and fits the base."""
-        parsed = parse_spec(spec)
+        parsed = parse_spec(spec) if isinstance(spec, str) else spec
         if isinstance(parsed, AutoSpec):
             self.router(parsed.router)  # unknown router names fail here, with close names
             return parsed
-        if isinstance(parsed, StackRef):
-            raise SpecError(f"{spec!r} is a stack: run it with lorastack.stacks (CLI and server do), not as one route")
+        if isinstance(parsed, StackRef) or hasattr(parsed, "stages"):
+            raise SpecError(f"{spec!r} is a stack: start it with Runtime.start, it is not one route")
         known = set(self.served())
         for name in parsed.names:
             if name not in known:
@@ -170,11 +175,65 @@ class Runtime:
             self._adapter_path(name)
         return parsed
 
-    def generate(self, prompt: str | Messages, model: str = "base", sampling: Sampling = Sampling()) -> Generation:
-        """One reply; `prompt` is a user message or a whole conversation."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        route = self.routes_for(model, [messages[-1]["content"]])[0]
+    def start(self, spec: "str | Spec", prompt: str | Messages | list[int], sampling: Sampling = Sampling(), *,
+              false_route: float | None = None, decision: Any = None,  # a RouteDecision, or a checked Route
+              on_event: Callable[[str | None], None] | None = None,
+              abandon_when: Callable[[str], bool] | None = None, text: str | None = None) -> Handle:
+        """Start answering `prompt` (a user message, a conversation, or token ids for a raw
+        completion) with `spec`: a fixed route, `auto...` (decided here unless the caller
+        already holds the `decision`), `stack/NAME` or a stack spec. Returns at once; the
+        engine decodes in its background loop. `on_event` receives the answer's text pieces
+        and a final None, on the engine's thread. `text` is what a router or a stack reads
+        (default: the last user message, or the raw prompt's text)."""
+        parsed = parse_spec(spec) if isinstance(spec, str) else spec
+        if text is None:
+            text = _routing_text(prompt, self.base) if isinstance(parsed, AutoSpec | StackRef) or hasattr(parsed, "stages") \
+                or decision is None else ""
+        if isinstance(parsed, StackRef) or hasattr(parsed, "stages"):
+            from .stacks.handle import start_stack
+
+            return start_stack(self, parsed, text, on_event=on_event)
+        if decision is None:
+            decision = self.decide(parsed, [text], false_route)[0]
+        elif isinstance(decision, Route):  # a route the caller already checked (evaluation, stack stages)
+            from .routing import RouteDecision
+
+            decision = RouteDecision(decision)
+        label = str(spec) if isinstance(spec, str) else str(decision.route)
         if isinstance(self.generator, Engine):
-            return self.generator.submit(messages, route, sampling).result() if self.generator.alive else \
-                self.generator.generate([messages], route, sampling)[0]
-        return self.generator.generate([messages], route, sampling)[0]
+            ids = prompt if _is_ids(prompt) else self.base.chat_ids(_messages(prompt))
+            reroute = (lambda: self.decide(parsed, [text], false_route)[0].route) if isinstance(parsed, AutoSpec) else None
+            self.generator.start()  # idempotent; restarts a loop that died
+            req = self.generator.submit_ids(ids, decision.route, sampling, abandon_when=abandon_when, on_event=on_event,
+                                            reroute=reroute)
+            return EngineHandle(req, decision, label)
+        if _is_ids(prompt):
+            raise LorastackError("raw token prompts need the engine (a Llama-family base)")
+        handle = DoneHandle(self.generator.generate([_messages(prompt)], decision.route, sampling)[0], decision, label)
+        if on_event is not None:
+            on_event(handle.text)
+            on_event(None)
+        return handle
+
+    def generate(self, prompt: str | Messages, model: "str | Spec" = "base", sampling: Sampling = Sampling()) -> Generation:
+        """One reply; `prompt` is a user message or a whole conversation."""
+        return self.start(model, prompt, sampling).result()
+
+
+def _is_ids(prompt: object) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
+
+
+def _messages(prompt: str | Messages) -> Messages:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def _routing_text(prompt: str | Messages | list[int], base: Base) -> str:
+    """What a router (or a stack's first stage) reads: the last user message, or a raw prompt's text."""
+    if isinstance(prompt, str):
+        return prompt
+    if _is_ids(prompt):
+        return base.tokenizer.decode(prompt)  # type: ignore[arg-type]
+    messages = list(prompt)  # type: ignore[arg-type]
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    return users[-1] if users else (messages[-1]["content"] if messages else "")

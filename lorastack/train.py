@@ -15,11 +15,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
+from . import checkpoint as ckpt
+from .adapter import PLOT_FILE
 from .atomic import staging_dir, sweep_tmp
 from .base import Base
 from .data import Record, messages_of, prompt_text, split_holdout
@@ -50,8 +52,14 @@ class TrainConfig:
     seed: int = 0
     autocast_bf16: bool = True
     eval_fraction: float = 0.1
+    eval_n: int | None = None  # held-out records taken from the data (default: eval_fraction, at most 200)
     eval_generate: int = 64
     weight_decay: float = 0.0
+    # A checkpoint every this many steps (0: none) lets `--resume` continue a killed run.
+    checkpoint_every: int = 20
+    # Early stopping: stop after this many held-out evaluations without a better loss (None: off).
+    early_stop: int | None = None
+    eval_every: int = 20
 
     def validate(self) -> None:
         checks = [
@@ -63,6 +71,10 @@ class TrainConfig:
             (self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.epochs is None or self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
             (not (self.steps and self.epochs), "give --steps or --epochs, not both"),
+            (self.eval_n is None or self.eval_n >= 0, f"eval-n must be >= 0, got {self.eval_n}"),
+            (self.checkpoint_every >= 0, f"checkpoint-every must be >= 0, got {self.checkpoint_every}"),
+            (self.early_stop is None or self.early_stop >= 1, f"early-stop patience must be >= 1, got {self.early_stop}"),
+            (self.eval_every >= 1, f"eval-every must be >= 1, got {self.eval_every}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -74,6 +86,12 @@ class TrainResult:
     adapter_dir: Path
     card: dict[str, Any]
     losses: list[float] = field(default_factory=list)
+
+
+class StepHook(Protocol):
+    """Called after every optimizer step (and its checkpoint) with the step count and loss."""
+
+    def __call__(self, step: int, loss: float) -> None: ...
 
 
 # ---------------------------------------------------------------- tokenisation
@@ -150,6 +168,17 @@ def eval_loss(model: torch.nn.Module, examples: list[tuple[list[int], list[int]]
     return total / max(count, 1)
 
 
+def holdout(records: list[Record], config: TrainConfig, log: Callable[[str], None]) -> tuple[list[Record], list[Record]]:
+    """Split off the held-out records and say so: a silent 10% is data the user did not know
+    they were not training on."""
+    if config.eval_n is not None and config.eval_n >= len(records):
+        raise LorastackError(f"--eval-n {config.eval_n} leaves nothing to train on ({len(records)} records)")
+    train, held = split_holdout(records, config.eval_fraction, config.seed, n=config.eval_n)
+    share = len(held) / max(1, len(records))
+    log(f"held out {share:.0%} (n={len(held)}) of {len(records)} records for eval; --eval-n to change")
+    return train, held
+
+
 def train_adapter(
     base: Base,
     records: list[Record],
@@ -161,18 +190,33 @@ def train_adapter(
     data_info: dict[str, Any] | None = None,
     scorer: Callable[[str, Record], bool] | None = None,
     progress: bool = True,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    on_step: StepHook | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Train one LoRA on `records` and write it (PEFT files + card) into `out_dir`."""
+    """Train one LoRA on `records` and write it (PEFT files + card + loss plot) into `out_dir`.
+
+    With `checkpoint`, the run's state is saved there every `config.checkpoint_every` steps
+    and `resume` continues from it: same seed, same data -> the same adapter as an
+    uninterrupted run. The checkpoint is left in place; the caller discards it once the
+    adapter is safely stored.
+    """
     from peft import LoraConfig, get_peft_model
 
     config.validate()
+    log = log or (lambda _msg: None)
     if not records:
         raise LorastackError("no training records")
     if eval_records is None:
-        records, eval_records = split_holdout(records, config.eval_fraction, config.seed)
+        records, eval_records = holdout(records, config, log)
+    else:
+        log(f"eval on the given held-out records (n={len(eval_records)})")
     train_ex = [build_example(base, r, config.max_len) for r in records]
     eval_ex = [build_example(base, r, config.max_len) for r in eval_records]
     steps = config.steps or max(1, math.ceil((config.epochs or 1.0) * len(train_ex) / config.batch_size))
+    if config.early_stop and not eval_ex:
+        raise LorastackError("--early-stop needs held-out records (--eval-n > 0 or --eval FILE)")
 
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -188,32 +232,59 @@ def train_adapter(
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora_cfg)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    named = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     pad = base.tokenizer.pad_token_id
+    batches = _batches(len(train_ex), config.batch_size, steps, rng)
 
-    losses: list[float] = []
-    tokens = 0
-    t0 = time.perf_counter()
+    # Settings that cannot change the trained weights may differ on resume.
+    inert = {"checkpoint_every", "eval_generate"} | (set() if config.early_stop else {"eval_every"})
+    key = ckpt.run_key({"train": train_ex, "eval": eval_ex, "base": base.fingerprint,
+                        "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in inert}})
+    state, best = ckpt.TrainState(), None
+    if resume:
+        if checkpoint is None:
+            raise LorastackError("--resume needs a checkpoint location")
+        state, best = ckpt.load(checkpoint, key, named, opt, rng)
+        log(f"resuming {name} at step {state.step} of {steps} from {checkpoint}")
+
+    t0 = time.perf_counter() - state.seconds
     peft_model.train()
-    bar = tqdm(_batches(len(train_ex), config.batch_size, steps, rng), desc=f"train {name}", unit="step", disable=not progress)
-    for step, idx in enumerate(bar):
+    bar = tqdm(total=steps, initial=state.step, desc=f"train {name}", unit="step", disable=not progress)
+    for step in range(state.step, steps):
+        if state.stopped_early:
+            break
         for g in opt.param_groups:
             g["lr"] = config.lr * _lr_at(step, steps, config.warmup)
-        batch = collate([train_ex[i] for i in idx], pad)
+        batch = collate([train_ex[i] for i in batches[step]], pad)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast_bf16):
             out = peft_model(**batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += int(batch["attention_mask"].sum())
-        losses.append(float(out.loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        state.tokens += int(batch["attention_mask"].sum())
+        state.losses.append(float(out.loss.detach()))
+        state.step = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{state.losses[-1]:.3f}")
+        if config.early_stop and state.step % config.eval_every == 0 and state.step < steps:
+            best = _early_stop_check(peft_model, named, eval_ex, pad, config, state, best, log)
+        if checkpoint is not None and config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.step < steps:
+            state.seconds = time.perf_counter() - t0
+            ckpt.save(checkpoint, key, state, named, opt, rng, best)
+        if on_step is not None:
+            on_step(state.step, state.losses[-1])
     bar.close()
     seconds = time.perf_counter() - t0
+    if state.stopped_early and best is not None:
+        with torch.no_grad():  # the weights of the best held-out loss, not the last
+            for k, p in named.items():
+                p.copy_(best[k])
     peft_model.eval()
 
+    losses = state.losses
     metrics: dict[str, Any] = {"train_loss_first": losses[0], "train_loss_last": sum(losses[-5:]) / len(losses[-5:])}
     if eval_ex:
         metrics["eval_loss"] = eval_loss(peft_model, eval_ex, pad, config.batch_size * 2, config.autocast_bf16)
@@ -221,6 +292,9 @@ def train_adapter(
             metrics.update(_eval_exact_match(base, peft_model, eval_records[: config.eval_generate], scorer))
 
     peft_model.save_pretrained(out_dir)
+    from .plots import loss_curve
+
+    loss_curve(losses, state.eval_curve, metrics.get("eval_loss"), out_dir / PLOT_FILE, title=f"{name}: training loss")
     card = {
         "name": name,
         "description": description,
@@ -233,14 +307,36 @@ def train_adapter(
         "training": {
             **{k: v for k, v in dataclasses.asdict(config).items() if k != "targets"},
             "steps": steps,
+            "steps_run": state.step,
             "seconds": round(seconds, 2),
-            "tokens": tokens,
-            "tokens_per_s": round(tokens / seconds, 1),
+            "tokens": state.tokens,
+            "tokens_per_s": round(state.tokens / seconds, 1) if seconds > 0 else None,
             "loss_curve": [round(x, 4) for x in losses[:: max(1, len(losses) // 50)]],
+            **({"eval_curve": [[s, round(v, 4)] for s, v in state.eval_curve]} if state.eval_curve else {}),
+            **({"stopped_early": True, "best_step": state.best_step} if state.stopped_early else {}),
         },
         "metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
     }
     return TrainResult(adapter_dir=out_dir, card=card, losses=losses)
+
+
+def _early_stop_check(peft_model: torch.nn.Module, named: dict[str, torch.Tensor], eval_ex: list[tuple[list[int], list[int]]],
+                      pad: int, config: TrainConfig, state: "ckpt.TrainState", best: dict[str, torch.Tensor] | None,
+                      log: Callable[[str], None]) -> dict[str, torch.Tensor] | None:
+    """Evaluate held-out loss; remember the best weights; mark the run stopped after
+    `config.early_stop` evaluations without improvement. Returns the best weights."""
+    peft_model.eval()
+    loss = eval_loss(peft_model, eval_ex, pad, config.batch_size * 2, config.autocast_bf16)
+    peft_model.train()
+    state.eval_curve.append((state.step, loss))
+    if state.best_loss is None or loss < state.best_loss:
+        state.best_loss, state.best_step, state.bad_evals = loss, state.step, 0
+        return {k: p.detach().clone() for k, p in named.items()}
+    state.bad_evals += 1
+    if state.bad_evals >= (config.early_stop or 0):
+        state.stopped_early = True
+        log(f"early stop at step {state.step}: held-out loss {loss:.4f}, best {state.best_loss:.4f} at step {state.best_step}")
+    return best
 
 
 def _eval_exact_match(base: Base, peft_model: torch.nn.Module, records: list[Record], scorer: Callable[[str, Record], bool]) -> dict[str, Any]:
@@ -277,10 +373,15 @@ def train_to_library(
     overwrite: bool = False,
     progress: bool = True,
     n_examples: int = 64,
+    resume: bool = False,
+    on_step: StepHook | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> "Adapter":
     """Train and add to the library in one step; nothing reaches the library unless all succeed.
 
     The name is checked before training so a typo costs seconds, not a training run.
+    Checkpoints go to `checkpoint_for(library, name)` (outside the library); a run that
+    fails or is killed leaves its last one there for `resume`, a finished run removes it.
     """
     from .names import validate_name
 
@@ -291,12 +392,21 @@ def train_to_library(
     # every cleanup) leave theirs unlocked, and the next run sweeps them.
     scratch_root = Path(tempfile.gettempdir())
     sweep_tmp(scratch_root, prefix=TRAIN_SCRATCH_PREFIX)
+    checkpoint = checkpoint_for(library, name)
     with staging_dir(scratch_root, prefix=TRAIN_SCRATCH_PREFIX) as tmp:
         result = train_adapter(
             base, records, name, config, Path(tmp), eval_records=eval_records, description=description,
-            data_info=data_info, scorer=scorer, progress=progress,
+            data_info=data_info, scorer=scorer, progress=progress, checkpoint=checkpoint, resume=resume,
+            on_step=on_step, log=log,
         )
-        return library.add(
+        adapter = library.add(
             Path(tmp), name, base=base, card_updates=result.card,
             examples=sample_prompts(records, n_examples, config.seed), overwrite=overwrite,
         )
+    ckpt.discard(checkpoint)
+    return adapter
+
+
+def checkpoint_for(library: "Library", name: str) -> Path:
+    """Where training adapter `name` for `library` keeps its resume checkpoint."""
+    return ckpt.checkpoint_dir(library.root, name)

@@ -129,3 +129,126 @@ def test_chat_slash_commands_search_message_and_show_route(tiny_base_dir, tmp_pa
     assert r.returncode == 0 and "no adapter's name or description contains 'zzz'" in r.stderr
     r = run(*common, "generate", "Reverse the order of these words: a b", "--model", "auto", "--explain", "--max-tokens", "2")
     assert r.returncode == 0 and r.stderr.startswith("[route] ")
+
+
+def _leaf_commands():
+    import typer
+
+    from lorastack.cli import app
+
+    def walk(cmd, path):  # typer's groups may be its vendored click's, not click.Group
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield path, cmd
+
+    root = typer.main.get_command(app)
+    return root, list(walk(root, []))
+
+
+def test_every_option_and_argument_has_help_and_flags_show_no_value_type():
+    from typer.testing import CliRunner
+
+    from lorastack.cli import app
+
+    root, leaves = _leaf_commands()
+    missing = [f"{' '.join(path)} {p.name}" for path, cmd in leaves for p in cmd.params if not (getattr(p, "help", None) or "").strip()]
+    missing += [f"(global) {p.name}" for p in root.params if not (p.help or "").strip()]
+    assert missing == [], missing
+    assert len(leaves) >= 28  # the walk reached every command, not just the top group
+    runner = CliRunner()
+    for path in [[], ["train"], ["adapters", "export"], ["generate"], ["serve"]]:
+        out = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"}).output
+        assert "--force" in out or "--debug" in out or "--explain" in out or "--docs" in out, out
+        assert "<bool>" not in out, out
+
+
+def test_train_edit_export_merged_matches_generate_and_json_outputs(tiny_base_dir, tmp_path):
+    """The acceptance path: train from TRL-style chat data, export --merged, load with plain
+    transformers: the same greedy output as `lorastack generate --model NAME`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorastack.tasks import get_task
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                                      {"role": "assistant", "content": r["completion"]}]}) + "\n"
+                            for r in get_task("reverse_words").generate(30, "train", 0)))
+    common = ["--base", str(tiny_base_dir), "--library", str(tmp_path / "lib"), "--dtype", "float32"]
+    r = run(*common, "train", str(data), "--name", "rev", "--steps", "4", "--batch-size", "4", "--rank", "4", "--lr", "0.02",
+            "--eval-n", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "held out 17% (n=5) of 30 records for eval; --eval-n to change" in r.stderr
+    out = json.loads(r.stdout)
+    assert out["adapter"] == "rev" and out["data"]["n_eval"] == 5 and (tmp_path / "lib" / "adapters" / "rev" / "loss.png").is_file()
+    r = run(*common, "adapters", "edit", "rev", "--description", "reverses words", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["description"] == "reverses words", r.stderr
+    r = run(*common, "adapters", "export", "rev", str(tmp_path / "hf"), "--merged", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["mode"] == "merged"
+    r = run(*common, "adapters", "export", "rev", str(tmp_path / "hf"), "--merged")
+    assert r.returncode == 2 and "not empty; use --force" in r.stderr
+    prompt = "Reverse the order of these words: apple kiwi plum"
+    r = run(*common, "generate", prompt, "--model", "rev", "--max-tokens", "12", "--json", "--show-route")
+    assert r.returncode == 0, r.stderr
+    gen = json.loads(r.stdout)
+    assert gen["route"] == "rev" and gen["abstained"] is False
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)["input_ids"]
+    new = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+    assert tok.decode(new, skip_special_tokens=True) == gen["text"]
+    r = run(*common, "adapters", "rm", "rev", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"removed": "rev"}
+    r = run(*common, "adapters", "import", str(tmp_path / "hf"), "--name", "x")
+    assert r.returncode == 2 and "adapter_config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_auto_prints_the_route_and_eval_reports_accuracy_per_route(tiny_base_dir, tmp_path, isolated_home):
+    from lorastack.base import Base
+    from lorastack.library import Library
+    from lorastack.tasks import get_task
+    from test_library import make_peft_adapter
+
+    base = Base.load(str(tiny_base_dir))
+    lib = Library(tmp_path / "lib")
+    for i, t in enumerate(["reverse_words", "date_format"]):
+        lib.add(make_peft_adapter(base, tmp_path / t, seed=i), t, base=base,
+                examples=[r["prompt"] for r in get_task(t).generate(24, "train", 0)])
+    common = ["--base", str(tiny_base_dir), "--library", str(tmp_path / "lib")]
+    r = run(*common, "generate", "Rewrite the date 2031-04-09 in words", "--model", "auto:knn", "--false-route", "1.0",
+            "--max-tokens", "2")
+    assert r.returncode == 0 and "[route] auto:knn → date_format" in r.stderr, r.stderr
+    r = run(*common, "generate", "Rewrite the date 2031-04-09 in words", "--model", "auto:knn", "--false-route", "0.0",
+            "--max-tokens", "2")
+    assert r.returncode == 0 and "[route] auto:knn abstained → base" in r.stderr, r.stderr
+    r = run(*common, "generate", "hi", "--model", "date_format", "--max-tokens", "2")
+    assert r.returncode == 0 and "[route]" not in r.stderr  # a fixed SPEC is what the user asked for
+    data = tmp_path / "mixed.jsonl"
+    rows = get_task("date_format").generate(3, "test", 0) + get_task("reverse_words").generate(3, "test", 0)
+    data.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "config.toml").write_text('[routing]\ndefault = "knn"\n[routing.knn]\nfalse_route = 1.0\n')
+    r = run(*common, "eval", "--model", "auto", "--data", str(data), "--out", str(tmp_path / "res.jsonl"), "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    routes = [json.loads(line)["route"] for line in (tmp_path / "res.jsonl").read_text().splitlines()]
+    for route in set(routes):
+        assert f"  {route}" in r.stdout and f"/{routes.count(route)} = " in r.stdout, r.stdout
+
+
+def test_edit_refuses_what_the_card_reader_would_refuse_and_keeps_the_card(tiny_base, tmp_path):
+    from lorastack.errors import LorastackError
+    from lorastack.library import Library
+    from test_library import make_peft_adapter
+
+    lib = Library(tmp_path / "lib")
+    lib.add(make_peft_adapter(tiny_base, tmp_path / "a"), "a", base=tiny_base, card_updates={"description": "old"})
+    for bad, needle in [("x" * 5000, "at most 4096"), ("a\x00b", "NUL")]:
+        with pytest.raises(LorastackError, match=needle):
+            lib.update_card("a", description=bad)
+    assert Library(tmp_path / "lib").get("a").card.description == "old"
+    r = run("--library", str(tmp_path / "lib"), "adapters", "edit", "a")
+    assert r.returncode == 2 and "give --description" in r.stderr

@@ -84,3 +84,23 @@ def test_shape_errors_name_file_and_line(tmp_path, line, needle):
     p = write(tmp_path, ['{"prompt": "a", "completion": "b"}', line])
     with pytest.raises(DataError, match=f"{p}:2: .*{needle}"):
         read_jsonl(p)
+
+
+def test_every_bad_line_is_reported_at_once_up_to_a_limit(tmp_path):
+    from lorastack.errors import DataError
+
+    good = '{"prompt": "a", "completion": "b"}\n'
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good + '{"prompt": "a"\n' + good + '{"completion": "x"}\n' + "[1]\n")
+    with pytest.raises(DataError) as e:
+        read_jsonl(bad)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"{bad}: 3 bad lines:"
+    assert [ln.strip().split(":")[1] for ln in lines[1:]] == ["2", "4", "5"]
+    many = tmp_path / "many.jsonl"
+    many.write_text(good + "nope\n" * 25)
+    with pytest.raises(DataError) as e:
+        read_jsonl(many)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"{many}: 25 bad lines:" and len(lines) == 22 and lines[-1] == "  … and 5 more"
+    assert lines[1].startswith(f"  {many}:2: invalid JSON")

@@ -75,7 +75,7 @@ def test_plain_peft_adapter_imports_and_evaluates_random_shape_refused(embedded,
     adapter = lib.import_dir(tmp_path / "plain", "plain-title", base=embedded)
     assert adapter.card.base_fingerprint == embedded.fingerprint and adapter.card.rank == 4
     rt = Runtime(embedded, lib)
-    result = evaluate(rt.generator, rt.route("plain-title"), get_task("title_case").generate(4, "test", seed=0), progress=False)
+    result = evaluate(rt, rt.route("plain-title"), get_task("title_case").generate(4, "test", seed=0), progress=False)
     assert result.n == 4 and all(row["output"] is not None for row in result.rows)
 
     # A random-shaped LoRA (hidden size 100 instead of 576) is refused with the mismatch named.

@@ -143,7 +143,7 @@ def _end_task(rt: Runtime, columns: dict[str, list[Record]], routed: dict[str, d
                     pairs[(i, str(route))] = len(job_recs)
                     job_recs.append(recs[i])
                     job_routes.append(route)
-        res = evaluate_many(rt.generator, [EvalJob(col, job_routes, job_recs)], progress=progress,
+        res = evaluate_many(rt, [EvalJob(col, job_routes, job_recs)], progress=progress,
                             desc=f"end-task accuracy ({col}, {len(job_recs)} decodes)")[0]
         ok = [row["correct"] for row in res.rows]
         acc = {label: sum(ok[pairs[(i, str(r))]] for i, r in enumerate(routes)) / len(recs) for label, routes in labelled.items()}

@@ -1,8 +1,8 @@
 """The OpenAI-compatible app: chat/completions, models, adapter hot-load, health, metrics.
 
 One process: the engine decodes in its own thread; request handlers route (in the thread
-pool), submit, and receive text pieces through an asyncio queue that the engine thread
-feeds (`Request.on_event`), so no thread blocks per request.
+pool), start through `Runtime.start`, and receive text pieces through an asyncio queue
+that the engine thread feeds (`on_event`), so no thread blocks per request.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import __version__
-from ..engine.engine import Engine, Request as EngineRequest
 from ..engine.constrain import Constraint
+from ..engine.engine import Engine
 from ..engine.sampling import Sampling
 from ..errors import LorastackError, NotFoundError
+from ..handle import Handle
 from ..names import validate_name
 from ..route import StackRef, parse_spec
 from ..routing import ROUTERS
@@ -38,7 +39,7 @@ from .errors import ApiError, from_lorastack, request_error
 from .guard import DISCONNECTED_KEY, Guard
 from .metrics import Metrics
 from .schemas import (
-    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion, CompletionChoice,
+    ChatChoice, ChatCompletion, ChatCompletionRequest, Completion, CompletionChoice,
     CompletionRequest, ErrorBody, ImportAdapter, LoadLoraAdapter, ModelCard, ModelList, RouteInfo,
     UnloadLoraAdapter, Usage, assistant_message, chat_messages, structured_output,
 )
@@ -135,12 +136,11 @@ class Server:
         self.metrics.routing.observe(time.perf_counter() - t0)
         return decision
 
-    def rerouter(self, model: str, text: str, false_route: float | None) -> Any:
-        """For `auto...`: a callable deciding again (the engine calls it if the chosen adapter
-        was removed before it loaded); None for fixed SPECs, whose adapter was asked for by name."""
-        if self.runtime.router_name(model) is None:
-            return None
-        return lambda: self.runtime.decide(model, [text], false_route)[0].route
+    def is_stack(self, model: str) -> bool:
+        try:
+            return isinstance(parse_spec(model), StackRef)
+        except LorastackError as e:
+            raise from_lorastack(e, "model") from e
 
     def route_info(self, model: str, decision: Any) -> RouteInfo:
         return RouteInfo(spec=str(decision.route), route=decision.route.to_json(), router=self.runtime.router_name(model),
@@ -148,16 +148,20 @@ class Server:
                          candidate=decision.candidate, confidence=decision.confidence, threshold=decision.threshold,
                          signal=decision.signal)
 
-    def submit(self, ids: list[int], decision: Any, sampling: Sampling, stream: bool,
-               reroute: Any = None) -> tuple[EngineRequest, asyncio.Queue]:
-        """Queue a generation. A streaming caller gets every text piece through the returned
-        queue; a non-streaming one only the final None (one event-loop wake-up per request,
-        not per token)."""
+    @staticmethod
+    def stack_info(handle: Handle) -> RouteInfo:
+        return RouteInfo(spec=handle.model, route=[], trace=[t.to_json() for t in handle.trace or []])
+
+    def start(self, model: str, prompt: Any, decision: Any, sampling: Sampling, stream: bool,
+              false_route: float | None = None, text: str | None = None) -> tuple[Handle, asyncio.Queue]:
+        """Start a generation through `Runtime.start`, the one execution path for routes,
+        `auto` decisions and stacks alike. A streaming caller gets every text piece through
+        the returned queue; a non-streaming one only the final None (one event-loop wake-up
+        per request, not per token)."""
         if self.engine.queue_depth >= self.settings.max_queue:
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(429, f"server busy: {self.engine.queue_depth} requests are waiting; retry shortly",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": str(self.settings.retry_after_s)})
-        self.engine.start()  # idempotent; also covers apps driven without lifespan events
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
 
@@ -166,15 +170,17 @@ class Server:
                 loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
         try:
-            req = self.engine.submit_ids(ids, decision.route, sampling, on_event=on_event, reroute=reroute)
+            handle = self.runtime.start(model, prompt, sampling, false_route=false_route, decision=decision, on_event=on_event,
+                                        text=text)
+        except NotFoundError as e:
+            raise ApiError(404, str(e), param="model", code="model_not_found") from e
         except LorastackError as e:
             raise ApiError(400, str(e)) from e
-        for name in decision.route.names or ["base"]:
+        for name in (decision.route.names if decision is not None else [handle.model]) or ["base"]:
             self.metrics.adapter_requests.labels(name).inc()
-        self.metrics.tokens.labels("prompt").inc(len(ids))
-        return req, pieces
+        return handle, pieces
 
-    async def next_event(self, request: Request, req: EngineRequest, pieces: asyncio.Queue) -> str | None:
+    async def next_event(self, request: Request, req: Handle, pieces: asyncio.Queue) -> str | None:
         """The next text piece of `req` (None at its end); a client that goes away while we
         wait cancels the request and frees its batch row."""
         try:
@@ -189,16 +195,16 @@ class Server:
             self.cancel(req)
             raise
 
-    async def collect(self, request: Request, req: EngineRequest, pieces: asyncio.Queue, endpoint: str) -> None:
+    async def collect(self, request: Request, req: Handle, pieces: asyncio.Queue, endpoint: str) -> None:
         """Wait for `req` (submitted with stream=False, so only its final None arrives)."""
         while await self.next_event(request, req, pieces) is not None:
             pass
         self.finished(req, endpoint)
 
-    async def collect_all(self, request: Request, submits: list, endpoint: str) -> list[EngineRequest]:
+    async def collect_all(self, request: Request, submits: list, endpoint: str) -> list[Handle]:
         """Submit (each callable returns `submit`'s pair) and wait for every request; on any
         failure or disconnect, the ones already submitted are cancelled."""
-        submitted: list[tuple[EngineRequest, asyncio.Queue]] = []
+        submitted: list[tuple[Handle, asyncio.Queue]] = []
         try:
             for submit in submits:
                 submitted.append(submit())
@@ -209,95 +215,20 @@ class Server:
                 self.cancel(req)
         return [req for req, _ in submitted]
 
-    def cancel(self, req: EngineRequest) -> None:
+    def cancel(self, req: Handle) -> None:
         if not req.done and not req.cancelled:  # counted once, however many paths notice the hang-up
             req.cancel()
             self.metrics.cancelled.inc()
 
-    def finished(self, req: EngineRequest, endpoint: str) -> None:
+    def finished(self, req: Handle, endpoint: str) -> None:
         if req.error is not None:
             raise request_error(req.error)
-        self.metrics.tokens.labels("completion").inc(len(req.tokens))
+        self.metrics.tokens.labels("prompt").inc(req.prompt_tokens)
+        self.metrics.tokens.labels("completion").inc(req.completion_tokens)
         end = req.finished_at or time.perf_counter()
         self.metrics.latency.labels(endpoint).observe(end - req.submitted_at)
         if req.first_token_at is not None:
             self.metrics.ttft.observe(req.first_token_at - req.submitted_at)
-
-    # ------------------------------------------------------------ stacks
-    def is_stack(self, model: str) -> bool:
-        try:
-            return isinstance(parse_spec(model), StackRef)
-        except LorastackError as e:
-            raise from_lorastack(e, "model") from e
-
-    def stack(self, model: str) -> tuple[Any, Any]:
-        """The runner and the stored spec for `stack/<name>`, checked against the library."""
-        from ..stacks import StackRunner, StackStore
-
-        name = parse_spec(model).name  # type: ignore[union-attr]
-        try:
-            spec = StackStore(self.runtime.library.root).get(name)
-            runner = StackRunner(self.runtime)
-            runner.check(spec)
-        except NotFoundError as e:
-            raise ApiError(404, str(e), param="model", code="model_not_found") from e
-        except LorastackError as e:
-            raise from_lorastack(e, "model") from e
-        return runner, spec
-
-    async def stack_chat(self, body: ChatCompletionRequest, text: str) -> Any:
-        """Run a stored stack on the last user message. Its stages use their own sampling
-        settings; a stream carries the output stage's tokens and the trace in its last chunk."""
-        runner, spec = self.stack(body.model)
-        self.engine.start()
-        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue = asyncio.Queue()
-
-        def on_output(piece: str | None) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, piece)
-
-        def work() -> Any:
-            try:
-                return runner.run(spec, text, on_output=on_output if body.stream else None)
-            finally:
-                on_output(None)  # the reader always sees an end, even when a stage failed
-
-        task = asyncio.ensure_future(run_in_threadpool(work))
-        self.metrics.adapter_requests.labels(f"stack/{spec.name}").inc()
-
-        def info(result: Any) -> RouteInfo:
-            return RouteInfo(spec=f"stack/{spec.name}", route=[], trace=[t.to_json() for t in result.trace])
-
-        def usage(result: Any) -> Usage:
-            return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                         total_tokens=result.prompt_tokens + result.completion_tokens)
-
-        if not body.stream:
-            result = await task
-            if result.error:
-                raise ApiError(500, f"stack/{spec.name} failed at {result.error}", type="server_error", code="stack_error")
-            return ChatCompletion(id=rid, created=created, model=body.model, usage=usage(result), lorastack=info(result),
-                                  choices=[ChatChoice(index=0, message=AssistantMessage(content=result.output), finish_reason="stop")])
-
-        async def events() -> AsyncIterator[str]:
-            first = True
-            while (piece := await pieces.get()) is not None:
-                if piece:
-                    delta = ({"role": "assistant"} if first else {}) | {"content": piece}
-                    yield f"data: {json.dumps({'id': rid, 'object': 'chat.completion.chunk', 'created': created, 'model': body.model, 'choices': [{'index': 0, 'delta': delta, 'finish_reason': None}]})}\n\n"
-                    first = False
-            result = await task
-            if result.error:
-                yield f"data: {json.dumps(api_errors.body(f'stack/{spec.name} failed at {result.error}', 'server_error', None, 'stack_error'))}\n\n"
-            else:
-                final = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "lorastack": info(result).model_dump(),
-                         "usage": usage(result).model_dump()}
-                yield f"data: {json.dumps(final)}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # ------------------------------------------------------------ models
     def models(self) -> ModelList:
@@ -399,22 +330,26 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         structured = structured_output(body, chat=True)
         messages = chat_messages(body.messages, structured.tool)
         users = [m["content"] for m in messages if m["role"] == "user"]
+        text = users[-1] if users else messages[-1]["content"]
         try:
             ids = runtime.base.chat_ids(messages)
         except Exception as e:  # noqa: BLE001 - a template that rejects the conversation is the client's error
             raise ApiError(400, f"messages: the chat template rejected this conversation ({e})", param="messages") from e
-        if srv.is_stack(body.model):
-            if structured.constraint is not None:
-                raise ApiError(400, "structured output is not supported for stack/ models",
-                               param="tools" if structured.tool else "response_format")
-            return await srv.stack_chat(body, users[-1] if users else messages[-1]["content"])
-        decision = await srv.decide(body.model, users[-1] if users else messages[-1]["content"], body.false_route)
+        # A stack reads the last user message (its stages make their own prompts); anything
+        # else is routed here, before the response starts, so a stream can say its route first.
+        stack = srv.is_stack(body.model)
+        if stack and structured.constraint is not None:
+            raise ApiError(400, "structured output is not supported for stack/ models",
+                           param="tools" if structured.tool else "response_format")
+        decision = None if stack else await srv.decide(body.model, text, body.false_route)
         sampling = srv.sampling(body, len(ids), structured.constraint)
         await srv.prepare(structured.constraint, "tools" if structured.tool else "response_format")
-        srv.check_prompt(ids, sampling, "messages")
-        info = srv.route_info(body.model, decision)
-        reroute = srv.rerouter(body.model, users[-1] if users else messages[-1]["content"], body.false_route)
-        req, pieces = srv.submit(ids, decision, srv.samples(sampling, body.n)[0], body.stream, reroute)
+        if not stack:
+            srv.check_prompt(ids, sampling, "messages")
+        prompt = messages if stack else ids
+        info = None if stack else srv.route_info(body.model, decision)
+        samples = srv.samples(sampling, body.n)
+        req, pieces = srv.start(body.model, prompt, decision, samples[0], body.stream, body.false_route, text)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -422,16 +357,19 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
                 "id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                 "choices": [{"index": 0, "delta": ({"role": "assistant"} if first else {}) | ({"content": piece} if piece else {}),
                              "finish_reason": finish}],
-                **({"lorastack": info.model_dump()} if first else {}),
+                **({"lorastack": info.model_dump()} if first and info is not None else {}),
+                **({"lorastack": srv.stack_info(req).model_dump()} if finish and info is None else {}),
             }, include_usage, "chat")
-        more = [functools.partial(srv.submit, ids, decision, extra, False, reroute) for extra in srv.samples(sampling, body.n)[1:]]
+        more = [functools.partial(srv.start, body.model, prompt, decision, extra, False, body.false_route, text)
+                for extra in samples[1:]]
         reqs = await srv.collect_all(request, [lambda: (req, pieces), *more], "chat")
-        completion = sum(len(r.tokens) for r in reqs)
+        prompt_tokens = reqs[0].prompt_tokens if not stack else sum(r.prompt_tokens for r in reqs)
+        completion = sum(r.completion_tokens for r in reqs)
         return ChatCompletion(id=rid, created=created, model=body.model,
                               choices=[ChatChoice(index=i, message=assistant_message(r.text, structured), finish_reason=_finish(r))
                                        for i, r in enumerate(reqs)],
-                              usage=Usage(prompt_tokens=len(ids), completion_tokens=completion, total_tokens=len(ids) + completion),
-                              lorastack=info)
+                              usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion),
+                              lorastack=info or srv.stack_info(reqs[0]))
 
     @app.post("/v1/completions", dependencies=auth, response_model=Completion, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -447,34 +385,40 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
             all_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         except Exception as e:  # noqa: BLE001 - e.g. an unpaired surrogate (\ud800) the tokenizer cannot encode
             raise ApiError(400, f"prompt cannot be tokenized ({type(e).__name__}); is it valid Unicode text?", param="prompt") from e
-        decisions = [await srv.decide(body.model, p, body.false_route) for p in prompts]
+        stack = srv.is_stack(body.model)
+        if stack and constraint is not None:
+            raise ApiError(400, "structured output is not supported for stack/ models", param="response_format")
+        decisions = [None if stack else await srv.decide(body.model, p, body.false_route) for p in prompts]
         sampling = srv.sampling(body, max(len(ids) for ids in all_ids), constraint)
         await srv.prepare(constraint, "response_format")
         for ids in all_ids:
             if not ids:
                 raise ApiError(400, "prompt is empty", param="prompt")
-            srv.check_prompt(ids, sampling, "prompt")
-        infos = [srv.route_info(body.model, d) for d in decisions]
+            if not stack:
+                srv.check_prompt(ids, sampling, "prompt")
+        inputs = prompts if stack else all_ids  # a stack reads the text; a route decodes from the tokens
+        infos = [None if d is None else srv.route_info(body.model, d) for d in decisions]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            req, pieces = srv.submit(all_ids[0], decisions[0], sampling, True,
-                                     srv.rerouter(body.model, prompts[0], body.false_route))
+            req, pieces = srv.start(body.model, inputs[0], decisions[0], sampling, True, body.false_route, prompts[0])
             echo = prompts[0] if body.echo else ""
             return await _sse(srv, request, req, pieces, lambda piece, finish, first: {
                 "id": rid, "object": "text_completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "text": (echo if first else "") + (piece or ""), "finish_reason": finish, "logprobs": None}],
-                **({"lorastack": [infos[0].model_dump()]} if first else {}),
+                **({"lorastack": [infos[0].model_dump()]} if first and infos[0] is not None else {}),
+                **({"lorastack": [srv.stack_info(req).model_dump()]} if finish and infos[0] is None else {}),
             }, bool(body.stream_options and body.stream_options.include_usage), "completions")
         # OpenAI's order: every sample of prompt 0, then of prompt 1, ...
         reqs = await srv.collect_all(request, [
-            functools.partial(srv.submit, ids, d, one, False, srv.rerouter(body.model, p, body.false_route))
-            for p, ids, d in zip(prompts, all_ids, decisions) for one in srv.samples(sampling, body.n)], "completions")
+            functools.partial(srv.start, body.model, x, d, one, False, body.false_route, p)
+            for x, d, p in zip(inputs, decisions, prompts) for one in srv.samples(sampling, body.n)], "completions")
         texts = [p for p in prompts for _ in range(body.n)]
         choices = [CompletionChoice(index=i, text=(p if body.echo else "") + r.text, finish_reason=_finish(r))
                    for i, (p, r) in enumerate(zip(texts, reqs))]
-        prompt_tokens = sum(len(ids) for ids in all_ids)
-        completion = sum(len(r.tokens) for r in reqs)
+        prompt_tokens = sum(len(ids) for ids in all_ids) if not stack else sum(r.prompt_tokens for r in reqs)
+        completion = sum(r.completion_tokens for r in reqs)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+        infos = [info or srv.stack_info(reqs[i * body.n]) for i, info in enumerate(infos)]
         return Completion(id=rid, created=created, model=body.model, choices=choices, usage=usage, lorastack=infos)
 
     # ------------------------------------------------------------ models and adapters
@@ -570,16 +514,16 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
     return app
 
 
-def _finish(req: EngineRequest) -> str:
+def _finish(req: Handle) -> str:
     return "length" if req.finish_reason == "length" else "stop"
 
 
-def _usage(req: EngineRequest) -> Usage:
-    return Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.tokens),
-                 total_tokens=len(req.prompt_ids) + len(req.tokens))
+def _usage(req: Handle) -> Usage:
+    return Usage(prompt_tokens=req.prompt_tokens, completion_tokens=req.completion_tokens,
+                 total_tokens=req.prompt_tokens + req.completion_tokens)
 
 
-async def _sse(srv: Server, request: Request, req: EngineRequest, pieces: asyncio.Queue, chunk, include_usage: bool,
+async def _sse(srv: Server, request: Request, req: Handle, pieces: asyncio.Queue, chunk, include_usage: bool,
                endpoint: str) -> StreamingResponse:
     """Server-sent events: one chunk per text piece, a final chunk with finish_reason, [DONE].
 

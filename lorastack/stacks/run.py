@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..engine.engine import Engine, Request
+from ..engine.engine import Engine
 from ..engine.sampling import Sampling
 from ..errors import LorastackError
+from ..handle import Handle
 from ..route import AutoSpec
 from .spec import MAX_MAP_ITEMS, Stage, StackError, StackSpec, map_items
 
@@ -74,7 +75,7 @@ class _Execution:
     traces: dict[str, StageTrace] = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
     stage_t0: dict[str, float] = field(default_factory=dict)
-    inflight: dict[str, list[Request]] = field(default_factory=dict)
+    inflight: dict[str, list[Handle]] = field(default_factory=dict)
     error: str | None = None
     finished: float | None = None
     reported: bool = False
@@ -105,33 +106,20 @@ class StackRunner:
 
     def run_many(self, spec: StackSpec, texts: list[str], on_output: Callable[[str | None], None] | None = None,
                  on_done: Callable[[int], None] | None = None) -> list[StackResult]:
+        """Many executions at once (their stages share the engine's batches); blocks until all end.
+        `on_output` streams the answer of a single execution; `on_done(k)` counts finished ones."""
+        from .handle import driver
+
         self.check(spec)
-        runs = [_Execution(t) for t in texts]
-        stream_output = on_output is not None and len(runs) == 1
-        while True:
-            progressed = False
-            for ex in runs:
-                if ex.finished is None:
-                    progressed |= self._advance(spec, ex, stream_output and on_output or None)
-            live = [r for ex in runs if ex.finished is None for reqs in ex.inflight.values() for r in reqs]
-            newly = [ex for ex in runs if ex.finished is not None and not ex.reported]
-            for ex in newly:
-                ex.reported = True
-            if newly and on_done:
-                on_done(len(newly))
-            if all(ex.finished is not None for ex in runs):
-                break
-            if live and not progressed:
-                self._wait(live)
-        results = []
-        for ex in runs:
-            trace = [ex.traces[s.name] for s in spec.stages if s.name in ex.traces]
-            results.append(StackResult(spec.name, ex.input, ex.outputs.get(spec.output, ""), trace,
-                                       (ex.finished or ex.t0) - ex.t0, ex.error))
-        if on_output is not None and not stream_output:
-            on_output(results[0].output if results else "")
+        handles = [driver(self.runtime).start(spec, t, on_output if len(texts) == 1 else None) for t in texts]
+        for h in handles:
+            h.wait()
+            if on_done:
+                on_done(1)
+        if on_output is not None and len(texts) != 1:
+            on_output(handles[0].text if handles else "")
             on_output(None)
-        return results
+        return [h.stack_result for h in handles]  # type: ignore[misc]
 
     # ------------------------------------------------------------ one execution
     def _advance(self, spec: StackSpec, ex: _Execution, on_output: Callable[[str | None], None] | None) -> bool:
@@ -188,7 +176,7 @@ class StackRunner:
             raise StackError(f"prompt is {longest} tokens; at most {max(limit, 0)} fit with max_tokens={stage.max_tokens}")
         decisions = self.runtime.decide(stage.model, prompts) if prompts else []  # type: ignore[arg-type]
         stream = on_output if (stage.kind == "model" and not stage.parse) else None
-        reqs = [self.engine.submit_ids(i, d.route, sampling, on_event=stream) for i, d in zip(ids, decisions)]
+        reqs = [self.runtime.start(d.route, i, sampling, decision=d, on_event=stream) for i, d in zip(ids, decisions)]
         routed = isinstance(_parsed(self.runtime, stage.model), AutoSpec)
         trace = StageTrace(stage.name, stage.kind, prompts[0] if stage.kind == "model" else prompts,
                            route=str(decisions[0].route) if stage.kind == "model" else [str(d.route) for d in decisions])
@@ -202,11 +190,11 @@ class StackRunner:
             return
         ex.inflight[stage.name] = reqs
 
-    def _collect(self, stage: Stage, ex: _Execution, reqs: list[Request]) -> None:
+    def _collect(self, stage: Stage, ex: _Execution, reqs: list[Handle]) -> None:
         trace = ex.traces[stage.name]
         failed = next((r.error for r in reqs if r.error is not None), None)
-        trace.completion_tokens = sum(len(r.tokens) for r in reqs)
-        trace.prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
+        trace.completion_tokens = sum(r.completion_tokens for r in reqs)
+        trace.prompt_tokens = sum(r.prompt_tokens for r in reqs)
         trace.ms = _ms(ex.stage_t0[stage.name])
         if failed is not None:
             ex.error = ex.error or f"stage {stage.name!r}: {failed}"
@@ -219,12 +207,6 @@ class StackRunner:
             trace.raw = texts
             ex.outputs[stage.name] = stage.join.join(stage.finish(t) for t in texts)
         trace.output = ex.outputs[stage.name]
-
-    def _wait(self, live: list[Request]) -> None:
-        if self.engine.alive:
-            live[0].wait(0.02)
-        else:
-            self.engine.step()
 
 
 def _parsed(runtime: "Runtime", spec: str | None):
