@@ -2,7 +2,8 @@
 
     python bench/engine.py [--tokens 32] [--n 1,4,8,16] [--dtype bfloat16] [--out out/bench]
 
-Rows (every request generates exactly --tokens tokens, EOS ignored, greedy):
+Rows (every request generates exactly --tokens tokens, EOS ignored, greedy; lorastack rows
+decode from the GGUF's Q4_1/Q8_0 blocks and without speculation unless said otherwise):
   (a) lorastack, each request on a different adapter     (b) lorastack, all on one adapter
   (c) lorastack, bare base (same engine)                 (d) HF generate, adapter merged into the base
   (e) PEFT generate(adapter_names=...) mixed batch       (f) PEFT sequential, set_adapter per request
@@ -11,6 +12,14 @@ Rows (every request generates exactly --tokens tokens, EOS ignored, greedy):
   (i) lorastack, bare base, int8 weight-only decode (--int8)
   (j) lorastack, bare base, torch kernels only (LORASTACK_NATIVE=0: what the compiled
       bf16 decode kernels of engine/native.py buy)
+  (k) lorastack, bare base, compiled kernels on the dequantized bf16 weights (what decoding
+      from the GGUF blocks buys: compare with (c); same output by construction)
+  (l) lorastack, one adapter, bf16 weights (compare with (b))
+  (m) lorastack, bare base, as before GGUF blocks and compiled glue: bf16 weights, torch ops
+      between the matmuls (compare with (c))
+Prompt lookup (engine/speculative.py): batch 1, one adapter, greedy, each task's test prompts
+one after another until EOS (at most 64 tokens), the same engine with and without drafts; the
+outputs must be identical, the ratio is the speed-up.
 Engine and HF rows are the best of --repeats runs (the machine is shared and noisy).
 Also: time to first token for a 256-token prompt, peak RSS, memory bandwidth and the
 batch-1 roofline. Prints a table and ratios; writes engine.json and engine.png.
@@ -71,6 +80,45 @@ def engine_tps(engine: Engine, ids: list[int], routes: list, tokens: int) -> flo
     return len(routes) * tokens / dt
 
 
+LOOKUP_TASKS = ("reverse_words", "json_field", "date_format")
+
+
+def prompt_lookup_rows(base: Base, resolve, adapter: str, n: int, repeats: int) -> dict[str, dict]:
+    """Batch-1 tok/s on each task's test prompts with and without prompt-lookup drafts: end to
+    end (prefill included: these answers are short) and decode only (after the first token)."""
+    from lorastack.tasks import get_task
+
+    engines = {"plain": Engine(base, resolve=resolve, prefix_cache=0, speculate=0),
+               "lookup": Engine(base, resolve=resolve, prefix_cache=0)}
+    route, s = parse_spec(adapter), Sampling(max_tokens=64)
+    out = {}
+    for task in LOOKUP_TASKS:
+        prompts = [r["prompt"] for r in get_task(task).generate(n, "test", seed=0)]
+        tps, dtps, texts = {}, {}, {}
+        for _ in range(repeats):
+            for kind, eng in engines.items():  # interleaved, so both see the same machine load
+                before = dict(eng.stats)
+                t0, toks, got, decode_s = time.perf_counter(), 0, [], 0.0
+                for p in prompts:
+                    req = eng.submit(p, route, s)
+                    while not req.done:
+                        eng.step()
+                    toks += len(req.tokens)
+                    decode_s += req.finished_at - req.first_token_at
+                    got.append(req.tokens)
+                tps[kind] = max(tps.get(kind, 0.0), toks / (time.perf_counter() - t0))
+                dtps[kind] = max(dtps.get(kind, 0.0), (toks - len(prompts)) / decode_s)
+                texts[kind] = got
+                if kind == "lookup":
+                    drafted, accepted = eng.stats["drafted"] - before["drafted"], eng.stats["accepted"] - before["accepted"]
+        out[task] = {"plain": tps["plain"], "lookup": tps["lookup"], "speedup": tps["lookup"] / tps["plain"],
+                     "decode_plain": dtps["plain"], "decode_lookup": dtps["lookup"],
+                     "decode_speedup": dtps["lookup"] / dtps["plain"],
+                     "identical": texts["plain"] == texts["lookup"], "tokens": toks, "drafted": drafted, "accepted": accepted}
+        print(f"prompt lookup {task}: {out[task]}", flush=True)
+    return out
+
+
 def hf_tps(model, ids: list[int], n: int, tokens: int, **kw) -> float:
     x = torch.tensor([ids] * n)
     t0 = time.perf_counter()
@@ -102,8 +150,9 @@ def main() -> None:
     ap.add_argument("--peers-max-n", type=int, default=16, help="skip slow peers (e, f) above this N")
     ap.add_argument("--repeats", type=int, default=3, help="best of this many runs for rows a-d, h-j")
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
+    ap.add_argument("--lookup-prompts", type=int, default=8, help="test prompts per task for the prompt-lookup rows")
     args = ap.parse_args()
-    ns = [int(x) for x in args.n.split(",")]
+    ns = sorted({1, *(int(x) for x in args.n.split(","))})  # batch 1 always runs: the summary compares it
     torch.manual_seed(0)
 
     base = Base.load("embedded", dtype=args.dtype)
@@ -112,7 +161,7 @@ def main() -> None:
     names = make_adapters(base, lib, max(ns), tmp)
     ids = base.chat_ids([{"role": "user", "content": PROMPT}])
     T = args.tokens
-    engine = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0)
+    engine = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, speculate=0)
     engine_tps(engine, ids, [parse_spec(n) for n in names], 4)  # warm-up: loads every adapter once
     load_s = engine.bank.load_seconds
 
@@ -125,10 +174,14 @@ def main() -> None:
     peft.eval()
     merged = PeftModel.from_pretrained(copy.deepcopy(base.model), str(lib.get(names[0]).path)).merge_and_unload().eval()
 
-    int8 = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, int8_rows=4)
-    plain = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, native=False)
+    int8 = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, int8_rows=4, speculate=0)
+    plain = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, native=False, speculate=0)
+    bf16 = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, gguf_blocks=False, speculate=0)
+    before = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, gguf_blocks=False, speculate=0)
+    before.runner.glue = before.runner.attention_kernel = False
+    blocks_note = f"{len(engine.runner.blocks)} matrices from GGUF blocks" if engine.runner.blocks else "no GGUF blocks in use"
     native_note = "compiled kernels in use" if engine.runner.native else "compiled kernels unavailable here: torch only"
-    rows: dict[str, dict[int, float]] = {k: {} for k in "abcdefghij"}
+    rows: dict[str, dict[int, float]] = {k: {} for k in "abcdefghijklm"}
 
     def best(fn, *a, **kw) -> float:
         return max(fn(*a, **kw) for _ in range(args.repeats))
@@ -140,6 +193,9 @@ def main() -> None:
         rows["d"][n] = best(hf_tps, merged, ids, n, T)
         rows["h"][n] = best(hf_tps, base.model, ids, n, T)
         rows["j"][n] = best(engine_tps, plain, ids, [BASE_ROUTE] * n, T)
+        rows["k"][n] = best(engine_tps, bf16, ids, [BASE_ROUTE] * n, T)
+        rows["l"][n] = best(engine_tps, bf16, ids, [parse_spec(names[0])] * n, T)
+        rows["m"][n] = best(engine_tps, before, ids, [BASE_ROUTE] * n, T)
         if n <= int8.runner.int8_rows:
             rows["i"][n] = best(engine_tps, int8, ids, [BASE_ROUTE] * n, T)
         if n <= args.peers_max_n:
@@ -167,6 +223,8 @@ def main() -> None:
     except ImportError:
         g_note = "llama-cpp-python not installed (pip install lorastack[bench])"
 
+    lookup = prompt_lookup_rows(base, lib.get, names[0], args.lookup_prompts, args.repeats)
+
     # Time to first token for a 256-token prompt, alone on an idle engine.
     long_ids = (ids * 20)[:256]
     ttft = []
@@ -179,6 +237,10 @@ def main() -> None:
     bw = bandwidth_gbs()
     weight_bytes = sum(p.numel() * p.element_size() for p in base.model.parameters())
     roofline = bw * 1e9 / weight_bytes
+    # What a decode step streams from the GGUF blocks: the blocks, plus the bf16 norms.
+    block_bytes = sum(b.data.numel() for b in engine.runner.blocks.values()) + sum(
+        p.numel() * p.element_size() for name, p in base.model.named_parameters() if "norm" in name)
+    roofline_blocks = bw * 1e9 / block_bytes
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     labels = {
@@ -186,9 +248,11 @@ def main() -> None:
         "d": "HF generate, merged adapter", "e": "PEFT mixed adapter_names", "f": "PEFT sequential set_adapter",
         "g": f"llama.cpp ({g_note})", "h": "HF generate, bare base",
         "i": "lorastack, bare base, --int8 decode", "j": "lorastack, bare base, torch only",
+        "k": "lorastack, bare base, bf16 weights", "l": "lorastack, one adapter, bf16 weights",
+        "m": "lorastack, bare base, as before (bf16, torch glue)",
     }
     print(f"\ndecode throughput, tokens/s in total ({args.dtype}, {T} tokens per request, {torch.get_num_threads()} threads, "
-          f"best of {args.repeats}; {native_note})")
+          f"best of {args.repeats}; {native_note}; {blocks_note}; machine shared with other jobs)")
     print(f"{'':36}" + "".join(f"{'N=' + str(n):>10}" for n in ns))
     for k, label in labels.items():
         print(f"({k}) {label:32}" + "".join(f"{rows[k].get(n, float('nan')):>10.1f}" for n in ns))
@@ -203,11 +267,20 @@ def main() -> None:
     print(f"batch-1 decode: lorastack base {rows['c'][1]:.1f} tok/s vs HF generate {rows['h'][1]:.1f} -> {b1:.2f}x")
     b1_int8 = rows["i"][1] / rows["h"][1] if 1 in rows["i"] else float("nan")
     if 1 in rows["g"]:
-        print(f"batch-1 llama.cpp (Q4_1 GGUF, ~4.5 bits/weight): {rows['g'][1]:.1f} tok/s; lorastack bf16 base at "
+        print(f"batch-1 llama.cpp (Q4_1 GGUF, ~4.5 bits/weight): {rows['g'][1]:.1f} tok/s; lorastack base at "
               f"{rows['c'][1] / rows['g'][1]:.2f}x, one adapter at {rows['b'][1] / rows['g'][1]:.2f}x of it")
     print(f"batch-1 decode with --int8: {rows['i'].get(1, float('nan')):.1f} tok/s -> {b1_int8:.2f}x HF generate (bf16)")
-    print(f"memory bandwidth {bw:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB/token -> batch-1 roofline {roofline:.0f} tok/s; "
-          f"lorastack reaches {rows['c'][1] / roofline:.0%} of it")
+    print(f"batch-1 decode from GGUF blocks vs bf16 weights: base {rows['c'][1] / rows['k'][1]:.2f}x (c/k), "
+          f"one adapter {rows['b'][1] / rows['l'][1]:.2f}x (b/l); blocks + compiled glue vs as before: "
+          f"{rows['c'][1] / rows['m'][1]:.2f}x (c/m)")
+    print(f"memory bandwidth {bw:.1f} GB/s; bf16 weights {weight_bytes / 1e6:.0f} MB/token -> batch-1 roofline {roofline:.0f} tok/s "
+          f"(bf16 row k reaches {rows['k'][1] / roofline:.0%}); GGUF blocks {block_bytes / 1e6:.0f} MB/token -> roofline "
+          f"{roofline_blocks:.0f} tok/s (row c reaches {rows['c'][1] / roofline_blocks:.0%})")
+    print("prompt lookup, batch 1, one adapter (tok/s without -> with drafts; end to end, then decode only):")
+    for task, r in lookup.items():
+        print(f"  {task:14} {r['plain']:7.1f} -> {r['lookup']:7.1f}  {r['speedup']:.2f}x;  decode {r['decode_plain']:7.1f} -> "
+              f"{r['decode_lookup']:7.1f}  {r['decode_speedup']:.2f}x  identical={r['identical']}  "
+              f"accepted {r['accepted']} of {r['drafted']} drafted tokens, {r['tokens']} tokens")
     print(f"time to first token, 256-token prompt: base {ttft[0] * 1000:.0f} ms, adapter {ttft[1] * 1000:.0f} ms")
     print(f"adapter load time (library -> engine): median {sorted(load_s)[len(load_s) // 2] * 1000:.0f} ms; peak RSS {peak_rss_mb:.0f} MB")
 
@@ -216,6 +289,7 @@ def main() -> None:
               "tokens_per_s": {k: v for k, v in rows.items() if v}, "ratios": ratios, "batch1_vs_hf": b1, "batch1_int8_vs_hf": b1_int8,
               "native": bool(engine.runner.native), "repeats": args.repeats,
               "bandwidth_gbs": bw, "weight_bytes": weight_bytes, "roofline_tok_s": roofline,
+              "gguf_block_bytes": block_bytes, "roofline_blocks_tok_s": roofline_blocks, "prompt_lookup": lookup,
               "ttft_ms": {"base": ttft[0] * 1000, "adapter": ttft[1] * 1000}, "adapter_load_ms": [x * 1000 for x in load_s],
               "peak_rss_mb": peak_rss_mb}
     (args.out / "engine.json").write_text(json.dumps(result, indent=2))

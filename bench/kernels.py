@@ -1,5 +1,7 @@
 """Decode matrix-vector speed: torch's bf16 GEMM vs the compiled kernel (engine/native.py)
-vs aten's int8 GEMV, on the embedded base's layer shapes with weights out of cache.
+vs the compiled kernel reading Q4_1 GGUF blocks (the embedded base's linear layers; output
+bit-identical to the bf16 kernel on the dequantized weights) vs aten's int8 GEMV, on the
+embedded base's layer shapes with weights out of cache.
 
     python bench/kernels.py [--layers 30] [--rows 1,2,4,8]
 
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from lorastack.engine.gguf_blocks import Blocks  # noqa: E402
 from lorastack.engine.llama import quantize_int8  # noqa: E402
 from lorastack.engine.native import kernels  # noqa: E402
 
@@ -47,18 +50,25 @@ def main() -> None:
     torch.manual_seed(0)
     weights = [[torch.randn(o, i, dtype=torch.bfloat16) * 0.02 for o, i in SHAPES] for _ in range(args.layers)]
     q8 = [[quantize_int8(w) for w in layer] for layer in weights]
+    from gguf import GGMLQuantizationType, quants
+
+    q41 = [[Blocks("Q4_1", torch.from_numpy(quants.quantize(w.float().numpy(), GGMLQuantizationType.Q4_1))) for w in layer]
+           for layer in weights]
+    block_mb = sum(b.data.numel() for layer in q41 for b in layer) / 1e6
     megabytes = sum(w.numel() * 2 for layer in weights for w in layer) / 1e6
     k = kernels()
     print(f"{args.layers} layers, {megabytes:.0f} MB of bf16 weights per pass, {torch.get_num_threads()} threads; "
           f"kernel: {'compiled' if k else 'unavailable here (needs gcc and AVX512-BF16)'}")
-    print(f"{'rows':>4} {'torch bf16':>18} {'kernel bf16':>18} {'aten int8':>18} {'kernel/torch':>13}")
+    print(f"{'rows':>4} {'torch bf16':>18} {'kernel bf16':>18} {'kernel Q4_1':>18} {'aten int8':>18} {'kernel/torch':>13} "
+          f"{'Q4_1/bf16 kernel':>17}")
     for rows in [int(r) for r in args.rows.split(",")]:
         t_torch = timed(lambda x, w: F.linear(x, w), weights, rows)
         t_k = timed(lambda x, w: k.gemv(x, w), weights, rows) if k else float("nan")
         t_8 = timed(lambda x, w: torch.ops.aten._weight_int8pack_mm(x, w[0], w[1]), q8, rows)
+        t_q = timed(lambda x, b: k.gemv_blocks(x, b.kind, b.data), q41, rows) if k else float("nan")
         cell = lambda t, mb: f"{t:7.2f} ms {mb / t:5.1f} GB/s"  # noqa: E731 - MB/ms = GB/s
-        print(f"{rows:>4} {cell(t_torch, megabytes):>18} {cell(t_k, megabytes):>18} {cell(t_8, megabytes / 2):>18} "
-              f"{t_torch / t_k:>12.2f}x")
+        print(f"{rows:>4} {cell(t_torch, megabytes):>18} {cell(t_k, megabytes):>18} {cell(t_q, block_mb):>18} "
+              f"{cell(t_8, megabytes / 2):>18} {t_torch / t_k:>12.2f}x {t_k / t_q:>16.2f}x")
 
 
 if __name__ == "__main__":

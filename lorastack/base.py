@@ -118,6 +118,8 @@ class Base:
     name: str = ""
     load_seconds: float = 0.0
     cache_hit: bool | None = None
+    # The GGUF file a GGUF base was dequantized from: the engine decodes from its blocks.
+    gguf: Path | None = None
     _linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
 
     # ---------------------------------------------------------------- loading
@@ -128,15 +130,18 @@ class Base:
         torch_dtype = resolve_dtype(dtype)
         t0 = time.perf_counter()
         cache_hit: bool | None = None
+        gguf_file: Path | None = None
         if source == EMBEDDED:
             gguf = embedded_gguf_path()
             model, tok, cache_hit = _load_gguf(gguf, torch_dtype, use_cache)
             name = EMBEDDED_NAME
+            gguf_file = gguf
         else:
             path = Path(source).expanduser()
             if path.is_file() and path.suffix == ".gguf":
                 model, tok, cache_hit = _load_gguf(path, torch_dtype, use_cache)
                 name = path.name
+                gguf_file = path
             elif path.is_dir() and (path / "config.json").is_file():
                 model, tok = _load_hf_dir(path, torch_dtype)
                 name = path.name
@@ -151,6 +156,7 @@ class Base:
         base = cls.from_model(model, tok, source=source, name=name)
         base.load_seconds = time.perf_counter() - t0
         base.cache_hit = cache_hit
+        base.gguf = gguf_file
         return base
 
     @classmethod

@@ -27,6 +27,23 @@ def kernels():
     return k
 
 
+def record(eng: Engine, jobs: list) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Run `(messages, route spec, sampling)` jobs to the end: the logits of every emitted
+    token, step by step, and each request's tokens."""
+    seen: list[torch.Tensor] = []
+    emit = eng._emit
+
+    def spy(rs, lg, rows):
+        seen.append(lg.clone())
+        emit(rs, lg, rows)
+
+    eng._emit = spy
+    reqs = [eng.submit(p, parse_spec(s), samp) for p, s, samp in jobs]
+    while not all(r.done for r in reqs):
+        eng.step()
+    return seen, [r.tokens for r in reqs]
+
+
 def _rounding(ref: torch.Tensor) -> float:
     """Largest error bf16 output rounding alone makes on `ref` (plus accumulation-order slack)."""
     return 2 * (ref.bfloat16().float() - ref).abs().max().item() + 1e-3
@@ -80,21 +97,157 @@ def test_engine_bf16_native_matches_torch_path(tiny_base, lib_with_adapters):  #
     for use in (True, False):
         eng = Engine(base, resolve=lib_with_adapters.get, native=use)
         assert (eng.runner.native is not None) == use
-        seen: list[torch.Tensor] = []
-        emit = eng._emit
-
-        def spy(rs, lg, rows, emit=emit, seen=seen):
-            seen.append(lg.clone())
-            emit(rs, lg, rows)
-
-        eng._emit = spy
-        reqs = [eng.submit(p, parse_spec(s), Sampling(max_tokens=6, ignore_eos=True)) for p, s in zip(prompts, specs)]
-        while not all(r.done for r in reqs):
-            eng.step()
-        logits[use], tokens[use] = seen, [r.tokens for r in reqs]
+        logits[use], tokens[use] = record(eng, [(p, s, Sampling(max_tokens=6, ignore_eos=True)) for p, s in zip(prompts, specs)])
     # Same first step (prefill runs through torch in both) and decode logits at bf16 rounding level.
     for got, ref in zip(logits[True], logits[False]):
         assert got.shape == ref.shape
         assert (got - ref).abs().max().item() <= 0.05 * ref.abs().max().item() + 0.05
     agree = sum(a == b for x, y in zip(tokens[True], tokens[False]) for a, b in zip(x, y))
     assert agree >= 0.9 * sum(len(t) for t in tokens[False])
+
+
+# ---------------------------------------------------------------- GGUF blocks (Q4_1, Q8_0)
+def _quantize(w: torch.Tensor, kind: str):
+    """(blocks uint8 [out, bytes], the weights gguf-py dequantizes them to, fp32)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    qt = GGMLQuantizationType[kind]
+    blocks = quants.quantize(w.float().numpy(), qt)
+    return blocks, torch.from_numpy(np.ascontiguousarray(quants.dequantize(blocks, qt)))
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_block_gemv_is_bit_identical_to_bf16_gemv_of_the_dequantized_weights(kernels, kind, m):
+    from lorastack.engine.gguf_blocks import Blocks
+
+    torch.manual_seed(m)
+    blocks, deq = _quantize(torch.randn(37, 96) * 0.1 + 0.02, kind)
+    b = Blocks(kind, torch.from_numpy(blocks))
+    assert b.shape == (37, 96) and torch.equal(b.dequantize(), deq)  # our reading == gguf-py's
+    x = torch.randn(m, 96, dtype=torch.bfloat16)
+    assert torch.equal(kernels.gemv_blocks(x, kind, b.data), kernels.gemv(x, deq.to(torch.bfloat16)))
+
+
+def _permute(rows, heads: int):
+    """llama.cpp's rotary row permutation of q/k weights (convert_hf_to_gguf.py)."""
+    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def write_tiny_gguf(model: torch.nn.Module, path: Path) -> None:
+    """Quantize a tiny Llama into a GGUF as llama.cpp lays it out (Q4_1 layers with permuted
+    q/k rows, Q8_0 tied embedding) and set the model's weights to what that file dequantizes to."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    cfg = model.config
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    writer = GGUFWriter(str(path), "llama")
+    params = dict(model.named_parameters())
+    todo = [(f"model.layers.{i}.{hf}.weight", f"blk.{i}.{gg}.weight", "Q4_1")
+            for i in range(cfg.num_hidden_layers) for hf, gg in names.items()]
+    todo.append(("model.embed_tokens.weight", "token_embd.weight", "Q8_0"))
+    for hf, gg, kind in todo:
+        blocks, deq = _quantize(params[hf].data, kind)
+        params[hf].data.copy_(deq)
+        if gg.endswith(("attn_q.weight", "attn_k.weight")):
+            blocks = _permute(blocks, cfg.num_attention_heads if "attn_q" in gg else cfg.num_key_value_heads)
+        writer.add_tensor(gg, blocks, raw_dtype=GGMLQuantizationType[kind])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_engine_decodes_from_gguf_blocks_with_identical_logits(tiny_base, lib_with_adapters, tmp_path):  # noqa: F811
+    """A GGUF base decodes from its blocks (every projection and the LM head) and produces
+    exactly the logits and tokens of its dequantized bf16 weights, adapters included."""
+    from lorastack.base import Base
+
+    model = copy.deepcopy(tiny_base.model).to(torch.bfloat16)
+    write_tiny_gguf(model, tmp_path / "tiny.gguf")
+    base = Base.from_model(model, tiny_base.tokenizer, source="tiny-gguf")
+    base.gguf = tmp_path / "tiny.gguf"
+    specs = ["base", "a", "b", "a:0.5+b:0.5"]
+    prompts = [[{"role": "user", "content": f"Reverse the order of these words: w{i} v{i}"}] for i in range(len(specs))]
+    runs = {}
+    for use in (True, False):
+        eng = Engine(base, resolve=lib_with_adapters.get, gguf_blocks=use, speculate=0)
+        assert len(eng.runner.blocks) == (4 * model.config.num_hidden_layers + 1 if use else 0)
+        runs[use] = record(eng, [(p, s, Sampling(max_tokens=8, ignore_eos=True)) for p, s in zip(prompts, specs)])
+    assert all(torch.equal(a, b) for a, b in zip(runs[True][0], runs[False][0]))
+    assert runs[True][1] == runs[False][1]
+
+
+def test_blocks_that_do_not_match_the_weights_are_not_used(tiny_base, tmp_path):
+    from lorastack.base import Base
+
+    model = copy.deepcopy(tiny_base.model).to(torch.bfloat16)
+    write_tiny_gguf(model, tmp_path / "tiny.gguf")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0  # no longer what the file holds
+    base = Base.from_model(model, tiny_base.tokenizer, source="tiny-gguf")
+    base.gguf = tmp_path / "tiny.gguf"
+    eng = Engine(base, gguf_blocks=True)
+    down = eng.runner.fused[0]["down_proj"][0]
+    assert id(down) not in eng.runner.blocks and len(eng.runner.blocks) == 4 * model.config.num_hidden_layers
+
+
+@pytest.mark.integration
+def test_embedded_base_decodes_from_gguf_blocks_exactly():
+    """The accuracy guard on the real base: logit gap 0 and greedy agreement 100% against the
+    bf16 weights, at every decode step of a mixed batch (the kernels round alike by design)."""
+    from lorastack.base import Base
+
+    base = Base.load("embedded", dtype="bfloat16")
+    prompts = [[{"role": "user", "content": p}] for p in
+               ["Name three colors.", "What is the capital of France?", "Write a haiku about rain."]]
+    runs = {}
+    for use in (True, False):
+        eng = Engine(base, gguf_blocks=use, speculate=0)
+        assert len(eng.runner.blocks) == (121 if use else 0)  # 30 layers x 4 projections + the LM head
+        runs[use] = record(eng, [(p, "base", Sampling(max_tokens=16)) for p in prompts])
+    gap = max((a - b).abs().max().item() for a, b in zip(runs[True][0], runs[False][0]))
+    print(f"GGUF blocks vs bf16 weights: max logit gap {gap}; tokens identical: {runs[True][1] == runs[False][1]}")
+    assert gap == 0.0 and runs[True][1] == runs[False][1]
+
+
+def test_attention_kernel_matches_math_and_is_batch_invariant(kernels):
+    """GQA decode attention against the cache (rows, lengths of their own); a query's result
+    does not depend on what else is in the call (what keeps speculative decoding exact)."""
+    torch.manual_seed(0)
+    rows_n, kv, cap, d, heads = 3, 3, 40, 64, 9
+    k = torch.randn(rows_n, kv, cap, d).bfloat16()
+    v = torch.randn(rows_n, kv, cap, d).bfloat16()
+    q = torch.randn(5, heads, d).bfloat16()
+    rows, pos = torch.tensor([0, 2, 2, 1, 0]), torch.tensor([5, 10, 11, 39, 0])
+    out = kernels.attention(q, k, v, rows, pos, 0.125)
+    for i in range(5):
+        keys = k[rows[i], :, : pos[i] + 1].float().repeat_interleave(heads // kv, 0)
+        vals = v[rows[i], :, : pos[i] + 1].float().repeat_interleave(heads // kv, 0)
+        ref = (torch.softmax((q[i].float()[:, None] @ keys.transpose(-1, -2)) * 0.125, -1) @ vals)[:, 0]
+        assert (out[i].float() - ref).abs().max().item() <= _rounding(ref)
+    assert torch.equal(kernels.attention(q[1:3].contiguous(), k, v, rows[1:3].contiguous(), pos[1:3].contiguous(), 0.125), out[1:3])
+
+
+def test_gguf_blocks_are_cached_and_a_damaged_cache_entry_is_rebuilt(tiny_base, tmp_path, monkeypatch):
+    from lorastack.engine import gguf_blocks
+
+    monkeypatch.setenv("LORASTACK_CACHE", str(tmp_path / "cache"))
+    model = copy.deepcopy(tiny_base.model).to(torch.bfloat16)
+    write_tiny_gguf(model, tmp_path / "tiny.gguf")
+    cfg = model.config
+    args = (tmp_path / "tiny.gguf", cfg.num_attention_heads, cfg.num_key_value_heads)
+    gguf_blocks.read_blocks.cache_clear()
+    first = gguf_blocks.read_blocks(*args)
+    [entry] = (tmp_path / "cache" / "gguf_blocks").glob("*.safetensors")
+    for damage in (False, True):
+        if damage:
+            entry.write_bytes(b"not a safetensors file")
+        gguf_blocks.read_blocks.cache_clear()
+        again = gguf_blocks.read_blocks(*args)
+        assert again.keys() == first.keys()
+        assert all(again[k].kind == first[k].kind and torch.equal(again[k].data, first[k].data) for k in first)
+    assert entry.stat().st_size > 100  # rewritten
+    gguf_blocks.read_blocks.cache_clear()

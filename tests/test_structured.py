@@ -340,3 +340,22 @@ def test_embedded_base_fills_a_schema_from_the_prompt():
     value = json.loads(constrained.text)
     jsonschema.validate(value, schema)
     assert value["city"] == "Paris" and value["days"] == 3, (constrained.text, free.text)
+
+
+def test_speculative_drafts_respect_the_constraint(tiny_base):
+    """Prompt-lookup drafts (greedy rows) are verified through the same masked pick, so a
+    constrained greedy row decodes the same tokens with and without speculation."""
+    example = '{"name": "ab", "ok": false, "n": 12} {"name": "abc", "ok": true, "n": 7}'
+    ask = [{"role": "user", "content": f"Like these: {example} {example}"}]
+    outputs = []
+    for speculate in (0, 7):
+        engine = Engine(tiny_base, speculate=speculate)
+        reqs = [engine.submit(ask, BASE_ROUTE, Sampling(max_tokens=60, constraint=c))
+                for c in (Constraint.json_schema(PERSON), Constraint.json_object(), None)]
+        while not all(r.done for r in reqs):
+            engine.step()
+        outputs.append([r.tokens for r in reqs])
+        if speculate:
+            assert engine.stats["drafted"] > 0, "the prompt gave the lookup something to draft"
+    assert outputs[0] == outputs[1]
+    check(tiny_base.tokenizer.decode(outputs[1][0]), PERSON)

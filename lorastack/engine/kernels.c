@@ -13,6 +13,7 @@
  * contiguous row-major; bf16 values travel as uint16_t.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -129,4 +130,263 @@ void lorastack_lora_bf16(const uint16_t *x, uint16_t *y, const uint16_t *A, cons
         free(acc);
     }
     free(t);
+}
+
+/* ---------------------------------------------------------------- GGUF blocks
+ * Batch-1 decode is bound by the bytes of weights streamed per token: the embedded base's
+ * GGUF holds its linear layers as Q4_1 (5 bits a weight) and its tied embedding / LM head as
+ * Q8_0 (8.5 bits), against 16 for bf16. These kernels read the blocks themselves:
+ *   Q4_1 block (20 bytes): f16 d, f16 m, u8 qs[16]; w[j] = d*(qs[j]&15) + m, w[j+16] = d*(qs[j]>>4) + m
+ *   Q8_0 block (34 bytes): f16 d, i8 qs[32];        w[j] = d*qs[j]
+ * Each block's 32 weights are rebuilt in fp32 exactly as gguf-py dequantizes them (product
+ * and sum rounded separately: the build uses -ffp-contract=off), rounded to bf16 (to
+ * nearest even, as torch rounds) and fed to the same `vdpbf16ps` chain as the bf16 kernel,
+ * so the result is bit-identical to lorastack_gemv_bf16 on the dequantized bf16 weights the
+ * rest of the engine uses: the quantized path changes the speed, never the output. */
+enum { BLOCK_Q4_1 = 0, BLOCK_Q8_0 = 1 };
+
+static inline __m512bh q4_1_block(const uint8_t *b) {
+    uint16_t dh, mh;
+    memcpy(&dh, b, 2);
+    memcpy(&mh, b + 2, 2);
+    __m512 d = _mm512_set1_ps(_cvtsh_ss(dh)), m = _mm512_set1_ps(_cvtsh_ss(mh));
+    __m128i q = _mm_loadu_si128((const __m128i *)(b + 4)), low4 = _mm_set1_epi8(15);
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low4)));
+    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low4)));
+    return _mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_mul_ps(d, hi), m), _mm512_add_ps(_mm512_mul_ps(d, lo), m));
+}
+
+static inline __m512bh q8_0_block(const uint8_t *b) {
+    uint16_t dh;
+    memcpy(&dh, b, 2);
+    __m512 d = _mm512_set1_ps(_cvtsh_ss(dh));
+    __m128i q0 = _mm_loadu_si128((const __m128i *)(b + 2)), q1 = _mm_loadu_si128((const __m128i *)(b + 18));
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1));
+    return _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, d), _mm512_mul_ps(lo, d));
+}
+
+/* The same 32 weights as q4_1_block for two blocks at a time, computed faster: a Q4_1 block
+ * holds only 16 distinct values d*q + m, so both blocks' 16-entry tables are built in one
+ * vector (same fp32 ops, same rounding: the weights are bit-identical) and each block's 32
+ * weights are gathered from it by nibble with one vpermw. `d`, `m`: the row's scales as fp32.
+ * Measured 1.25-1.4x faster than q4_1_block alone over the embedded base's layers at 1-8 rows
+ * (best of 25, one thread, shared machine): the block decode, not the bytes, bounds this kernel. */
+static inline void q4_1_pair(const uint8_t *b, const float *d, const float *m, __m512bh *w0, __m512bh *w1) {
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 t0 = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(d[0]), iota), _mm512_set1_ps(m[0]));
+    __m512 t1 = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(d[1]), iota), _mm512_set1_ps(m[1]));
+    __m512i table = (__m512i)_mm512_cvtne2ps_pbh(t1, t0); /* words 0-15: block 0's values, 16-31: block 1's */
+    const __m256i low4 = _mm256_set1_epi8(15);
+    for (int k = 0; k < 2; k++) {
+        __m128i q = _mm_loadu_si128((const __m128i *)(b + k * 20 + 4));
+        __m256i nib = _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(q), _mm_srli_epi16(q, 4), 1), low4);
+        __m512i idx = _mm512_cvtepu8_epi16(nib);
+        if (k) idx = _mm512_or_si512(idx, _mm512_set1_epi16(16));
+        __m512bh w = (__m512bh)_mm512_permutexvar_epi16(idx, table);
+        if (k) *w1 = w; else *w0 = w;
+    }
+}
+
+/* Every block's scale (and Q4_1 minimum) of one weight row as fp32. */
+static inline void row_scales(const uint8_t *w, int nb, int bytes, float *d, float *m) {
+    for (int b = 0; b < nb; b++) {
+        uint16_t h;
+        memcpy(&h, w + (int64_t)b * bytes, 2);
+        d[b] = _cvtsh_ss(h);
+        if (m) {
+            memcpy(&h, w + (int64_t)b * bytes + 2, 2);
+            m[b] = _cvtsh_ss(h);
+        }
+    }
+}
+
+/* y[m, out] = x[m, in] @ W^T with W [out] rows of in/32 blocks of `kind`, m <= MAX_ROWS. */
+static inline __attribute__((always_inline)) void gemv_blocks(int kind, const uint16_t *x, const uint8_t *W, uint16_t *y,
+                                                              int m, int in, int out, int threads) {
+    int nb = in / 32, bytes = kind == BLOCK_Q4_1 ? 20 : 34;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int o = 0; o < out; o++) {
+        const uint8_t *w = W + (int64_t)o * nb * bytes;
+        __m512 acc[MAX_ROWS];
+        for (int r = 0; r < m; r++) acc[r] = _mm512_setzero_ps();
+        int b = 0;
+        if (kind == BLOCK_Q4_1) {
+            float ds[nb], ms[nb];
+            row_scales(w, nb, bytes, ds, ms);
+            for (; b + 2 <= nb; b += 2) {
+                __m512bh w0, w1;
+                q4_1_pair(w + b * bytes, ds + b, ms + b, &w0, &w1);
+                for (int r = 0; r < m; r++) {
+                    const uint16_t *xr = x + (int64_t)r * in + b * 32;
+                    acc[r] = _mm512_dpbf16_ps(acc[r], w0, (__m512bh)_mm512_loadu_si512(xr));
+                    acc[r] = _mm512_dpbf16_ps(acc[r], w1, (__m512bh)_mm512_loadu_si512(xr + 32));
+                }
+            }
+        }
+        for (; b < nb; b++) {
+            __m512bh wv = kind == BLOCK_Q4_1 ? q4_1_block(w + b * bytes) : q8_0_block(w + b * bytes);
+            for (int r = 0; r < m; r++)
+                acc[r] = _mm512_dpbf16_ps(acc[r], wv, (__m512bh)_mm512_loadu_si512(x + (int64_t)r * in + b * 32));
+        }
+        for (int r = 0; r < m; r++) y[(int64_t)r * out + o] = f32_to_bf16(_mm512_reduce_add_ps(acc[r]));
+    }
+}
+
+void lorastack_gemv_q4_1(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads) {
+    gemv_blocks(BLOCK_Q4_1, x, W, y, m, in, out, threads);
+}
+
+void lorastack_gemv_q8_0(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads) {
+    gemv_blocks(BLOCK_Q8_0, x, W, y, m, in, out, threads);
+}
+
+/* ---------------------------------------------------------------- decode attention
+ * Attention of a few new query tokens against the KV cache, one (token, head) per job:
+ *   out[i, h] = softmax(scale * q[i, h] . K[rows[i], h / group, 0..pos[i]]) @ V[same]
+ * Why a kernel: (1) the same query gives the same bits whatever else is in the batch, how
+ * long the other rows are and how many draft tokens ride along (torch's batched products
+ * pick different blockings for different shapes, so a speculative verify pass and a plain
+ * decode step could round differently and flip a near-tied greedy token); (2) it replaces
+ * the 6-8 small torch ops per layer of the fp32-converting attention path.
+ * q [total, heads, d], out [total, heads, d]; K, V: the cache layer [R, kv, T, d]. */
+static inline __m512 exp512(__m512 x) { /* Cephes expf on 16 lanes, ~1 ulp; exp(-inf) = 0 */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 load16_bf16(const uint16_t *p, int left) { /* 16 bf16 as fp32, zero past `left` */
+    __mmask16 k = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+    return bf16x16_to_f32(_mm256_maskz_loadu_epi16(k, p));
+}
+
+void lorastack_attention_bf16(const uint16_t *q, const uint16_t *K, const uint16_t *V, uint16_t *out,
+                              const int64_t *rows, const int64_t *pos, int total, int heads, int kv, int d,
+                              int64_t row_stride, int64_t head_stride, float scale, int maxlen, int threads) {
+    int group = heads / kv;
+#pragma omp parallel num_threads(threads)
+    {
+        float *s = (float *)malloc(sizeof(float) * (size_t)(maxlen + 16));
+        float *acc = (float *)malloc(sizeof(float) * (size_t)(d + 16));
+#pragma omp for schedule(static)
+        for (int64_t job = 0; job < (int64_t)total * heads; job++) {
+            int64_t i = job / heads;
+            int h = (int)(job % heads);
+            const uint16_t *qi = q + job * d;
+            int64_t base = rows[i] * row_stride + (int64_t)(h / group) * head_stride;
+            const uint16_t *k = K + base, *v = V + base;
+            int n = (int)pos[i] + 1;
+            float mx = -INFINITY;
+            for (int t = 0; t < n; t++) {
+                __m512 a = _mm512_setzero_ps();
+                for (int c = 0; c < d; c += 32) a = _mm512_dpbf16_ps(a, load32(k + (int64_t)t * d + c, d - c), load32(qi + c, d - c));
+                s[t] = scale * _mm512_reduce_add_ps(a);
+                if (s[t] > mx) mx = s[t];
+            }
+            __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(mx);
+            for (int t = 0; t < n; t += 16) {
+                __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
+                __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), mv));
+                e = _mm512_maskz_mov_ps(m, e);
+                _mm512_mask_storeu_ps(s + t, m, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            float inv = 1.0f / _mm512_reduce_add_ps(sum);
+            for (int c = 0; c < d; c++) acc[c] = 0.0f;
+            for (int t = 0; t < n; t++) {
+                __m512 p = _mm512_set1_ps(s[t]);
+                const uint16_t *vt = v + (int64_t)t * d;
+                for (int c = 0; c < d; c += 16) {
+                    __mmask16 m = d - c >= 16 ? 0xffff : (__mmask16)((1u << (d - c)) - 1);
+                    _mm512_mask_storeu_ps(acc + c, m, _mm512_fmadd_ps(p, load16_bf16(vt + c, d - c), _mm512_maskz_loadu_ps(m, acc + c)));
+                }
+            }
+            uint16_t *o = out + job * d;
+            for (int c = 0; c < d; c++) o[c] = f32_to_bf16(acc[c] * inv);
+        }
+        free(acc);
+        free(s);
+    }
+}
+
+/* ---------------------------------------------------------------- the glue between matmuls
+ * At batch 1 the weights take a few ms a token and the ~45 small torch ops a layer between
+ * the matmuls (norms, rotary, K/V append, attention, SiLU*up, residuals) took more: each
+ * costs 5-30 us of dispatch (torch.profiler over bench/engine.py's batch-1 run). These
+ * kernels do one layer's glue in four calls, per token row, so they are batch-invariant as
+ * well. Rounding follows the Hugging Face modules' steps in bf16 (normalise, round, times
+ * weight, round; SiLU rounded before the product); sums run in fp32. */
+
+/* y[i] = w * bf16(x[i] * rsqrt(mean(x[i]^2) + eps)); with `delta`, first x[i] = bf16(x[i] + delta[i]) in place. */
+void lorastack_rmsnorm_bf16(uint16_t *x, const uint16_t *delta, const uint16_t *w, uint16_t *y, int n, int d, float eps) {
+    for (int i = 0; i < n; i++) {
+        uint16_t *xi = x + (int64_t)i * d;
+        if (delta) {
+            const uint16_t *di = delta + (int64_t)i * d;
+            for (int c = 0; c < d; c++) xi[c] = f32_to_bf16(bf16_to_f32(xi[c]) + bf16_to_f32(di[c]));
+        }
+        __m512 ss = _mm512_setzero_ps();
+        for (int c = 0; c < d; c += 16) {
+            __m512 v = load16_bf16(xi + c, d - c);
+            ss = _mm512_fmadd_ps(v, v, ss);
+        }
+        float r = 1.0f / sqrtf(_mm512_reduce_add_ps(ss) / d + eps);
+        uint16_t *yi = y + (int64_t)i * d;
+        for (int c = 0; c < d; c++) yi[c] = f32_to_bf16(bf16_to_f32(w[c]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(xi[c]) * r)));
+    }
+}
+
+/* y[i, j] = bf16(bf16(silu(g[i, j])) * u[i, j]) where gu[i] = [g | u], each of width `d`. */
+void lorastack_silu_mul_bf16(const uint16_t *gu, uint16_t *y, int n, int d) {
+    for (int i = 0; i < n; i++) {
+        const uint16_t *g = gu + (int64_t)i * 2 * d, *u = g + d;
+        uint16_t *yi = y + (int64_t)i * d;
+        for (int c = 0; c < d; c += 16) {
+            int left = d - c;
+            __m512 gv = load16_bf16(g + c, left);
+            __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+            float tmp[16];
+            _mm512_storeu_ps(tmp, s);
+            for (int j = 0; j < 16 && j < left; j++) yi[c + j] = f32_to_bf16(bf16_to_f32(f32_to_bf16(tmp[j])) * bf16_to_f32(u[c + j]));
+        }
+    }
+}
+
+/* Rotary embedding (Hugging Face's rotate-half layout) of one head vector, rounded once. */
+static inline void rope_head(const uint16_t *src, const uint16_t *cos, const uint16_t *sin, uint16_t *dst, int d) {
+    int half = d / 2;
+    for (int j = 0; j < d; j++) {
+        float rot = j < half ? -bf16_to_f32(src[j + half]) : bf16_to_f32(src[j - half]);
+        dst[j] = f32_to_bf16(bf16_to_f32(src[j]) * bf16_to_f32(cos[j]) + rot * bf16_to_f32(sin[j]));
+    }
+}
+
+/* One layer's attention for `total` new tokens: qkv[i] = [q (heads*d) | k (kv*d) | v (kv*d)];
+ * rotary on q and k (cos/sin [total, d]), k and v appended to the cache at (rows[i], pos[i]),
+ * then lorastack_attention_bf16's softmax over keys 0..pos[i]; out [total, heads*d]. */
+void lorastack_rope_attend_bf16(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, uint16_t *K, uint16_t *V,
+                                const int64_t *rows, const int64_t *pos, int total, int heads, int kv, int d,
+                                int64_t row_stride, int64_t head_stride, float scale, int maxlen, uint16_t *out, int threads) {
+    int64_t width = (int64_t)(heads + 2 * kv) * d;
+    uint16_t *q = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)total * heads * d);
+    for (int64_t i = 0; i < total; i++) {
+        const uint16_t *src = qkv + i * width, *ci = cos + i * d, *si = sin + i * d;
+        for (int h = 0; h < heads; h++) rope_head(src + (int64_t)h * d, ci, si, q + (i * heads + h) * d, d);
+        for (int g = 0; g < kv; g++) {
+            int64_t at = rows[i] * row_stride + (int64_t)g * head_stride + pos[i] * d;
+            rope_head(src + (int64_t)(heads + g) * d, ci, si, K + at, d);
+            memcpy(V + at, src + (int64_t)(heads + kv + g) * d, sizeof(uint16_t) * d);
+        }
+    }
+    lorastack_attention_bf16(q, K, V, out, rows, pos, total, heads, kv, d, row_stride, head_stride, scale, maxlen, threads);
+    free(q);
 }

@@ -9,10 +9,13 @@ PEFT reference path.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from .cache import KVCache
+from .gguf_blocks import Blocks, fuse, matches
 from .lora import LoraBank, LoraBatch
 from .native import MAX_ROWS, Kernels, kernels
 
@@ -38,7 +41,10 @@ FUSED = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")), ("self_attn"
 
 
 class LlamaRunner:
-    def __init__(self, model: torch.nn.Module, bank: LoraBank | None = None, int8_rows: int = 0, native: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, bank: LoraBank | None = None, int8_rows: int = 0, native: bool = True,
+                 blocks: dict[str, Blocks] | None = None) -> None:
+        """`blocks` (a GGUF base's quantized matrices by parameter name, engine/gguf_blocks.py)
+        lets decode GEMVs read those instead of the bf16 weights, with the same output."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self.model = model
@@ -86,11 +92,43 @@ class LlamaRunner:
         self.native: Kernels | None = kernels() if native and self.dtype == torch.bfloat16 else None
         self.native_rows = MAX_ROWS if self.native else 0
         self.q8: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.blocks: dict[int, Blocks] = self._match_blocks(blocks) if blocks and self.native else {}
+        # The compiled glue (kernels.c: norms, rotary, K/V append, attention, SiLU*up) for decode
+        # steps: measured at batch 1 on the embedded base, the ~45 torch ops a layer between the
+        # matmuls cost more than the matmuls themselves (torch.profiler: ~16 ms a token).
+        self.eps = getattr(self.layers[0].input_layernorm, "variance_epsilon", None)
+        self.glue = (self.native is not None and getattr(cfg, "hidden_act", None) == "silu" and self.eps is not None
+                     and self.head_dim % 2 == 0)
+        # Without the glue (other activations), attention still runs in the batch-invariant kernel
+        # where it builds, so speculative verify passes round like plain steps. bench/engine.py
+        # turns both off for its "as before" row.
+        self.attention_kernel = self.native is not None
         if self.int8_rows:
             for mods in self.fused:
                 for weight, *_ in mods.values():
                     self.q8[id(weight)] = quantize_int8(weight)
             self.q8[id(model.lm_head.weight)] = quantize_int8(model.lm_head.weight)
+
+    def _match_blocks(self, blocks: dict[str, Blocks]) -> dict[int, Blocks]:
+        """Fused weight (by id) -> its GGUF blocks, for every weight that is exactly those
+        blocks dequantized (sampled rows); any other weight stays on the bf16 kernel."""
+        found: dict[int, Blocks] = {}
+        for i, mods in enumerate(self.fused):
+            for parent_name, fused_name, parts in FUSED:
+                weight = mods[fused_name][0]
+                names = [f"model.layers.{i}.{parent_name}.{p}.weight" for p in parts]
+                fused = fuse([blocks[n] for n in names]) if all(n in blocks for n in names) else None
+                if fused is not None and matches(fused, weight):
+                    found[id(weight)] = fused
+        head = self.model.lm_head.weight
+        tied = head is self.inner.embed_tokens.weight
+        hb = blocks.get("lm_head.weight") or (blocks.get("model.embed_tokens.weight") if tied else None)
+        if hb is not None and matches(hb, head):
+            found[id(head)] = hb
+        expected = 4 * len(self.layers) + 1
+        if len(found) < expected:
+            logging.getLogger("lorastack.engine").info("GGUF blocks used for %d of %d decode matrices", len(found), expected)
+        return found
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype)
@@ -104,6 +142,10 @@ class LlamaRunner:
         if rows <= self.int8_rows:
             w8, scales = self.q8[id(weight)]
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), w8, scales).view(*x.shape[:-1], -1)
+            return y if bias is None else y + bias
+        if rows <= self.native_rows and x.dtype == torch.bfloat16 and id(weight) in self.blocks:
+            b = self.blocks[id(weight)]
+            y = self.native.gemv_blocks(x.reshape(rows, -1).contiguous(), b.kind, b.data).view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
         if rows <= self.native_rows and weight.is_contiguous() and weight.dtype == x.dtype == torch.bfloat16:
             y = self.native.gemv(x.reshape(rows, -1).contiguous(), weight).view(*x.shape[:-1], -1)
@@ -205,9 +247,19 @@ class LlamaRunner:
         return torch.stack(out)
 
     @torch.inference_mode()
-    def decode(self, cache: KVCache, tokens: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
-        """One token for each of the `cache.n` running rows; returns logits [n, V]."""
+    def decode(self, cache: KVCache, tokens: torch.Tensor | list[list[int]], lora: LoraBatch) -> torch.Tensor:
+        """One token for each of the `cache.n` running rows; returns logits [n, V].
+
+        With `tokens` a list of per-row token lists (speculative decoding), see `_verify`."""
+        if isinstance(tokens, list):
+            return self._verify(cache, tokens, lora)
         n = cache.n
+        if self.glue:
+            pos = cache.lengths[:n].clone()
+            cache.reserve(n, int(pos.max()) + 1)
+            logits = self._glued(cache, tokens.view(n), torch.arange(n), pos, lora)
+            cache.lengths[:n] += 1
+            return logits
         pos = cache.lengths[:n].clone()
         cache.reserve(n, int(pos.max()) + 1)
         h = self.inner.embed_tokens(tokens.view(n, 1))
@@ -227,12 +279,87 @@ class LlamaRunner:
             kc, vc = cache.k[li], cache.v[li]
             kc[rows, :, pos] = k[:, :, 0]
             vc[rows, :, pos] = v[:, :, 0]
-            a = _decode_attention(q, kc[:n, :, :span], vc[:n, :, :span], bias, layer.self_attn.scaling)
-            h = h + self._linear(li, "o_proj", a.transpose(1, 2).reshape(n, 1, -1), lora)
+            if self.attention_kernel:
+                a = self.native.attention(q[:, :, 0].contiguous(), kc, vc, rows, pos, layer.self_attn.scaling).view(n, 1, -1)
+            else:
+                a = _decode_attention(q, kc[:n, :, :span], vc[:n, :, :span], bias, layer.self_attn.scaling).transpose(1, 2).reshape(n, 1, -1)
+            h = h + self._linear(li, "o_proj", a, lora)
             h = h + self._mlp(li, layer, layer.post_attention_layernorm(h), lora)
         cache.lengths[:n] += 1
         head = self.model.lm_head
         return self._matmul(self.inner.norm(h[:, 0]), head.weight, head.bias).float()
+
+    def _verify(self, cache: KVCache, feeds: list[list[int]], lora: LoraBatch) -> torch.Tensor:
+        """Several tokens for each of the `cache.n` running rows (speculative decoding): row
+        i's `feeds[i]` (its last token, then its draft) go in at its next positions; returns
+        the logits after every fed token, packed row after row, `[sum(len(f)), V]`.
+
+        Every fed token's K/V is written and `cache.lengths` advances by `len(feeds[i])`; the
+        caller then sets each row's length back to the tokens it accepted (the rejected tail
+        is masked out by the length and overwritten by the next step). The rows' tokens are
+        packed like a prefill (`lora` carries per-row token counts); attention pads only the
+        queries, to the longest feed, so it stays one batched product per layer.
+        """
+        n = cache.n
+        counts = torch.tensor([len(f) for f in feeds])
+        total, most = int(counts.sum()), int(counts.max())
+        pos = cache.lengths[:n].clone()
+        row_of = torch.repeat_interleave(torch.arange(n), counts)  # packed token -> its row
+        step_of = torch.arange(total) - (torch.cumsum(counts, 0) - counts)[row_of]  # -> its index in the feed
+        positions = pos[row_of] + step_of
+        span = int((pos + counts).max())
+        cache.reserve(n, span)
+        ids = torch.tensor([t for f in feeds for t in f])
+        if self.glue:
+            logits = self._glued(cache, ids, row_of, positions, lora)
+            cache.lengths[:n] += counts
+            return logits
+        h = self.inner.embed_tokens(ids.view(1, total))
+        cos, sin = self.inner.rotary_emb(h, positions.view(1, total))
+        # Additive mask [n, 1, most, span]: query j of row i sees keys up to position pos_i + j.
+        limit = pos[:, None] + torch.arange(most)[None, :]
+        bias = torch.zeros(n, 1, most, span, dtype=torch.float32)
+        bias.masked_fill_(torch.arange(span)[None, None, None, :] > limit[:, None, :, None], float("-inf"))
+        for li, layer in enumerate(self.layers):
+            x = layer.input_layernorm(h)
+            q, k, v = self._qkv(li, x, lora)
+            q = q.view(1, total, -1, self.head_dim).transpose(1, 2)
+            k = k.view(1, total, -1, self.head_dim).transpose(1, 2)
+            q, k = self.rope(q, k, cos, sin)
+            kc, vc = cache.k[li], cache.v[li]
+            kc[row_of, :, positions] = k[0].transpose(0, 1)
+            vc[row_of, :, positions] = v.view(total, -1, self.head_dim)
+            if self.attention_kernel:  # the same kernel as `decode`: the same bits per token
+                a = self.native.attention(q[0].transpose(0, 1).contiguous(), kc, vc, row_of, positions, layer.self_attn.scaling)
+            else:
+                qp = q.new_zeros(n, most, self.n_heads, self.head_dim)
+                qp[row_of, step_of] = q[0].transpose(0, 1)
+                a = _decode_attention(qp.transpose(1, 2), kc[:n, :, :span], vc[:n, :, :span], bias, layer.self_attn.scaling)
+                a = a.transpose(1, 2)[row_of, step_of]  # [total, heads, d]
+            h = h + self._linear(li, "o_proj", a.reshape(1, total, -1), lora)
+            h = h + self._mlp(li, layer, layer.post_attention_layernorm(h), lora)
+        cache.lengths[:n] += counts
+        head = self.model.lm_head
+        return self._matmul(self.inner.norm(h[0]), head.weight, head.bias).float()
+
+    def _glued(self, cache: KVCache, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+        """New tokens `ids [total]` of cache rows `rows` at positions `pos` through every layer with
+        the compiled glue between the matmuls; K/V appended; returns logits `[total, V]`. The
+        residual stream `h` is updated in place by the fused add+norm calls."""
+        nat, eps = self.native, self.eps
+        h = self.inner.embed_tokens(ids)  # [total, d]
+        cos, sin = self.inner.rotary_emb(h[None], pos[None])
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()
+        x = nat.rmsnorm(h, self.layers[0].input_layernorm.weight, eps)
+        for li, layer in enumerate(self.layers):
+            qkv = self._linear(li, "qkv_proj", x, lora)
+            a = nat.rope_attend(qkv, cos, sin, cache.k[li], cache.v[li], rows, pos, self.n_heads, layer.self_attn.scaling)
+            x = nat.rmsnorm(h, layer.post_attention_layernorm.weight, eps, delta=self._linear(li, "o_proj", a, lora))
+            down = self._linear(li, "down_proj", nat.silu_mul(self._linear(li, "gate_up_proj", x, lora)), lora)
+            after = self.layers[li + 1].input_layernorm.weight if li + 1 < len(self.layers) else self.inner.norm.weight
+            x = nat.rmsnorm(h, after, eps, delta=down)
+        head = self.model.lm_head
+        return self._matmul(x, head.weight, head.bias).float()
 
     def _mlp(self, li: int, layer: torch.nn.Module, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         g, u = self._linear(li, "gate_up_proj", x, lora).chunk(2, dim=-1)
@@ -248,18 +375,23 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention for one query token per row, grouped-query aware without repeating K/V.
+    """Attention for a few query tokens per row (`q [n, heads, L, d]`, L = 1 when decoding,
+    more when verifying a draft; `bias [n, 1, L, span]`), grouped-query aware without
+    repeating K/V.
 
     For a single query the fused SDPA kernel spends most of its time on setup (measured:
     ~0.8 ms a call at batch 32 vs ~0.15 ms for these three small ops).
     """
-    n, heads, _, d = q.shape
+    n, heads, steps, d = q.shape
     kv = k.shape[1]
     if q.dtype == torch.bfloat16 and n * k.shape[2] <= 4096:
         # Small bf16 bmm calls carry a large fixed cost on CPU (measured at 1 row, 64 keys:
         # 74 us in bf16 vs 43 us converting to fp32); the copies stay small under this bound.
         return _decode_attention(q.float(), k.float(), v.float(), bias, scale).to(q.dtype)
-    qg = q.view(n, kv, heads // kv, d)  # [n, kv, group, d]
-    scores = (qg @ k.transpose(-1, -2)).float() * scale  # [n, kv, group, span]
+    group = heads // kv
+    qg = q.reshape(n, kv, group * steps, d)  # heads are kv-major: [n, kv, group * L, d]
+    if steps > 1:
+        bias = bias.unsqueeze(2).expand(n, 1, group, steps, bias.shape[-1]).reshape(n, 1, group * steps, -1)
+    scores = (qg @ k.transpose(-1, -2)).float() * scale  # [n, kv, group * L, span]
     probs = torch.softmax(scores + bias, dim=-1).to(v.dtype)
-    return (probs @ v).view(n, heads, 1, d)
+    return (probs @ v).view(n, heads, steps, d)

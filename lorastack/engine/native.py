@@ -32,7 +32,10 @@ from ..paths import cache_dir
 log = logging.getLogger("lorastack.native")
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_ROWS = 8  # must match kernels.c
-_NEEDED = ("avx512f", "avx512bw", "avx512_bf16")
+_NEEDED = ("avx512f", "avx512bw", "avx512_bf16", "f16c")
+# -ffp-contract=off: the GGUF block kernels must round d*q and +m separately, as gguf-py does.
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
+BLOCK_KINDS = ("Q4_1", "Q8_0")  # GGUF block types kernels.c reads directly
 
 
 def _cpu() -> str | None:
@@ -56,7 +59,7 @@ def _build() -> Path | None:
     if cpu is None or cc is None:
         return None
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + cpu.encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + cpu.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
     out = cache_dir() / "native" / f"kernels-{key}.so"
     if out.exists():
         return out
@@ -64,7 +67,7 @@ def _build() -> Path | None:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp]
+        cmd = [cc, *_FLAGS, str(SOURCE), "-o", tmp]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             log.warning("native kernels did not compile, using torch: %s", res.stderr.strip()[:500])
@@ -88,6 +91,24 @@ class Kernels:
         self._lora = lib.lorastack_lora_bf16
         self._lora.argtypes = [p, p, p, p, p, i, i, i, i, p, p, i, i]
         self._lora.restype = None
+        self._attention = lib.lorastack_attention_bf16
+        self._attention.argtypes = [p, p, p, p, p, p, i, i, i, i, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, i, i]
+        self._attention.restype = None
+        self._rmsnorm = lib.lorastack_rmsnorm_bf16
+        self._rmsnorm.argtypes = [p, p, p, p, i, i, ctypes.c_float]
+        self._rmsnorm.restype = None
+        self._silu_mul = lib.lorastack_silu_mul_bf16
+        self._silu_mul.argtypes = [p, p, i, i]
+        self._silu_mul.restype = None
+        self._rope_attend = lib.lorastack_rope_attend_bf16
+        self._rope_attend.argtypes = [p, p, p, p, p, p, p, i, i, i, i, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, i, p, i]
+        self._rope_attend.restype = None
+        self._gemv_blocks = {}
+        for kind in BLOCK_KINDS:
+            fn = getattr(lib, f"lorastack_gemv_{kind.lower()}")
+            fn.argtypes = [p, p, p, i, i, i, i]
+            fn.restype = None
+            self._gemv_blocks[kind] = fn
         self.path = path
 
     def gemv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -96,6 +117,48 @@ class Kernels:
         y = torch.empty(m, weight.shape[0], dtype=torch.bfloat16)
         self._gemv(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, k, weight.shape[0], torch.get_num_threads())
         return y
+
+    def gemv_blocks(self, x: torch.Tensor, kind: str, blocks: torch.Tensor) -> torch.Tensor:
+        """`x [m, in] @ W^T` for m <= MAX_ROWS, W given as GGUF blocks of `kind` (uint8
+        `[out, in / 32 * block bytes]`); bit-identical to `gemv` on W dequantized to bf16."""
+        m, k = x.shape
+        y = torch.empty(m, blocks.shape[0], dtype=torch.bfloat16)
+        self._gemv_blocks[kind](x.data_ptr(), blocks.data_ptr(), y.data_ptr(), m, k, blocks.shape[0], torch.get_num_threads())
+        return y
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+        """Query token i (`q [total, heads, d]`) against cache row `rows[i]` of the layer's `k`, `v`
+        `[R, kv, T, d]`, keys `0..pos[i]`; returns `[total, heads, d]`. Batch-invariant by design."""
+        total, heads, d = q.shape
+        out = torch.empty_like(q)
+        self._attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), rows.data_ptr(), pos.data_ptr(), total,
+                        heads, k.shape[1], d, k.stride(0), k.stride(1), scale, int(pos.max()) + 1, torch.get_num_threads())
+        return out
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """RMSNorm of the rows of `x [n, d]`; with `delta`, `x += delta` in place first (the residual add)."""
+        y = torch.empty_like(x)
+        self._rmsnorm(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), y.data_ptr(),
+                      x.shape[0], x.shape[1], eps)
+        return y
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        """`silu(g) * u` for `gu [n, 2 * d]` = [g | u]."""
+        y = torch.empty(gu.shape[0], gu.shape[1] // 2, dtype=gu.dtype)
+        self._silu_mul(gu.data_ptr(), y.data_ptr(), gu.shape[0], y.shape[1])
+        return y
+
+    def rope_attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    rows: torch.Tensor, pos: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+        """Rotary, K/V append at `(rows[i], pos[i])` and attention for `qkv [total, (heads + 2 kv) d]`
+        (cos, sin `[total, d]`; the cache layer `k`, `v` `[R, kv, T, d]`); returns `[total, heads d]`."""
+        total, d, kv = qkv.shape[0], k.shape[-1], k.shape[1]
+        out = torch.empty(total, heads * d, dtype=qkv.dtype)
+        self._rope_attend(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(), rows.data_ptr(),
+                          pos.data_ptr(), total, heads, kv, d, k.stride(0), k.stride(1), scale, int(pos.max()) + 1,
+                          out.data_ptr(), torch.get_num_threads())
+        return out
 
     def lora_raw(self, x: torch.Tensor, y: torch.Tensor, group: tuple, rank: int, rows: tuple) -> None:
         """`lora` with the per-projection pointers (`group_args`) and per-batch row tables
