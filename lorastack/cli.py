@@ -494,17 +494,24 @@ def generate(
     show_route: bool = typer.Option(False, "--show-route", help="Print the route that answered (stderr) for every SPEC; auto always does."),
     false_route: Optional[float] = typer.Option(None, "--false-route", help="With auto: this call's routing operating point."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_object: bool = typer.Option(False, "--json-object", help="Constrain the reply to a JSON object."),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Constrain the reply to JSON valid under the schema in FILE."),
 ) -> None:
     """Generate one reply to PROMPT (a stack: `--model stack/NAME`, its stages' own settings apply).
 
     With `auto`, the route that answered is printed on stderr ("auto abstained -> base" when no
     expert matched); stdout holds only the reply."""
+    import dataclasses
+
     from .data import check_text
 
     check_text(prompt, "PROMPT")
-    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+    sampling = dataclasses.replace(_sampling(max_tokens, temperature, top_p, top_k, seed, stop),
+                                   constraint=_constraint(json_object, json_schema))
     rt = _runtime()
     _check_model(rt, model)
+    if sampling.constraint is not None and _stack_for(rt, model) is not None:
+        raise LorastackError("--json-object / --json-schema do not apply to stacks (each stage has its own settings)")
     handle = rt.start(model, prompt, sampling, false_route=false_route)
     gen = handle.result()
     line = _route_line(rt, model, handle, explain, show_route and not as_json)
@@ -530,6 +537,21 @@ def _check_model(rt, model: str) -> None:
         stack[0].check(stack[1])
     else:
         rt.route(model)
+
+
+def _constraint(json_object: bool, json_schema: Optional[Path]):
+    """The structured-output constraint `generate` was asked for (None: free text)."""
+    from .engine.constrain import Constraint
+
+    if json_schema is None:
+        return Constraint.json_object() if json_object else None
+    if json_object:
+        raise LorastackError("give --json-object or --json-schema, not both")
+    try:
+        schema = json.loads(json_schema.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LorastackError(f"--json-schema {json_schema}: cannot read a JSON schema ({e})") from e
+    return Constraint.json_schema(schema)
 
 
 def _route_line(rt, model: str, handle, explain: bool, show: bool) -> str | None:

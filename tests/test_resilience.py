@@ -319,8 +319,7 @@ def test_route_does_not_flap_while_the_same_adapter_is_replaced(runtime, tiny_ba
 
 
 # ------------------------------------------------------------------ no silent acceptance
-@pytest.mark.parametrize("field, value", [("response_format", {"type": "json_object"}),
-                                          ("tools", [{"type": "function", "function": {"name": "f"}}]),
+@pytest.mark.parametrize("field, value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
                                           ("presence_penalty", 0.5), ("frequency_penalty", 1), ("logit_bias", {"5": 10}),
                                           ("best_of", 3)])
 def test_unsupported_parameters_are_refused_by_name(runtime, field, value):

@@ -32,6 +32,7 @@ from .gguf_blocks import read_blocks
 from .lora import LoraBank, LoraBatch
 from .prefix import PrefixCache
 from .llama import LlamaRunner, supports
+from .constrain import Grammars, RowGrammar, mask_logits
 from .sampling import Generation, Messages, Sampling, TokenLogprob, pick_tokens, token_logprobs
 from .speculative import PromptLookup
 
@@ -78,6 +79,7 @@ class Request:
     _emitted: int = 0
     _slots: tuple = ()  # ((slot, weight), ...) in the LoRA bank
     _rng: torch.Generator | None = None
+    _grammar: RowGrammar | None = None  # structured output: this row's grammar state
     _lookup: PromptLookup | None = None  # speculative drafts (greedy rows only)
     _looked: int = 0  # how many of `tokens` the lookup index has seen
     _draft_len: int = 0  # this row's current draft length (adaptive; 0 = not started)
@@ -176,6 +178,8 @@ class Engine:
         self._jobs: deque[tuple[Callable[[], object], Future]] = deque()  # see run_between_steps
         self._stop = False
         self.failure: BaseException | None = None  # what ended the last loop thread, if anything did
+        self._grammars: Grammars | None = None  # built at the first constrained request
+        self._grammars_lock = threading.Lock()
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "batch_rows_sum": 0,
                       "failed_steps": 0, "failed_rows": 0, "restarts": 0, "drafted": 0, "accepted": 0}
 
@@ -199,6 +203,8 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the engine's limit of {self.max_tokens_in_flight}"
             )
         req = Request(ids, route, sampling, abandon_when=abandon_when, on_event=on_event, reroute=reroute)
+        if sampling.constraint is not None:
+            req._grammar = self.grammars().matcher(sampling.constraint)
         if sampling.temperature > 0:
             req._rng = torch.Generator()
             req._rng.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ())))
@@ -221,6 +227,13 @@ class Engine:
                     on_done(len(finished))
                 pending -= finished
         return [r.result() for r in reqs]
+
+    def grammars(self) -> Grammars:
+        """The structured-output compiler for this base's tokenizer (built once, on first use)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.base.tokenizer, self.base.model.config.vocab_size, self.base.eos_token_id)
+            return self._grammars
 
     def forget(self, adapter: str) -> None:
         """Drop everything cached for `adapter` (it was replaced or removed in the library)."""
@@ -508,6 +521,7 @@ class Engine:
                 self.cache.lengths[self.running.index(req)] = n0 + 1 + accepted[req]
 
     def _emit(self, reqs: list[Request], logits: torch.Tensor, rows: list[int]) -> None:
+        mask_logits(logits, [r._grammar for r in reqs])  # structured-output rows: only what their grammar allows
         picks = pick_tokens(logits, [r.sampling for r in reqs], [r._rng for r in reqs])
         if any(r.sampling.logprobs is not None for r in reqs):  # the one check a step without logprobs pays
             self._record_logprobs(reqs, logits, picks)
@@ -520,6 +534,8 @@ class Engine:
             try:
                 if isinstance(tok, Exception):
                     raise tok
+                if req._grammar is not None:
+                    req._grammar.accept(tok)
                 if tok == eos and not req.sampling.ignore_eos:
                     req.finish_reason = "stop"
                 else:

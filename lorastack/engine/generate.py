@@ -103,6 +103,8 @@ class Generator:
         on_batch: Callable[[int], None] | None = None,
     ) -> list[Generation]:
         """Generate one reply per conversation; prompts are length-sorted to cut padding."""
+        if sampling.constraint is not None:
+            raise LorastackError("structured output (JSON / JSON schema) needs the engine, which supports Llama-family bases")
         tok = self.base.tokenizer
         encoded = [self.base.chat_ids(c) for c in conversations]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))

@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..errors import EngineError, LorastackError
+from .constrain import Constraint
 
 Messages = list[dict[str, str]]
 
@@ -33,6 +34,7 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    constraint: Constraint | None = None  # structured output (engine/constrain.py)
     # None: no logprobs recorded (the default costs nothing); 0: each generated token's own
     # logprob; N: also the N most likely alternatives (see `token_logprobs`).
     logprobs: int | None = None
@@ -53,8 +55,17 @@ class Sampling:
             raise LorastackError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise LorastackError(f"top_k must be >= 0, got {self.top_k}")
+        self._check_constraint()
         if self.temperature < MIN_TEMPERATURE or self.top_p < MIN_TOP_P or self.top_k == 1:
             object.__setattr__(self, "temperature", 0.0)  # degenerate settings are greedy decoding
+
+    def _check_constraint(self) -> None:
+        """A constrained output ends only where its grammar allows EOS; a stop string could
+        cut it mid-value and ignore_eos could run past its end, so neither combines with it."""
+        if self.constraint is not None and self.stop:
+            raise LorastackError("stop cannot be combined with structured output (a stop string could cut the JSON); remove 'stop'")
+        if self.constraint is not None and self.ignore_eos:
+            raise LorastackError("ignore_eos cannot be combined with structured output (the JSON ends with EOS); remove 'ignore_eos'")
 
     @property
     def greedy(self) -> bool:

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import __version__
+from ..engine.constrain import Constraint
 from ..engine.engine import Engine
 from ..engine.sampling import Sampling
 from ..errors import LorastackError, NotFoundError
@@ -43,9 +44,9 @@ from .logprobs import chat_choice_logprobs, check_logprobs_route, completion_cho
 from .metrics import Metrics
 from .prompts import completion_prompts
 from .schemas import (
-    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
+    ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
     CompletionRequest, EmbeddingList, EmbeddingRequest, ErrorBody, ImportAdapter, LoadLoraAdapter, ModelCard, ModelList, RouteInfo,
-    UnloadLoraAdapter, Usage,
+    UnloadLoraAdapter, Usage, assistant_message, chat_messages, structured_output,
 )
 from .settings import ServeSettings
 from .tokenizer import install_tokenizer_routes
@@ -84,7 +85,8 @@ class Server:
     def context(self) -> int:
         return self.runtime.context_length()
 
-    def sampling(self, body: ChatCompletionRequest | CompletionRequest, prompt_tokens: int = 0) -> Sampling:
+    def sampling(self, body: ChatCompletionRequest | CompletionRequest, prompt_tokens: int = 0,
+                 constraint: Constraint | None = None) -> Sampling:
         """Validated sampling; an unset max_tokens is the default, shrunk to fit the context."""
         if body.n > MAX_N:
             raise ApiError(400, f"n is {body.n}; at most {MAX_N} samples per request", param="n")
@@ -104,9 +106,19 @@ class Server:
                            param="max_tokens")
         try:
             return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                            seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos, logprobs=body.logprob_count())
+                            seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos, constraint=constraint,
+                            logprobs=body.logprob_count())
         except LorastackError as e:
             raise ApiError(400, str(e)) from e
+
+    async def prepare(self, constraint: Constraint | None, param: str) -> None:
+        """Compile a structured-output grammar off the event loop (the first one also builds the
+        tokenizer's tables, ~1 s); a schema the compiler rejects is the client's 400."""
+        if constraint is not None:
+            try:
+                await run_in_threadpool(lambda: self.engine.grammars().compiled(constraint))
+            except LorastackError as e:
+                raise ApiError(400, str(e), param=param) from e
 
     @staticmethod
     def samples(sampling: Sampling, n: int) -> list[Sampling]:
@@ -311,7 +323,8 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
     @app.post("/v1/chat/completions", dependencies=auth, response_model=ChatCompletion, responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         srv.sampling(body)  # field errors first
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        structured = structured_output(body, chat=True)
+        messages = chat_messages(body.messages, structured.tool)
         users = [m["content"] for m in messages if m["role"] == "user"]
         text = users[-1] if users else messages[-1]["content"]
         try:
@@ -322,8 +335,12 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         # else is routed here, before the response starts, so a stream can say its route first.
         stack = srv.is_stack(body.model)
         check_logprobs_route(body, stack)
+        if stack and structured.constraint is not None:
+            raise ApiError(400, "structured output is not supported for stack/ models",
+                           param="tools" if structured.tool else "response_format")
         decision = None if stack else await srv.decide(body.model, text, body.false_route)
-        sampling = srv.sampling(body, len(ids))
+        sampling = srv.sampling(body, len(ids), structured.constraint)
+        await srv.prepare(structured.constraint, "tools" if structured.tool else "response_format")
         if not stack:
             srv.check_prompt(ids, sampling, "messages")
         prompt = messages if stack else ids
@@ -346,7 +363,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         prompt_tokens = reqs[0].prompt_tokens if not stack else sum(r.prompt_tokens for r in reqs)
         completion = sum(r.completion_tokens for r in reqs)
         return ChatCompletion(id=rid, created=created, model=body.model,
-                              choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=_finish(r),
+                              choices=[ChatChoice(index=i, message=assistant_message(r.text, structured), finish_reason=_finish(r),
                                                   logprobs=chat_choice_logprobs(runtime.base, body, r))
                                        for i, r in enumerate(reqs)],
                               usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion),
@@ -355,11 +372,15 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
     @app.post("/v1/completions", dependencies=auth, response_model=Completion, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         srv.sampling(body)
+        constraint = structured_output(body, chat=False).constraint
         prompts, all_ids = completion_prompts(body, runtime.base.tokenizer)
         stack = srv.is_stack(body.model)
         check_logprobs_route(body, stack)
+        if stack and constraint is not None:
+            raise ApiError(400, "structured output is not supported for stack/ models", param="response_format")
         decisions = [None if stack else await srv.decide(body.model, p, body.false_route) for p in prompts]
-        sampling = srv.sampling(body, max(len(ids) for ids in all_ids))
+        sampling = srv.sampling(body, max(len(ids) for ids in all_ids), constraint)
+        await srv.prepare(constraint, "response_format")
         for ids in all_ids:
             if not stack:
                 srv.check_prompt(ids, sampling, "prompt")

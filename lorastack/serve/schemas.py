@@ -6,11 +6,17 @@ Unknown request fields are ignored (clients send many we do not use: `user`,
 
 from __future__ import annotations
 
+import json
+import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from ..engine.constrain import Constraint
+from ..errors import LorastackError
+from .errors import ApiError
 from ..engine.sampling import MAX_TOP_LOGPROBS
 
 
@@ -32,6 +38,7 @@ class TextPart(_Lenient):
 class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called a function
 
     def text(self) -> str:
         if self.content is None:
@@ -48,13 +55,11 @@ class StreamOptions(_Lenient):
 # OpenAI parameters this server does not implement. Sent with a value that would change the
 # answer, they get a 400 naming them instead of being silently ignored (a client asking for
 # logprobs or JSON mode must not get a plain answer it mistakes for one). Neutral values
-# (0, false, null, "text", "none", empty) are accepted.
+# (0, false, null, "text", "none", empty) are accepted. response_format, tools and tool_choice
+# are read by `structured_output` (the end of this file), which refuses what it cannot do.
 UNSUPPORTED = {
-    "response_format": "structured output (response_format) is not supported yet",
-    "tools": "tools / function calling are not supported",
-    "tool_choice": "tools / function calling are not supported",
-    "functions": "function calling is not supported",
-    "function_call": "function calling is not supported",
+    "functions": "legacy function calling is not supported; send tools with tool_choice naming the function",
+    "function_call": "legacy function calling is not supported; send tools with tool_choice naming the function",
     "presence_penalty": "presence_penalty is not supported",
     "frequency_penalty": "frequency_penalty is not supported",
     "repetition_penalty": "repetition_penalty is not supported",
@@ -64,9 +69,9 @@ UNSUPPORTED = {
     "min_p": "min_p is not supported",
 }
 NEUTRAL: dict[str, tuple[Any, ...]] = {  # values that ask for nothing (type-exact: True is not 1)
-    "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},), "presence_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
     "frequency_penalty": (0, 0.0), "repetition_penalty": (1, 1.0), "best_of": (1,), "min_p": (0, 0.0),
-    "tools": ([],), "functions": ([],), "logit_bias": ({},), "suffix": ("",),
+    "functions": ([],), "logit_bias": ({},), "suffix": ("",),
 }
 
 
@@ -227,9 +232,21 @@ class RouteInfo(BaseModel):
     signal: str | None = None
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -331,3 +348,117 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+# ---------------------------------------------------------------- structured output
+# response_format and tools become a decoding constraint (engine/constrain.py): JSON mode, a
+# JSON schema, or a forced function call whose arguments follow the function's parameters.
+
+
+@dataclass(frozen=True)
+class Structured:
+    """What a request asks its output to be: a constraint, and the function it must call (if any)."""
+
+    constraint: Constraint | None = None
+    tool: dict[str, Any] | None = None  # the forced function: {"name", "description", "parameters"}
+
+
+def structured_output(body: _Sampling, chat: bool) -> Structured:
+    """Read response_format / tools / tool_choice; a 400 naming the field for anything not
+    enforced (tool_choice "auto" would let the model decide whether to call, which needs a
+    tool-call parser this server does not have; a forced function or "none" is exact)."""
+    extra = body.model_extra or {}
+    constraint = _response_format(extra.get("response_format"))
+    tool = _forced_tool(extra.get("tools"), extra.get("tool_choice"), chat)
+    if tool is None:
+        return Structured(constraint)
+    if constraint is not None:
+        raise ApiError(400, "send either response_format or a forced tool_choice, not both", param="response_format")
+    if body.stream:
+        raise ApiError(400, "streaming a forced tool call is not supported; send stream=false", param="stream")
+    try:
+        constraint = Constraint.json_schema(tool.get("parameters") or {"type": "object", "properties": {}})
+    except LorastackError as e:
+        raise ApiError(400, f"tools: function {tool['name']!r} parameters: {e}", param="tools") from e
+    return Structured(constraint, tool)
+
+
+def _response_format(fmt: Any) -> Constraint | None:
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint.json_object()
+    if kind != "json_schema":
+        raise ApiError(400, f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+                       param="response_format")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise ApiError(400, "response_format json_schema: give {\"name\": ..., \"schema\": {...}}", param="response_format")
+    if spec.get("schema") is None:
+        return Constraint.json_object()  # OpenAI: a json_schema without a schema is any JSON object
+    try:
+        return Constraint.json_schema(spec["schema"])
+    except LorastackError as e:
+        raise ApiError(400, f"response_format json_schema: {e}", param="response_format") from e
+
+
+def _forced_tool(tools: Any, choice: Any, chat: bool) -> dict[str, Any] | None:
+    """The function tool_choice forces, or None ("none", or no tools at all)."""
+    if not tools and choice in (None, "none", "auto"):
+        return None
+    if not chat:
+        raise ApiError(400, "tools belong to /v1/chat/completions", param="tools" if tools else "tool_choice")
+    if not isinstance(tools, list) or not tools:
+        raise ApiError(400, "tool_choice needs a non-empty tools list", param="tools")
+    functions: dict[str, dict[str, Any]] = {}
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ApiError(400, f"tools[{i}]: only {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} tools are supported",
+                           param="tools")
+        functions[fn["name"]] = fn
+    if choice == "none":
+        return None
+    if choice == "required" and len(functions) == 1:
+        return next(iter(functions.values()))
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in functions:
+            raise ApiError(400, f"tool_choice names function {name!r}, which is not in tools ({', '.join(functions)})",
+                           param="tool_choice")
+        return functions[name]
+    raise ApiError(400, f"tool_choice {choice!r} is not supported" + (" (the default with tools is 'auto')" if choice is None else "")
+                   + ": force a function with {\"type\": \"function\", \"function\": {\"name\": ...}} or send 'none'"
+                   + (" ('required' works with a single tool)" if choice == "required" else ""),
+                   param="tools" if choice is None else "tool_choice", code="unsupported_parameter")
+
+
+def chat_messages(messages: list[ChatMessage], tool: dict[str, Any] | None = None) -> list[dict[str, str]]:
+    """The conversation as the chat template takes it: developer turns are system turns, tool
+    results stay "tool" turns, an assistant turn that called functions shows the calls as
+    JSON; a forced function is announced in the system turn (the model cannot see `tools`)."""
+    out = []
+    for m in messages:
+        content = m.text()
+        if m.role == "assistant" and not content and m.tool_calls:
+            content = json.dumps([c.get("function", c) for c in m.tool_calls], ensure_ascii=False)
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    if tool is not None:
+        note = f"Call the function {tool['name']}" + (f" ({tool['description']})" if tool.get("description") else "") \
+            + ": reply with its arguments as one JSON object."
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{note}"}
+        else:
+            out.insert(0, {"role": "system", "content": note})
+    return out
+
+
+def assistant_message(text: str, structured: Structured) -> AssistantMessage:
+    """The reply: plain content, or (a forced function) one tool call whose arguments are the output."""
+    if structured.tool is None:
+        return AssistantMessage(content=text)
+    call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=ToolCallFunction(name=structured.tool["name"], arguments=text))
+    return AssistantMessage(content=None, tool_calls=[call])
