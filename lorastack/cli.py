@@ -91,7 +91,15 @@ def _library():
 def _runtime(dtype: Optional[str] = None):
     from .runtime import Runtime
 
-    return Runtime.open(OPTS.base, OPTS.library, dtype=dtype or OPTS.dtype, int8_rows=4 if OPTS.int8 else 0)
+    rt = Runtime.open(OPTS.base, OPTS.library, dtype=dtype or OPTS.dtype, int8_rows=4 if OPTS.int8 else 0)
+    # Runtime.start runs the engine's loop thread: stop it before the interpreter tears down
+    # native libraries it may still touch (a daemon thread inside C++ code at exit aborts).
+    stop = getattr(rt.generator, "stop", None)
+    if stop is not None:
+        import atexit
+
+        atexit.register(stop)
+    return rt
 
 
 def _sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, seed: Optional[int], stop: list[str]):
