@@ -246,8 +246,15 @@ def test_removing_an_adapter_does_not_disturb_its_requests_in_flight(runtime):
 def test_client_disconnect_cancels_and_frees_the_row(runtime):
     # Long generations, so the client hangs up mid-way (RoPE has no hard limit on the tiny model).
     runtime.base.model.config.max_position_embeddings = 4096
+    engine = runtime.engine
+    step = engine.step
+
+    def paced_step():  # >= 5 s for 1000 tokens however fast the machine: the client always hangs up first
+        time.sleep(0.005)
+        step()
+
+    engine.step = paced_step
     with live_server(runtime) as (url, app):
-        engine = runtime.engine
         # Streaming: read one event, then hang up.
         with httpx.Client(base_url=url, timeout=30) as h:
             with h.stream("POST", "/v1/chat/completions", json=chat_body("base", max_tokens=1000, ignore_eos=True, stream=True)) as r:
@@ -255,7 +262,7 @@ def test_client_disconnect_cancels_and_frees_the_row(runtime):
                 next(r.iter_lines())
         # Non-streaming: the client gives up after a short timeout.
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(url + "/v1/chat/completions", json=chat_body("base", max_tokens=1000, ignore_eos=True), timeout=0.5)
+            httpx.post(url + "/v1/chat/completions", json=chat_body("base", max_tokens=1000, ignore_eos=True), timeout=2.0)
         deadline = time.monotonic() + 20
         while engine.running or engine.queue_depth:
             assert time.monotonic() < deadline, "disconnected requests were not cancelled"
