@@ -185,6 +185,7 @@ def train(
     eval_every: int = typer.Option(20, "--eval-every", help="With --early-stop: steps between held-out evaluations."),
     force: bool = typer.Option(False, "--force", help="Replace an existing adapter of that name."),
     no_autocast: bool = typer.Option(False, "--no-autocast", help="Train in float32 instead of bf16 autocast."),
+    all_turns: bool = typer.Option(False, "--all-turns", help="Chat data: learn every assistant turn, not only the last (each in its own context)."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Train a LoRA adapter on DATA and add it to the library (resumable: see --resume)."""
@@ -196,6 +197,10 @@ def train(
     validate_name(name)
     records = read_jsonl(data)
     eval_records = read_jsonl(eval_data) if eval_data else None
+    if all_turns:
+        from .data import every_assistant_turn
+
+        records = every_assistant_turn(records)
     if eval_data and eval_n is not None:
         raise LorastackError("give --eval FILE or --eval-n N, not both")
     cfg = TrainConfig(rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",")] if targets != "all-linear" else targets,

@@ -158,6 +158,21 @@ def read_jsonl(path: str | Path, require_completion: bool = True) -> list[Record
     return records
 
 
+def every_assistant_turn(records: list[Record]) -> list[Record]:
+    """Chat records trained on every assistant turn, not only the last: each earlier
+    assistant turn becomes a record of its own (the turns before it as the prompt, it as the
+    completion), so every reply is learnt in the context it was given in. Records without
+    earlier assistant turns pass through unchanged (`train --all-turns`)."""
+    out: list[Record] = []
+    for r in records:
+        msgs = r.get("messages") or []
+        for i, m in enumerate(msgs):
+            if m.get("role") == "assistant" and any(p.get("role") == "user" for p in msgs[:i]):
+                out.append({**r, "messages": msgs[:i], "completion": m["content"]})
+        out.append(r)
+    return out
+
+
 MAX_REPORTED = 20
 
 

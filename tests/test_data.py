@@ -104,3 +104,17 @@ def test_every_bad_line_is_reported_at_once_up_to_a_limit(tmp_path):
     lines = str(e.value).splitlines()
     assert lines[0] == f"{many}: 25 bad lines:" and len(lines) == 22 and lines[-1] == "  … and 5 more"
     assert lines[1].startswith(f"  {many}:2: invalid JSON")
+
+
+def test_all_turns_learns_every_assistant_reply_in_its_own_context(tmp_path):
+    from lorastack.data import every_assistant_turn, read_jsonl
+
+    path = tmp_path / "chat.jsonl"
+    convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    path.write_text(json.dumps({"messages": convo}) + "\n" + json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    records = read_jsonl(path)
+    assert [r["completion"] for r in records] == ["4", "c"]  # by default: the last turn only
+    expanded = every_assistant_turn(records)
+    assert [(len(r.get("messages", [])), r["completion"]) for r in expanded] == [(2, "hello"), (4, "4"), (0, "c")]
+    assert expanded[0]["messages"] == convo[:2] and expanded[1]["messages"] == convo[:4]
