@@ -153,9 +153,10 @@ def _run_on_runtime(rt: Any, jobs: list[EvalJob], max_tokens: int | None, stop_e
 
 
 def _is_stack(route: Any) -> bool:
-    from .route import StackRef
+    """A job whose route is a stack (`stack/NAME` read as `Runtime.start` reads it, or a spec)."""
+    from .route import StackRef, parse_spec
 
-    return isinstance(route, StackRef) or hasattr(route, "stages") or (isinstance(route, str) and route.startswith("stack/"))
+    return isinstance(parse_spec(route) if isinstance(route, str) else route, StackRef) or hasattr(route, "stages")
 
 
 def _generation(handle: Any) -> Generation:

@@ -148,16 +148,11 @@ class StackDriver:
         ex = h.ex
         try:
             if h.cancelled and ex.error is None:
-                ex.error = "cancelled by the client"
-                for reqs in ex.inflight.values():
-                    for r in reqs:
-                        r.cancel()
+                ex.error = "cancelled by the client"  # the runner then starts no stage and cancels the running ones
             moved = self.runner._advance(h.spec, ex, h.on_output)
         except Exception as e:  # noqa: BLE001 - one broken execution must not stop the others
             ex.error = ex.error or f"internal error: {type(e).__name__}: {e}"
-            for reqs in ex.inflight.values():
-                for r in reqs:
-                    r.cancel()
+            ex.cancel_inflight()
             ex.inflight.clear()
             ex.finished = time.perf_counter()
             moved = True

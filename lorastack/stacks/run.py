@@ -80,6 +80,12 @@ class _Execution:
     finished: float | None = None
     reported: bool = False
 
+    def cancel_inflight(self) -> None:
+        """Cancel the engine rows of every running stage (the execution failed or was cancelled)."""
+        for reqs in self.inflight.values():
+            for r in reqs:
+                r.cancel()
+
 
 class StackRunner:
     """Executes stack specs on a Runtime's engine."""
@@ -148,9 +154,7 @@ class StackRunner:
         elif spec.output in ex.outputs and not ex.inflight:
             ex.finished = time.perf_counter()
         elif ex.error is not None:
-            for reqs in ex.inflight.values():
-                for r in reqs:
-                    r.cancel()
+            ex.cancel_inflight()
         return moved
 
     def _start(self, stage: Stage, ex: _Execution, on_output: Callable[[str | None], None] | None) -> None:
