@@ -56,8 +56,11 @@ def _caesar_title(rng: random.Random, long: bool) -> tuple[str, str, dict[str, s
     plain = " ".join(words)
     title = " ".join(w.capitalize() for w in words)
     coded = " ".join(_shift(w, 1) for w in words)
+    # `letter`: the decoded phrase one character per line, "_" marking a space, which is what
+    # the trained stack's letter-by-letter map stage answers, item by item.
+    letters = "\n".join("_" if c == " " else c for c in plain)
     return f"Decode this Caesar cipher (shift 1) and write the result in title case: {coded}", title, \
-        {"decode": plain, "title": title}
+        {"decode": plain, "title": title, "letter": letters}
 
 
 def _word_problem(rng: random.Random, long: bool) -> tuple[str, str, dict[str, str]]:
@@ -149,8 +152,12 @@ class CompositeTask:
 
 # What a trained stack learns per task: deterministic steps (finding the JSON object, the
 # numbers of a story, the word list; reversing a list) are transforms, the rest model stages
-# ("model" is a placeholder replaced by the trained adapter's name). caesar_title decodes word
-# by word (a map stage), so a phrase longer than any in training is just more items.
+# ("model" is a placeholder replaced by the trained adapter's name). caesar_title decodes one
+# letter per map item: a 135M model's tokens span several letters, so shifting a whole word
+# in one answer is beyond it (measured: 1.5% exact match word by word), while one letter is a
+# 26-entry lookup it learns; a phrase longer than any in training is just more items. The
+# transforms around it only split the phrase into letters ("_" for a space) and join the
+# model's answers back; the shift itself is the model's.
 _WORD_LIST = {"name": "words", "prompt": "{input}", "parse": [{"regex": r":\s*(.*)$"}]}
 TRAINED_STACKS: dict[str, list[dict[str, Any]]] = {
     "record_date": [
@@ -162,8 +169,10 @@ TRAINED_STACKS: dict[str, list[dict[str, Any]]] = {
         {"name": "reverse", "prompt": "{stages.sort.output}", "parse": [{"split": " "}, "reverse", {"join": " "}]}],
     "caesar_title": [
         dict(_WORD_LIST, name="coded"),
-        {"name": "decode", "map": "{stages.coded.output}", "split": " ", "join": " ",
-         "prompt": "Decode this Caesar cipher (shift 1): {item}", "model": "-", "max_tokens": 16},
+        {"name": "spelled", "prompt": "{stages.coded.output}", "parse": [{"replace": [" ", "_"]}, "chars"]},
+        {"name": "letter", "map": "{stages.spelled.output}", "split": "\n", "join": "\n", "parse": ["strip"],
+         "prompt": "Decode this Caesar cipher letter (shift 1; _ stays _): {item}", "model": "-", "max_tokens": 4},
+        {"name": "decode", "prompt": "{stages.letter.output}", "parse": [{"split": "\n"}, {"join": ""}, {"replace": ["_", " "]}]},
         {"name": "title", "prompt": "Convert to title case: {stages.decode.output}", "model": "-"}],
     "word_problem": [
         LIBRARY_STACKS["word_problem"]["stages"][0],

@@ -34,7 +34,7 @@ SUSPECT = re.compile(r"\{[A-Za-z_][\w.-]*\}")
 STAGE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 MAX_STAGES = 32
 MAX_MAP_ITEMS = 64
-PARSERS = ("regex", "replace", "json_field", "strip", "first_line", "split", "join", "lower", "reverse")
+PARSERS = ("regex", "replace", "json_field", "strip", "first_line", "split", "chars", "join", "lower", "reverse")
 
 
 class StackError(LorastackError):
@@ -84,6 +84,9 @@ class ParseStep:
     def apply(self, value: str | list[str], stage: str) -> str | list[str]:
         if self.kind == "reverse":  # list order, e.g. after `split`; a plain text's lines
             return value[::-1] if isinstance(value, list) else "\n".join(value.splitlines()[::-1])
+        if self.kind == "chars":  # one item per character, so a map stage can work letter by letter
+            texts = value if isinstance(value, list) else [value]
+            return [c for t in texts for c in t if not c.isspace()]
         if isinstance(value, list) and self.kind != "join":
             return [self._one(v, stage) for v in value]  # type: ignore[misc]
         if self.kind == "join":
@@ -197,6 +200,8 @@ def _parse_steps(raw: Any, where: str) -> tuple[ParseStep, ...]:
                 raise StackError(f"{at}: replace {arg!r} does not compile ({e})") from None
             steps.append(ParseStep(kind, (pattern, arg[1])))
             continue
+        if kind == "chars" and arg is not True:
+            raise StackError(f"{at}: {kind} takes no argument; write it as a plain list item: - {kind}")
         if kind in ("split", "join", "json_field") and (not isinstance(arg, str) or (kind != "join" and not arg)):  # split "" would raise
             raise StackError(f"{at}: {kind} needs a string argument")
         steps.append(ParseStep(kind, arg))
