@@ -772,11 +772,11 @@ def serve(
 
 def _stack_for(rt, model: str):
     """(runner, spec) when `model` is `stack/NAME`, else None."""
-    from .route import StackRef, parse_spec
+    from .route import is_stack, parse_spec
 
-    parsed = parse_spec(model)
-    if not isinstance(parsed, StackRef):
+    if not is_stack(model):
         return None
+    parsed = parse_spec(model)
     from .stacks import StackRunner, StackStore
 
     return StackRunner(rt), StackStore(rt.library.root).get(parsed.name)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .data import Record, messages_of, prompt_text
 from .engine.sampling import Generation, Sampling
 from .errors import LorastackError
-from .route import Route
+from .route import Route, is_stack
 
 Scorer = Callable[[str, Record], bool]
 
@@ -113,18 +113,16 @@ def evaluate_many(target: Any, jobs: list[EvalJob], max_tokens: int | None = Non
 
 def _run_on_runtime(rt: Any, jobs: list[EvalJob], max_tokens: int | None, stop_early: bool, bar: Any,
                     batch_size: int | None) -> tuple:
-    from .route import Route
-
     starts: list[list[Callable[[], Any]]] = []  # per job, per record: a call that starts its handle
     for j in jobs:
         prompts = [prompt_text(r) for r in j.records]
         if isinstance(j.route, list):
             decisions: list[Any] = list(j.route)
-        elif isinstance(j.route, Route) or _is_stack(j.route):
+        elif isinstance(j.route, Route) or is_stack(j.route):
             decisions = [j.route] * len(j.records)
         else:  # a SPEC: fixed routes are checked, `auto` decided for all records in one call
             decisions = rt.decide(j.route, prompts)
-        if _is_stack(j.route):
+        if is_stack(j.route):
             starts.append([functools.partial(rt.start, j.route, p) for p in prompts])
             continue
         sampling = Sampling(max_tokens=max_tokens or max_new_tokens(rt.base, j.records))
@@ -150,13 +148,6 @@ def _run_on_runtime(rt: Any, jobs: list[EvalJob], max_tokens: int | None, stop_e
     labels = [[h.model if h.trace is not None else str(h.decision.route) for h in hs] for hs in handles]
     traces = [[h.trace for h in hs] if any(h.trace is not None for h in hs) else None for hs in handles]
     return outs, labels, traces
-
-
-def _is_stack(route: Any) -> bool:
-    """A job whose route is a stack (`stack/NAME` read as `Runtime.start` reads it, or a spec)."""
-    from .route import StackRef, parse_spec
-
-    return isinstance(parse_spec(route) if isinstance(route, str) else route, StackRef) or hasattr(route, "stages")
 
 
 def _generation(handle: Any) -> Generation:

@@ -63,6 +63,15 @@ class StackRef:
     name: str
 
 
+def is_stack(spec: object) -> bool:
+    """True when `spec` names a stack: `stack/NAME` (as a string or a parsed StackRef) or a
+    stack spec itself (a lorastack.stacks.StackSpec; recognised by its `stages`, since this
+    layer does not import stacks). The one test the runtime, server, CLI and eval all use, so
+    they cannot disagree on what runs stage by stage. A string that does not parse raises SpecError."""
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    return isinstance(parsed, StackRef) or hasattr(parsed, "stages")
+
+
 MAX_WEIGHT = 10.0
 _WEIGHT = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 

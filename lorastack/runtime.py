@@ -24,7 +24,7 @@ from .engine.sampling import Generation, Messages, Sampling
 from .errors import IncompatibleError, LorastackError, NotFoundError, unknown_name_message
 from .handle import DoneHandle, EngineHandle, Handle
 from .library import Library
-from .route import AutoSpec, Route, SpecError, StackRef, parse_spec
+from .route import AutoSpec, Route, SpecError, StackRef, is_stack, parse_spec
 
 Spec = Route | AutoSpec | StackRef  # or a lorastack.stacks.StackSpec (anything with `stages`)
 
@@ -166,7 +166,7 @@ class Runtime:
         if isinstance(parsed, AutoSpec):
             self.router(parsed.router)  # unknown router names fail here, with close names
             return parsed
-        if isinstance(parsed, StackRef) or hasattr(parsed, "stages"):
+        if is_stack(parsed):
             raise SpecError(f"{spec!r} is a stack: start it with Runtime.start, it is not one route")
         known = set(self.served())
         for name in parsed.names:
@@ -187,9 +187,9 @@ class Runtime:
         (default: the last user message, or the raw prompt's text)."""
         parsed = parse_spec(spec) if isinstance(spec, str) else spec
         if text is None:
-            text = _routing_text(prompt, self.base) if isinstance(parsed, AutoSpec | StackRef) or hasattr(parsed, "stages") \
+            text = _routing_text(prompt, self.base) if isinstance(parsed, AutoSpec) or is_stack(parsed) \
                 or decision is None else ""
-        if isinstance(parsed, StackRef) or hasattr(parsed, "stages"):
+        if is_stack(parsed):
             from .stacks.handle import start_stack
 
             return start_stack(self, parsed, text, on_event=on_event)

@@ -261,6 +261,15 @@ def test_independent_stages_decode_together_and_stage_two_of_one_beside_stage_on
     assert any({"json_field", "date_format"} <= s for s in seen), "stage 2 of A never shared a step with stage 1 of B"
 
 
+def test_one_is_stack_test_for_refs_specs_and_routes():
+    from lorastack.route import SpecError, is_stack, parse_spec
+
+    assert is_stack("stack/date") and is_stack(parse_spec("stack/date")) and is_stack(spec_of(SMALLEST))
+    assert not any(is_stack(s) for s in ("base", "auto", "a:0.5+b:0.5", parse_spec("sort_words")))
+    with pytest.raises(SpecError):
+        is_stack("stack/../x")
+
+
 def test_unknown_adapter_in_a_stage_is_a_one_line_error(runtime):
     spec = spec_of("name: u\nstages:\n  - {name: s, prompt: '{input}', model: nope}")
     with pytest.raises(StackError, match="stage 's': unknown adapter 'nope'"):

@@ -31,7 +31,7 @@ from ..engine.sampling import Sampling
 from ..errors import LorastackError, NotFoundError
 from ..handle import Handle
 from ..names import validate_name
-from ..route import StackRef, parse_spec
+from ..route import is_stack
 from ..routing import ROUTERS
 from ..runtime import Runtime
 from . import errors as api_errors
@@ -147,7 +147,7 @@ class Server:
 
     def is_stack(self, model: str) -> bool:
         try:
-            return isinstance(parse_spec(model), StackRef)
+            return is_stack(model)
         except LorastackError as e:
             raise from_lorastack(e, "model") from e
 
