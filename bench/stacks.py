@@ -7,7 +7,7 @@ Per composite task, every row on the same test inputs (held out by prompt hash) 
 `long` split (more words / fields / digits than any training record):
   base             the bare base, the composite prompt as is
   auto             the default router's choice per input
-  e2e adapter      one LoRA trained on the composite records, --steps x (trained stages) steps:
+  e2e adapter      one LoRA trained on the composite records, --steps x (trained adapters) steps:
                    the same records and the same total steps as the trained stack
   library stack    the stack over existing library adapters, no training (skipped, with the
                    reason, when a sub-task adapter is missing: train them with `make demo
@@ -15,8 +15,9 @@ Per composite task, every row on the same test inputs (held out by prompt hash) 
   trained stack    the library stack's decomposition with one adapter per model stage, trained
                    from the same records, --steps steps each (teacher-forced: each stage learns
                    from the reference intermediate outputs); model-free stages (regex, JSON
-                   field, list reversal, splitting a phrase into letters) are transforms; caesar_title's
-                   model decodes one letter per map item
+                   field, splitting a phrase into letters, crossing a picked word off a list) are
+                   transforms; caesar_title's model decodes one letter per map item, sort_desc's
+                   picks the last word of those left, nine times (selection sort, one adapter)
 Prints exact match, completion tokens and wall time per answer; writes stacks.json and stacks.png.
 """
 
@@ -87,7 +88,7 @@ def main() -> None:
         e2e = f"{name.replace('_', '-')}-e2e"
         t0 = time.perf_counter()
         trained_spec = parse_stack(task.trained_stack())
-        n_trained = sum(s.train for s in trained_spec.stages)
+        n_trained = len({s.model for s in trained_spec.stages if s.train})  # adapters: stages may share one
         e2e_cfg = TrainConfig(**{**cfg.__dict__, "steps": args.steps * n_trained})
         if e2e not in lib.names():
             train_to_library(rt.base, lib, train, e2e, e2e_cfg, progress=False,

@@ -75,18 +75,24 @@ def stage_records(spec: StackSpec, records: list[Record]) -> dict[str, list[Reco
 
 def train_stack(base: "Base", library: "Library", spec: StackSpec, records: list[Record], config: "TrainConfig",
                 overwrite: bool = False, progress: bool = True) -> list["Adapter"]:
-    """Train every `train: true` stage's adapter into the library; returns them in stage order."""
+    """Train every `train: true` stage's adapter into the library; returns them in stage order.
+
+    Stages that name the same adapter (one step repeated, e.g. the picks of a selection sort)
+    train it once, on all their records together, for `config.steps` steps."""
     from ..train import train_to_library
 
     per_stage = stage_records(spec, records)
-    adapters = []
+    per_adapter: dict[str, list[str]] = {}
     for s in spec.stages:
-        if s.name not in per_stage:
-            continue
-        name = parse_spec(s.model or "").names[0]  # type: ignore[union-attr]
+        if s.name in per_stage:
+            per_adapter.setdefault(parse_spec(s.model or "").names[0], []).append(s.name)  # type: ignore[union-attr]
+    adapters = []
+    for name, stages in per_adapter.items():
+        recs = [r for st in stages for r in per_stage[st]]
         adapters.append(train_to_library(
-            base, library, per_stage[s.name], name, config, overwrite=overwrite, progress=progress,
-            description=f"stage {s.name!r} of stack {spec.name!r}",
-            data_info={"stack": spec.name, "stage": s.name, "records": len(per_stage[s.name])},
+            base, library, recs, name, config, overwrite=overwrite, progress=progress,
+            description=f"stage {stages[0]!r} of stack {spec.name!r}" if len(stages) == 1
+            else f"stages {', '.join(stages)} of stack {spec.name!r}",
+            data_info={"stack": spec.name, "stage": stages[0] if len(stages) == 1 else stages, "records": len(recs)},
         ))
     return adapters
