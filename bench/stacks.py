@@ -15,9 +15,8 @@ Per composite task, every row on the same test inputs (held out by prompt hash) 
   trained stack    the library stack's decomposition with one adapter per model stage, trained
                    from the same records, --steps steps each (teacher-forced: each stage learns
                    from the reference intermediate outputs); model-free stages (regex, JSON
-                   field, splitting a phrase into letters, crossing a picked word off a list) are
-                   transforms; caesar_title's model decodes one letter per map item, sort_desc's
-                   picks the last word of those left, nine times (selection sort, one adapter)
+                   field, list reversal, splitting a phrase into letters) are transforms; caesar_title's
+                   model decodes one letter per map item
 Prints exact match, completion tokens and wall time per answer; writes stacks.json and stacks.png.
 """
 
@@ -117,7 +116,7 @@ def main() -> None:
             train_stack(rt.base, lib, trained_spec, train, cfg, overwrite=True, progress=False)
             for m in trained_spec.models():
                 rt.refresh(m)
-        print(f"{name:<13} trained stack {trained_spec.models()} ({args.steps} steps each) in {time.perf_counter() - t0:.0f}s",
+        print(f"{name:<13} trained stack {list(dict.fromkeys(trained_spec.models()))} ({args.steps} steps each) in {time.perf_counter() - t0:.0f}s",
               flush=True)
         measure("trained stack", lambda recs: evaluate_stack(runner, trained_spec, recs, progress=False))
         results[name] = rows

@@ -44,17 +44,11 @@ def _record_date(rng: random.Random, long: bool) -> tuple[str, str, dict[str, st
     return f"When was this person born? Answer with the date in words: {record}", words, {"extract": iso, "words": words}
 
 
-MAX_PICKS = 9  # the longest `long` sort_desc input; the trained stack picks this many words
-
-
 def _sort_desc(rng: random.Random, long: bool) -> tuple[str, str, dict[str, str]]:
     words = rng.sample(NOUNS, rng.randint(7, 9) if long else rng.randint(3, 6))
     asc = " ".join(sorted(words))
-    ordered = sorted(words, reverse=True)
-    desc = " ".join(ordered)
-    # `pickK`: the word that comes last among those not yet picked ("none" once all are).
-    picks = {f"pick{k}": ordered[k - 1] if k <= len(ordered) else "none" for k in range(1, MAX_PICKS + 1)}
-    return f"Sort these words in reverse alphabetical order: {' '.join(words)}", desc, {"sort": asc, "reverse": desc, **picks}
+    desc = " ".join(sorted(words, reverse=True))
+    return f"Sort these words in reverse alphabetical order: {' '.join(words)}", desc, {"sort": asc, "reverse": desc}
 
 
 def _caesar_title(rng: random.Random, long: bool) -> tuple[str, str, dict[str, str]]:
@@ -138,9 +132,8 @@ class CompositeTask:
         stages = []
         for s in TRAINED_STACKS[self.name]:
             s = dict(s)
-            adapter = s.pop("adapter", s["name"])  # stages doing the same step share one adapter
             if "model" in s:
-                s.update(model=f"{prefix}-{adapter}", train=True)
+                s.update(model=f"{prefix}-{s['name']}", train=True)
             stages.append(s)
         return {"name": f"{prefix}-trained", "stages": stages}
 
@@ -166,32 +159,14 @@ class CompositeTask:
 # transforms around it only split the phrase into letters ("_" for a space) and join the
 # model's answers back; the shift itself is the model's.
 _WORD_LIST = {"name": "words", "prompt": "{input}", "parse": [{"regex": r":\s*(.*)$"}]}
-
-
-def _selection_sort() -> list[dict[str, Any]]:
-    """sort_desc as selection sort: MAX_PICKS model stages, all one adapter, each naming the
-    word that comes last among those left ("none" when none are), and after each a transform
-    that strikes the picked word from the list; the answer is the picks in order. Picking the
-    last of a few words is one comparison scan a 135M model can learn, where writing a whole
-    sorted list at once is not (27.5% exact match end to end, 28% as one sort stage). The
-    order is the model's: the transforms only cross words off and join the picks."""
-    stages: list[dict[str, Any]] = [_WORD_LIST]
-    left = "words"
-    for k in range(1, MAX_PICKS + 1):
-        stages.append({"name": f"pick{k}", "adapter": "pick", "model": "-", "max_tokens": 8,
-                       "prompt": f"Which of these words comes last in alphabetical order: {{stages.{left}.output}}"})
-        stages.append({"name": f"left{k}", "prompt": f"{{stages.pick{k}.output}}|{{stages.{left}.output}}",
-                       "parse": [{"replace": [r"^(\S+)\|(.*?)\b\1\b ?(.*)$", r"\2\3"]}, {"regex": r"([^|]*)$"}, "strip"]})
-        left = f"left{k}"
-    stages.pop()  # nothing reads the list left after the last pick
-    stages.append({"name": "reverse", "prompt": " ".join(f"{{stages.pick{k}.output}}" for k in range(1, MAX_PICKS + 1)),
-                   "parse": [{"replace": [r"\bnone\b", ""]}, {"split": " "}, {"join": " "}]})
-    return stages
 TRAINED_STACKS: dict[str, list[dict[str, Any]]] = {
     "record_date": [
         {"name": "extract", "prompt": "{input}", "parse": [{"regex": r"(\{.*\})", "group": 1}, {"json_field": "born"}]},
         {"name": "words", "prompt": "Rewrite the date {stages.extract.output} in words", "model": "-"}],
-    "sort_desc": _selection_sort(),
+    "sort_desc": [
+        _WORD_LIST,
+        {"name": "sort", "prompt": "Sort these words alphabetically: {stages.words.output}", "model": "-"},
+        {"name": "reverse", "prompt": "{stages.sort.output}", "parse": [{"split": " "}, "reverse", {"join": " "}]}],
     "caesar_title": [
         dict(_WORD_LIST, name="coded"),
         {"name": "spelled", "prompt": "{stages.coded.output}", "parse": [{"replace": [" ", "_"]}, "chars"]},
