@@ -383,9 +383,7 @@ app.add_typer(router_app, name="router")
 @router_app.command("fit")
 def router_fit(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Fit the learned gate on the library's stored examples (for auto:learned)."""
-    from .routing.learned import LearnedRouter
-
-    info = LearnedRouter(_runtime()).fit()
+    info = _runtime().router("learned").fit()  # with the config's [routing.learned] options (e.g. sentence)
     if as_json:
         _print_json(info)
     else:

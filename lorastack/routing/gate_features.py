@@ -6,8 +6,8 @@ rows are every routable adapter's stored examples plus their instruction views
 (`routing.views`), and the generic "no expert" prompts plus their wrapped views. Embedding
 the views costs a few seconds per adapter, so each adapter's rows are stored once as a
 routing signature (kind = base, encoder and views version) and the generic rows in one file
-next to the library: refitting the gate after a library change reads them and costs well
-under a second, and a cold `auto` embeds only its request.
+next to the library: refitting the gate after a library change reads them (1-2 s on 8
+adapters, mostly the fit itself), and a cold `auto` embeds only its request.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 GENERIC_FILE = "router-gate-generic-{digest}.safetensors"
 # The second encoder runs on its own thread, next to the base's layers (torch releases the
 # GIL inside its ops): a request's routing then waits for the slower of the two forwards, not
-# their sum, when a second core is free (measured: 47.6 ms -> see bench/routing.py). One
-# worker, so the encoder (and its cache) is only ever used from that thread.
+# their sum, when a second core is free (on the shared, loaded test machine it did not help:
+# no core was free). One worker, so the encoder (and its cache) is only used from that thread.
 _SENTENCE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastack-sentence")
 
 
