@@ -5,7 +5,8 @@
 Both routers cost one short forward through the base's first layers (the embedding;
 independent of the library, never served from the embedding cache here) plus: for kNN a
 similarity search over every stored example (64 per adapter by default) and the generic
-prompts; for the learned gate (the default `auto`) one [d, adapters+1] matrix product.
+prompts; for the learned gate (the default `auto`) a MiniLM-L6 forward when that encoder is
+installed (`lorastack.routing.sentence`) and one [d, adapters+1] matrix product.
 Latency uses synthetic signatures (random unit vectors; the cost depends on their number,
 not their values). The overhead is measured against the same engine generating 32 tokens
 for the same single request.
@@ -64,9 +65,13 @@ def main() -> None:
     def uncached(fn):
         def run():
             knn_module._EMBED_CACHE.clear()
+            for gate_router in gates:
+                if gate_router.features.encoder is not None:
+                    gate_router.features.encoder.clear_cache()
             return fn()
         return run
 
+    gates: list[LearnedRouter] = []
     embed_s = timed(uncached(lambda: router.embed([PROMPT])), args.repeat)
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []
@@ -80,9 +85,11 @@ def main() -> None:
         router.index = lambda idx=idx: idx  # synthetic library of n adapters
         total = timed(uncached(lambda: router.route([PROMPT])), args.repeat)
         gate = LearnedRouter(rt)
+        gates.append(gate)
         gate.knn.index = lambda idx=idx: idx
-        W = rng.normal(size=(dim, n + 1)).astype(np.float32)
-        state = (names, W, np.zeros(n + 1, np.float32), np.zeros(dim, np.float32), Calibration(np.array([0.5]), 1000))
+        fdim = gate.features.embed([PROMPT]).shape[1]  # base layers, plus MiniLM's when installed
+        W = rng.normal(size=(fdim, n + 1)).astype(np.float32)
+        state = (names, W, np.zeros(n + 1, np.float32), np.zeros(fdim, np.float32), Calibration(np.array([0.5]), 1000))
         gate._current, gate._load = (lambda: names), (lambda state=state: state)
         learned = timed(uncached(lambda: gate.route([PROMPT])), args.repeat)
         rows.append({"adapters": n, "stored_examples": n * args.examples, "route_ms": total * 1000,

@@ -383,9 +383,7 @@ app.add_typer(router_app, name="router")
 @router_app.command("fit")
 def router_fit(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Fit the learned gate on the library's stored examples (for auto:learned)."""
-    from .routing.learned import LearnedRouter
-
-    info = LearnedRouter(_runtime()).fit()
+    info = _runtime().router("learned").fit()  # with the config's [routing.learned] options (e.g. sentence)
     if as_json:
         _print_json(info)
     else:
@@ -947,7 +945,7 @@ def compose_fewshot(
     top: int = typer.Option(8, "--top", help="Candidates picked by the router when --candidates is not given."),
     budget: int = typer.Option(40, "--budget", help="Loss evaluations (forward passes over all examples) the search may spend."),
     l1: float = typer.Option(0.05, "--l1", help="L1 penalty on the weights (LoraHub)."),
-    search: str = typer.Option("cma", "--search", help="cma (gradient-free, LoraHub) or gradient (Adam on the K weights)."),
+    search: str = typer.Option("gradient", "--search", help="gradient (Adam on the K weights; the default: it won the few-shot benchmark) or cma (gradient-free, LoraHub)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the search (same seed, same weights)."),
     subtract: Optional[str] = typer.Option(None, "--subtract", help="Subtract this general adapter from every candidate (GenKnowSub)."),
     svd_rank: Optional[int] = typer.Option(None, "--svd-rank", help="Compress the result to this rank (lossy; default: exact cat)."),

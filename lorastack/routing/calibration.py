@@ -37,14 +37,38 @@ class Calibration:
     false_margins: np.ndarray
     n_neg: int
     positive_margins: np.ndarray = field(default_factory=lambda: np.zeros(0))  # own examples, leave-one-out
+    false_owners: np.ndarray | None = None  # the adapter each false margin would reach, when known
 
     @classmethod
-    def fit(cls, neg_margins: np.ndarray, neg_wrong: np.ndarray, positive_margins: np.ndarray | None = None) -> "Calibration":
-        """`neg_margins[i]` is negative i's margin for the adapter it would be routed to;
-        `neg_wrong[i]` whether that route would be wrong (always, for generic prompts)."""
-        false = np.sort(np.asarray(neg_margins, dtype=np.float64)[np.asarray(neg_wrong, dtype=bool)])[::-1]
+    def fit(cls, neg_margins: np.ndarray, neg_wrong: np.ndarray, positive_margins: np.ndarray | None = None,
+            neg_owners: np.ndarray | None = None) -> "Calibration":
+        """`neg_margins[i]` is negative i's margin for the adapter it would be routed to
+        (`neg_owners[i]`, when given); `neg_wrong[i]` whether that route would be wrong
+        (always, for generic prompts)."""
+        wrong = np.asarray(neg_wrong, dtype=bool)
+        margins_ = np.asarray(neg_margins, dtype=np.float64)[wrong]
+        order = np.argsort(-margins_, kind="stable")
         pos = np.asarray(positive_margins if positive_margins is not None else [], dtype=np.float64)
-        return cls(false, int(len(neg_margins)), pos)
+        owners = np.asarray(neg_owners, dtype=np.int64)[wrong][order] if neg_owners is not None else None
+        return cls(margins_[order], int(len(neg_margins)), pos, owners)
+
+    def for_adapter(self, adapter: int) -> "Calibration":
+        """The negatives that would reach `adapter`, as a calibration of their own (at rate r it
+        lets through at most r of *those*); the whole calibration when it does not know whose
+        each negative is, or when some negatives are not false routes."""
+        if self.false_owners is None or len(self.false_margins) != self.n_neg:
+            return self
+        mine = self.false_owners == adapter
+        return Calibration(self.false_margins[mine], int(mine.sum()), self.positive_margins, self.false_owners[mine])
+
+    def adapter_threshold(self, adapter: int, false_route: float = DEFAULT_FALSE_ROUTE) -> float:
+        """The shared threshold, lowered to `adapter`'s own when the negatives that would reach
+        it sit lower: a pair of easily confused adapters no longer sets the bar for a third
+        whose negatives all stay far below it. Never higher than the shared one (an adapter
+        reached by few negatives has too few to fit a stricter bar on), and at most twice the
+        shared budget of negatives gets through: those above the shared bar, plus at most r
+        of each adapter's own below it."""
+        return min(self.threshold(false_route), self.for_adapter(adapter).threshold(false_route))
 
     def threshold(self, false_route: float = DEFAULT_FALSE_ROUTE) -> float:
         """The lowest margin at which at most `false_route` of the negatives are routed."""

@@ -1,18 +1,30 @@
 """Learned routing (mixture-of-LoRA gating, MoLE/DLP-LoRA style): a small gate over sentence features.
 
-The gate is a multinomial logistic regression on the same centred base embeddings the
-kNN router uses, fitted on the library's stored examples plus one extra class, "none",
-made of the generic chat prompts the kNN router calibrates on (so the gate learns to say
-"no expert" instead of always naming one). Fitting takes well under a second, so the gate
-refits itself whenever the library's routable adapters differ from the ones it was fitted
-on (`lorastack router fit` does the same explicitly). It keeps the adapters whose
-probabilities make up `top_p` of the mass (at most `top_k`) as a weighted mixture.
+The gate is a multinomial logistic regression on centred sentence features (the base
+embeddings the kNN router uses, next to MiniLM's when installed: `routing.gate_features`),
+fitted on the library's stored examples and their instruction views (`routing.views`: the
+same requests re-framed, so an adapter trained on one or two phrasings is not learned as
+one sentence) plus one extra class, "none", made of the generic chat prompts the kNN
+router calibrates on and their wrapped views (so the gate learns to say "no expert"
+instead of always naming one). Fitting takes 1-2 s from the stored rows (0.5 s before views
+and MiniLM), so the gate refits itself whenever the library's routable adapters differ from
+the ones it was fitted on (`lorastack router fit` does the same explicitly). It keeps the
+adapters whose probabilities make up `top_p` of the mass (at most `top_k`) as a weighted
+mixture.
 
 Abstention: route only when the best adapter is more probable than "no expert" and its
 probability reaches a threshold fitted on negatives at the router's false-route rate (a
-decision reports the higher of the two as the threshold it had to reach). The negatives' probabilities come from
-two-fold cross-fitting (each half scored by a gate fitted on the other half), since a gate
-scored on its own training data would look falsely certain. Saved as safetensors next to
+decision reports the higher of the two as the threshold it had to reach). The shared
+threshold is lowered for an adapter whose own negatives (those the gate would send to it)
+sit lower, fitted on them at the same rate (`Calibration.adapter_threshold`): a narrow
+adapter no longer has to clear the bar set by two easily confused neighbours (measured: a
+two-phrasing adapter lost 10 of its 100 held-out paraphrases to the shared bar, 0.54, with
+every negative that reached it at probability 0). Thresholds fitted on each adapter's
+negatives alone lost: with under 100 negatives each, 1% allows none, so they were stricter
+than the shared one for the confusable pair (reverse_words in-template top-1 fell to 92%).
+The negatives' probabilities come from two-fold cross-fitting (each half scored by a gate
+fitted on the other half; views train with their source's half), since a gate scored on
+its own training data would look falsely certain. Saved as safetensors next to
 the library index (never pickle).
 """
 
@@ -29,8 +41,10 @@ from ..atomic import TMP_PREFIX
 from ..errors import LorastackError
 from ..route import BASE_ROUTE, Route
 from .calibration import DEFAULT_FALSE_ROUTE, Calibration, load_override
+from .gate_features import GateFeatures
 from .knn import KnnRouter, _unit
 from .router import RouteDecision, register
+from .sentence import default_encoder
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -71,28 +85,34 @@ def gate_confidence(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return best, np.where(pb > p[:, -1], pb, 0.0)
 
 
-def gate_calibration(x: np.ndarray, y: np.ndarray, n_classes: int, folds: np.ndarray) -> Calibration:
+def gate_calibration(x: np.ndarray, y: np.ndarray, n_classes: int, folds: np.ndarray,
+                     extra: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Calibration:
     """Out-of-fold confidences: negatives are "none" rows and rows whose best adapter is wrong;
     positives are rows whose best adapter is right. `folds` (0/1) keep each generic template
-    on one side, so negatives are scored by a gate that never saw their phrasing."""
+    on one side, so negatives are scored by a gate that never saw their phrasing. `extra`
+    (rows, labels, folds) are views: trained on with their source's fold, never scored (a view
+    scored by a gate that saw its source would look falsely certain)."""
     conf = np.zeros(len(y))
     best = np.zeros(len(y), dtype=np.int64)
+    xa, ya, fa = extra if extra is not None else (x[:0], y[:0], folds[:0])
     for f in (0, 1):
         if (folds == f).all() or not (folds == f).any():
             continue
-        W, b = fit_gate(x[folds != f], y[folds != f], n_classes)
+        W, b = fit_gate(np.concatenate([x[folds != f], xa[fa != f]]), np.concatenate([y[folds != f], ya[fa != f]]), n_classes)
         best[folds == f], conf[folds == f] = gate_confidence(softmax(x[folds == f] @ W + b))
     wrong = best != y
-    return Calibration.fit(conf[wrong], np.ones(int(wrong.sum()), dtype=bool), conf[~wrong])
+    return Calibration.fit(conf[wrong], np.ones(int(wrong.sum()), dtype=bool), conf[~wrong], best[wrong])
 
 
 class LearnedRouter:
     name = "learned"
 
-    def __init__(self, runtime: "Runtime", top_k: int = 1, top_p: float = 0.9, false_route: float = DEFAULT_FALSE_ROUTE) -> None:
+    def __init__(self, runtime: "Runtime", top_k: int = 1, top_p: float = 0.9, false_route: float = DEFAULT_FALSE_ROUTE,
+                 sentence: bool = True) -> None:
         self.runtime = runtime
         self.top_k, self.top_p, self.false_route = int(top_k), float(top_p), float(false_route)
         self.knn = KnnRouter(runtime, false_route=false_route)  # same embeddings, signatures and description fallback
+        self.features = GateFeatures(self.knn, default_encoder() if sentence else None)
         self._gate: tuple[list[str], np.ndarray, np.ndarray, np.ndarray, Calibration] | None = None
         self.override: float | None = None  # a threshold fitted on the user's data (router calibrate)
 
@@ -101,8 +121,8 @@ class LearnedRouter:
         return self.runtime.library.root / GATE_FILE
 
     def fit(self) -> dict:
-        """Train the gate on every routable adapter's stored examples plus the generic "none"
-        class, calibrate its threshold, and save it atomically."""
+        """Train the gate on every routable adapter's stored examples and their views plus the
+        generic "none" class, calibrate its threshold, and save it atomically."""
         from safetensors.numpy import save_file
 
         t0 = time.perf_counter()
@@ -110,19 +130,36 @@ class LearnedRouter:
         n = idx.n_with_examples
         if n < 1:
             raise LorastackError("the learned router needs at least 1 adapter with stored examples")
-        x = np.concatenate([idx.bank, idx.generic])
-        y = np.concatenate([idx.owners, np.full(len(idx.generic), n)])
-        W, b = fit_gate(x, y, n + 1)
-        folds = np.concatenate([np.random.default_rng(0).permutation(len(idx.owners)) % 2, idx.generic_groups % 2])
-        cal = gate_calibration(x, y, n + 1, folds)
-        acc = float(((idx.bank @ W + b).argmax(1) == idx.owners).mean())
+        stored = self.features.stored()
+        rows = [self.features.adapter_rows(name, stored) for name in idx.names[:n]]
+        generic, groups = self.features.generic_rows()
+        present = [(a, r) for a, r in enumerate(rows) if r is not None]
+        mean = np.concatenate([*(r.real for _, r in present), generic.real]).mean(0)
+        owners = np.concatenate([np.full(len(r.real), a) for a, r in present])
+        bank = _unit(np.concatenate([r.real for _, r in present]) - mean)
+        x = np.concatenate([bank, _unit(generic.real - mean)])
+        y = np.concatenate([owners, np.full(len(generic.real), n)])
+        # Views train the gate; each takes its source's fold in the calibration's cross-fitting.
+        ex_folds = np.random.default_rng(0).permutation(len(owners)) % 2
+        folds = np.concatenate([ex_folds, groups % 2])
+        starts = np.cumsum([0] + [len(r.real) for _, r in present])
+        views = [(_unit(r.views - mean), np.full(len(r.views), a), ex_folds[start + r.sources])
+                 for (a, r), start in zip(present, starts)]
+        views.append((_unit(generic.views - mean), np.full(len(generic.views), n), groups[generic.sources] % 2))
+        xa, ya, fa = (np.concatenate([v[i] for v in views]) for i in range(3))
+        W, b = fit_gate(np.concatenate([x, xa]), np.concatenate([y, ya]), n + 1)
+        cal = gate_calibration(x, y, n + 1, folds, (xa, ya, fa))
+        acc = float(((bank @ W + b).argmax(1) == owners).mean())
         tmp = self.path.with_name(TMP_PREFIX + GATE_FILE)
-        save_file({"W": W.astype(np.float32), "b": b.astype(np.float32), "mean": idx.mean.astype(np.float32),
-                   "neg": cal.false_margins.astype(np.float32), "pos": cal.positive_margins.astype(np.float32)}, str(tmp),
-                  metadata={"names": json.dumps(idx.names[:n]), "base": self.runtime.base.fingerprint, "n_neg": str(cal.n_neg)})
+        save_file({"W": W.astype(np.float32), "b": b.astype(np.float32), "mean": mean.astype(np.float32),
+                   "neg": cal.false_margins.astype(np.float32), "neg_owner": cal.false_owners.astype(np.int64),
+                   "pos": cal.positive_margins.astype(np.float32)}, str(tmp),
+                  metadata={"names": json.dumps(idx.names[:n]), "base": self.runtime.base.fingerprint, "n_neg": str(cal.n_neg),
+                           "features": self.features.kind})
         tmp.replace(self.path)
         self._gate = None
-        return {"adapters": n, "examples": int(len(idx.owners)), "generic": int(len(idx.generic)), "train_accuracy": acc,
+        return {"adapters": n, "examples": int(len(owners)), "views": int(len(ya)), "generic": int(len(generic.real)),
+                "features": self.features.kind, "train_accuracy": acc,
                 "seconds": round(time.perf_counter() - t0, 2), "path": str(self.path)}
 
     def _current(self) -> list[str]:
@@ -140,8 +177,10 @@ class LearnedRouter:
             if self.path.exists():
                 with safe_open(str(self.path), framework="numpy") as f:
                     meta = f.metadata()
-                    if meta.get("base") == self.runtime.base.fingerprint and json.loads(meta["names"]) == current:
-                        cal = Calibration(f.get_tensor("neg").astype(np.float64), int(meta["n_neg"]), f.get_tensor("pos"))
+                    if (meta.get("base") == self.runtime.base.fingerprint and json.loads(meta["names"]) == current
+                            and meta.get("features") == self.features.kind):
+                        cal = Calibration(f.get_tensor("neg").astype(np.float64), int(meta["n_neg"]), f.get_tensor("pos"),
+                                          f.get_tensor("neg_owner") if "neg_owner" in f.keys() else None)
                         self._gate = (current, f.get_tensor("W"), f.get_tensor("b"), f.get_tensor("mean"), cal)
                         self.override = load_override(self.runtime.library.root, self.name, self.runtime.base.fingerprint, current)
                         return self._gate
@@ -152,12 +191,15 @@ class LearnedRouter:
     def routable(self) -> list[str]:
         return self._current()
 
-    def threshold(self, false_route: float | None = None) -> float:
-        """The probability the best adapter must reach: user-calibrated, else fitted at the operating point."""
+    def threshold(self, false_route: float | None = None, adapter: int | None = None) -> float:
+        """The probability the best adapter must reach: user-calibrated, else fitted at the
+        operating point — the shared threshold, or `adapter`'s when one is named (the shared
+        one, lowered where the negatives that would reach that adapter sit lower)."""
         cal = self._load()[4]
         if false_route is None and self.override is not None:
             return self.override
-        return cal.threshold(self.false_route if false_route is None else false_route)
+        rate = self.false_route if false_route is None else false_route
+        return cal.threshold(rate) if adapter is None else cal.adapter_threshold(adapter, rate)
 
     def route(self, texts: list[str], false_route: float | None = None) -> list[RouteDecision]:
         t0 = time.perf_counter()
@@ -165,10 +207,8 @@ class LearnedRouter:
         if not self._current():  # no adapter has examples: only the description fallback can route
             return self.knn.route(texts, false_route=rate)
         names, W, b, mean, _ = self._load()
-        threshold = self.threshold(false_route)
-        raw = self.knn.embed(texts)
-        probs = softmax(_unit(raw - mean) @ W + b)
-        q = _unit(raw - self.knn.index().mean)
+        probs = softmax(_unit(self.features.embed(texts) - mean) @ W + b)
+        q = self.knn.query(texts)
         generic_best = self.knn.generic_best(q)
         per = (time.perf_counter() - t0) / len(texts)
         out = []
@@ -186,6 +226,7 @@ class LearnedRouter:
             # Route when the best adapter beats "no expert" and reaches the calibrated threshold;
             # the threshold shown is whichever of the two it had to clear.
             best_p = float(pa[order[0]])
+            threshold = self.threshold(false_route, int(order[0]))
             confident = bool(conf > 0 and conf >= threshold)
             shown = max(threshold, p_none)
             total = sum(pa[i] for i in keep)
