@@ -1,7 +1,7 @@
 """Stacks vs one adapter trained end to end, on the composite tasks, with a longer-input column.
 
     python bench/stacks.py [--tasks record_date,sort_desc,caesar_title,word_problem]
-                           [--n-train 400] [--steps 60] [--n-test 200] [--import-from LIBRARY] [--out out/stacks]
+                           [--n-train 400] [--steps 60] [--n-test 200] [--seed 0] [--import-from LIBRARY] [--out out/stacks]
 
 Per composite task, every row on the same test inputs (held out by prompt hash) and on the
 `long` split (more words / fields / digits than any training record):
@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--library", default=None, help="library to train into and read sub-task adapters from")
     ap.add_argument("--import-from", default=None, help="copy missing sub-task adapters from this library first")
+    ap.add_argument("--seed", type=int, default=0, help="training seed and training-data seed (test inputs stay fixed), "
+                    "to see run-to-run spread")
     ap.add_argument("--out", default="out/stacks")
     args = ap.parse_args()
     out_dir = Path(args.out)
@@ -64,11 +66,11 @@ def main() -> None:
     rt = Runtime.open(library=args.library)
     lib: Library = rt.library
     runner = StackRunner(rt)
-    cfg = TrainConfig(rank=16, alpha=32, steps=args.steps, seed=0, eval_generate=0)
+    cfg = TrainConfig(rank=16, alpha=32, steps=args.steps, seed=args.seed, eval_generate=0)
     results: dict[str, dict] = {}
     for name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         task = get_composite(name)
-        train = task.generate(args.n_train, "train", seed=0)
+        train = task.generate(args.n_train, "train", seed=args.seed)
         splits = {"test": task.generate(args.n_test, "test", seed=0), "long": task.generate(args.n_test, "long", seed=0)}
         rows: dict[str, dict[str, dict]] = {s: {} for s in splits}
 
