@@ -45,20 +45,53 @@ static inline __m512bh load32(const uint16_t *p, int left) {
 }
 
 #define MAX_ROWS 8
+#ifndef BF16_OB1
+#define BF16_OB1 1
+#endif
+#ifndef BF16_OB2
+#define BF16_OB2 1
+#endif
 
 /* y[m, out] = x[m, in] @ W[out, in]^T (bf16 in and out, fp32 accumulation), m <= MAX_ROWS.
- * Each weight row is read once for all m input rows. */
-void lorastack_gemv_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int m, int in, int out, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int o = 0; o < out; o++) {
-        const uint16_t *w = W + (int64_t)o * in;
-        __m512 acc[MAX_ROWS];
-        for (int r = 0; r < m; r++) acc[r] = _mm512_setzero_ps();
-        for (int i = 0; i < in; i += 32) {
-            __m512bh wv = load32(w + i, in - i);
-            for (int r = 0; r < m; r++) acc[r] = _mm512_dpbf16_ps(acc[r], wv, load32(x + (int64_t)r * in + i, in - i));
+ * Each weight row is read once for all m input rows; OB output rows per job (see block_rows:
+ * independent accumulator chains, each summed in the same order, so OB never changes bits). */
+static inline __attribute__((always_inline)) void bf16_rows(const int OB, const int m, const uint16_t *x, const uint16_t *W,
+                                                            uint16_t *y, int in, int out, int o0) {
+    __m512 acc[4][MAX_ROWS];
+    for (int j = 0; j < OB; j++)
+        for (int r = 0; r < m; r++) acc[j][r] = _mm512_setzero_ps();
+    for (int i = 0; i < in; i += 32) {
+        __m512bh wv[4];
+        for (int j = 0; j < OB; j++) wv[j] = load32(W + (int64_t)(o0 + j) * in + i, in - i);
+        for (int r = 0; r < m; r++) {
+            __m512bh xv = load32(x + (int64_t)r * in + i, in - i);
+            for (int j = 0; j < OB; j++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv[j], xv);
         }
-        for (int r = 0; r < m; r++) y[(int64_t)r * out + o] = f32_to_bf16(_mm512_reduce_add_ps(acc[r]));
+    }
+    for (int j = 0; j < OB; j++)
+        for (int r = 0; r < m; r++) y[(int64_t)r * out + o0 + j] = f32_to_bf16(_mm512_reduce_add_ps(acc[j][r]));
+}
+
+#define BF16_LOOP(OB, M)                                                                       \
+    do {                                                                                       \
+        int groups = out / (OB);                                                               \
+        _Pragma("omp for schedule(static)") for (int g = 0; g < groups; g++)                   \
+            bf16_rows(OB, M, x, W, y, in, out, g * (OB));                                      \
+        _Pragma("omp for schedule(static)") for (int o = groups * (OB); o < out; o++)          \
+            bf16_rows(1, M, x, W, y, in, out, o);                                              \
+    } while (0)
+
+void lorastack_gemv_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int m, int in, int out, int threads) {
+#pragma omp parallel num_threads(threads)
+    switch (m) {
+    case 1: BF16_LOOP(BF16_OB1, 1); break;
+    case 2: BF16_LOOP(BF16_OB2, 2); break;
+    case 3: BF16_LOOP(1, 3); break;
+    case 4: BF16_LOOP(1, 4); break;
+    case 5: BF16_LOOP(1, 5); break;
+    case 6: BF16_LOOP(1, 6); break;
+    case 7: BF16_LOOP(1, 7); break;
+    default: BF16_LOOP(1, 8); break;
     }
 }
 
@@ -200,45 +233,81 @@ static inline void row_scales(const uint8_t *w, int nb, int bytes, float *d, flo
     }
 }
 
-/* y[m, out] = x[m, in] @ W^T with W [out] rows of in/32 blocks of `kind`, m <= MAX_ROWS. */
-static inline __attribute__((always_inline)) void gemv_blocks(int kind, const uint16_t *x, const uint8_t *W, uint16_t *y,
-                                                              int m, int in, int out, int threads) {
+/* Output rows OB (1, 2 or 4) at a time, for m input rows: y[r, o0 + j] for j < OB.
+ * Why several output rows: at 1-2 input rows each output's dot product is one serial chain of
+ * `vdpbf16ps` (latency ~6 cycles) and the kernel waited on it; OB independent chains (each
+ * still summed in exactly the order of the one-row loop, so the bits do not change) keep the
+ * unit busy. Measured with bench/kernels.py at 1 thread. */
+static inline __attribute__((always_inline)) void block_rows(int kind, const int OB, const int m, const uint16_t *x,
+                                                             const uint8_t *W, uint16_t *y, int in, int out, int o0) {
     int nb = in / 32, bytes = kind == BLOCK_Q4_1 ? 20 : 34;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int o = 0; o < out; o++) {
-        const uint8_t *w = W + (int64_t)o * nb * bytes;
-        __m512 acc[MAX_ROWS];
-        for (int r = 0; r < m; r++) acc[r] = _mm512_setzero_ps();
-        int b = 0;
-        if (kind == BLOCK_Q4_1) {
-            float ds[nb], ms[nb];
-            row_scales(w, nb, bytes, ds, ms);
-            for (; b + 2 <= nb; b += 2) {
-                __m512bh w0, w1;
-                q4_1_pair(w + b * bytes, ds + b, ms + b, &w0, &w1);
-                for (int r = 0; r < m; r++) {
-                    const uint16_t *xr = x + (int64_t)r * in + b * 32;
-                    acc[r] = _mm512_dpbf16_ps(acc[r], w0, (__m512bh)_mm512_loadu_si512(xr));
-                    acc[r] = _mm512_dpbf16_ps(acc[r], w1, (__m512bh)_mm512_loadu_si512(xr + 32));
-                }
+    __m512 acc[4][MAX_ROWS];
+    for (int j = 0; j < OB; j++)
+        for (int r = 0; r < m; r++) acc[j][r] = _mm512_setzero_ps();
+    int b = 0;
+    if (kind == BLOCK_Q4_1) {
+        float ds[4][nb], ms[4][nb];
+        for (int j = 0; j < OB; j++) row_scales(W + (int64_t)(o0 + j) * nb * bytes, nb, bytes, ds[j], ms[j]);
+        for (; b + 2 <= nb; b += 2) {
+            __m512bh w0[4], w1[4];
+            for (int j = 0; j < OB; j++) q4_1_pair(W + ((int64_t)(o0 + j) * nb + b) * bytes, ds[j] + b, ms[j] + b, &w0[j], &w1[j]);
+            for (int r = 0; r < m; r++) {
+                const uint16_t *xr = x + (int64_t)r * in + b * 32;
+                __m512bh x0 = (__m512bh)_mm512_loadu_si512(xr), x1 = (__m512bh)_mm512_loadu_si512(xr + 32);
+                for (int j = 0; j < OB; j++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], w0[j], x0);
+                for (int j = 0; j < OB; j++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], w1[j], x1);
             }
         }
-        for (; b < nb; b++) {
-            __m512bh wv = kind == BLOCK_Q4_1 ? q4_1_block(w + b * bytes) : q8_0_block(w + b * bytes);
-            for (int r = 0; r < m; r++)
-                acc[r] = _mm512_dpbf16_ps(acc[r], wv, (__m512bh)_mm512_loadu_si512(x + (int64_t)r * in + b * 32));
-        }
-        for (int r = 0; r < m; r++) y[(int64_t)r * out + o] = f32_to_bf16(_mm512_reduce_add_ps(acc[r]));
     }
+    for (; b < nb; b++) {
+        __m512bh wv[4];
+        for (int j = 0; j < OB; j++) {
+            const uint8_t *blk = W + ((int64_t)(o0 + j) * nb + b) * bytes;
+            wv[j] = kind == BLOCK_Q4_1 ? q4_1_block(blk) : q8_0_block(blk);
+        }
+        for (int r = 0; r < m; r++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (int64_t)r * in + b * 32);
+            for (int j = 0; j < OB; j++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv[j], xv);
+        }
+    }
+    for (int j = 0; j < OB; j++)
+        for (int r = 0; r < m; r++) y[(int64_t)r * out + o0 + j] = f32_to_bf16(_mm512_reduce_add_ps(acc[j][r]));
 }
 
-void lorastack_gemv_q4_1(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads) {
-    gemv_blocks(BLOCK_Q4_1, x, W, y, m, in, out, threads);
-}
+/* y[m, out] = x[m, in] @ W^T with W [out] rows of in/32 blocks of `kind`, m <= MAX_ROWS.
+ * Specialised per m (and output rows per job) so the accumulators live in registers. */
+#define BLOCK_LOOP(OB, M)                                                                      \
+    do {                                                                                       \
+        int groups = out / (OB);                                                               \
+        _Pragma("omp for schedule(static)") for (int g = 0; g < groups; g++)                   \
+            block_rows(kind, OB, M, x, W, y, in, out, g * (OB));                               \
+        _Pragma("omp for schedule(static)") for (int o = groups * (OB); o < out; o++)          \
+            block_rows(kind, 1, M, x, W, y, in, out, o);                                       \
+    } while (0)
 
-void lorastack_gemv_q8_0(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads) {
-    gemv_blocks(BLOCK_Q8_0, x, W, y, m, in, out, threads);
-}
+/* One exported function per block kind, each with its own parallel region: an always-inline
+ * helper taking `kind` would share one outlined OpenMP body in which `kind` is a runtime value
+ * (branches in the inner loop; measured 3x slower on Q8_0). */
+#define GEMV_BLOCKS(NAME, KIND, OB1, OB2)                                                                    \
+    void NAME(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads) {    \
+        const int kind = KIND;                                                                           \
+        _Pragma("omp parallel num_threads(threads)") switch (m) {                                        \
+        case 1: BLOCK_LOOP(OB1, 1); break;                                                               \
+        case 2: BLOCK_LOOP(OB2, 2); break;                                                               \
+        case 3: BLOCK_LOOP(1, 3); break;                                                                 \
+        case 4: BLOCK_LOOP(1, 4); break;                                                                 \
+        case 5: BLOCK_LOOP(1, 5); break;                                                                 \
+        case 6: BLOCK_LOOP(1, 6); break;                                                                 \
+        case 7: BLOCK_LOOP(1, 7); break;                                                                 \
+        default: BLOCK_LOOP(1, 8); break;                                                                \
+        }                                                                                                \
+    }
+
+/* Output rows per job at 1 and 2 input rows, measured (python bench/kernels.py; best of 7, one
+ * thread, embedded base): Q4_1 at 1 row 4 -> 0.80x the time of 1, at 2 rows 4 -> 0.87x; Q8_0
+ * (the LM head) got 2-3x slower with 2 or 4 (not understood; its loads are contiguous), so 1. */
+GEMV_BLOCKS(lorastack_gemv_q4_1, BLOCK_Q4_1, 4, 4)
+GEMV_BLOCKS(lorastack_gemv_q8_0, BLOCK_Q8_0, 1, 1)
 
 /* ---------------------------------------------------------------- decode attention
  * Attention of a few new query tokens against the KV cache, one (token, head) per job:
