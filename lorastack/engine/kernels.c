@@ -45,6 +45,19 @@ static inline __m512bh load32(const uint16_t *p, int left) {
 }
 
 #define MAX_ROWS 8
+/* `switch (m)` over 1..MAX_ROWS running LOOP(output rows per job, m) with m a constant, so
+ * each case's accumulators stay in registers; OB1 and OB2 are the rows per job at m = 1, 2. */
+#define PER_ROWS(LOOP, OB1, OB2)                                                                         \
+    switch (m) {                                                                                         \
+    case 1: LOOP(OB1, 1); break;                                                                         \
+    case 2: LOOP(OB2, 2); break;                                                                         \
+    case 3: LOOP(1, 3); break;                                                                           \
+    case 4: LOOP(1, 4); break;                                                                           \
+    case 5: LOOP(1, 5); break;                                                                           \
+    case 6: LOOP(1, 6); break;                                                                           \
+    case 7: LOOP(1, 7); break;                                                                           \
+    default: LOOP(1, 8); break;                                                                          \
+    }
 #ifndef BF16_OB1
 #define BF16_OB1 1
 #endif
@@ -83,16 +96,7 @@ static inline __attribute__((always_inline)) void bf16_rows(const int OB, const 
 
 void lorastack_gemv_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int m, int in, int out, int threads) {
 #pragma omp parallel num_threads(threads)
-    switch (m) {
-    case 1: BF16_LOOP(BF16_OB1, 1); break;
-    case 2: BF16_LOOP(BF16_OB2, 2); break;
-    case 3: BF16_LOOP(1, 3); break;
-    case 4: BF16_LOOP(1, 4); break;
-    case 5: BF16_LOOP(1, 5); break;
-    case 6: BF16_LOOP(1, 6); break;
-    case 7: BF16_LOOP(1, 7); break;
-    default: BF16_LOOP(1, 8); break;
-    }
+    PER_ROWS(BF16_LOOP, BF16_OB1, BF16_OB2);
 }
 
 /* Per-row multi-LoRA delta, added in place: for row i and each of its K entries
@@ -291,16 +295,7 @@ static inline __attribute__((always_inline)) void block_rows(int kind, const int
 #define GEMV_BLOCKS(NAME, KIND, OB1, OB2)                                                                    \
     void NAME(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads) {    \
         const int kind = KIND;                                                                           \
-        _Pragma("omp parallel num_threads(threads)") switch (m) {                                        \
-        case 1: BLOCK_LOOP(OB1, 1); break;                                                               \
-        case 2: BLOCK_LOOP(OB2, 2); break;                                                               \
-        case 3: BLOCK_LOOP(1, 3); break;                                                                 \
-        case 4: BLOCK_LOOP(1, 4); break;                                                                 \
-        case 5: BLOCK_LOOP(1, 5); break;                                                                 \
-        case 6: BLOCK_LOOP(1, 6); break;                                                                 \
-        case 7: BLOCK_LOOP(1, 7); break;                                                                 \
-        default: BLOCK_LOOP(1, 8); break;                                                                \
-        }                                                                                                \
+        _Pragma("omp parallel num_threads(threads)") PER_ROWS(BLOCK_LOOP, OB1, OB2)                       \
     }
 
 /* Output rows per job at 1 and 2 input rows, measured (python bench/kernels.py; best of 7, one
