@@ -9,6 +9,7 @@ PEFT reference path.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from .cache import KVCache
 from .gguf_blocks import Blocks, fuse, matches
 from .lora import LoraBank, LoraBatch
-from .native import MAX_ROWS, Kernels, kernels
+from .native import BLOCK_KIND_IDS, MAX_ROWS, DecodeLayer, Kernels, kernels
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -103,6 +104,10 @@ class LlamaRunner:
         # where it builds, so speculative verify passes round like plain steps. bench/engine.py
         # turns both off for its "as before" row.
         self.attention_kernel = self.native is not None
+        # The whole layer loop of a decode step in one compiled call (see _layer_table); None
+        # until tried, False where some projection cannot run there. bench/engine.py can turn it off.
+        self.layer_loop: bool | None = None if self.glue else False
+        self._table: tuple | None = None
         if self.int8_rows:
             for mods in self.fused:
                 for weight, *_ in mods.values():
@@ -350,6 +355,15 @@ class LlamaRunner:
         h = self.inner.embed_tokens(ids)  # [total, d]
         cos, sin = self.inner.rotary_emb(h[None], pos[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()
+        head = self.model.lm_head
+        table = self._layer_table(h, lora)
+        if table is not None:  # every layer in one compiled call: same kernels, same order, same bits
+            k_ptrs = torch.tensor([t.data_ptr() for t in cache.k], dtype=torch.int64)
+            v_ptrs = torch.tensor([t.data_ptr() for t in cache.v], dtype=torch.int64)
+            rows_arg = lora._native_rows() if lora.used else None
+            x = nat.decode_layers(table, self.inner.norm.weight, h, k_ptrs, v_ptrs, cache.k[0], rows, pos, cos, sin,
+                                  self.n_heads, self.layers[0].self_attn.scaling, eps, self.bank.rank if self.bank else 0, rows_arg)
+            return self._matmul(x, head.weight, head.bias).float()
         x = nat.rmsnorm(h, self.layers[0].input_layernorm.weight, eps)
         for li, layer in enumerate(self.layers):
             qkv = self._linear(li, "qkv_proj", x, lora)
@@ -358,8 +372,42 @@ class LlamaRunner:
             down = self._linear(li, "down_proj", nat.silu_mul(self._linear(li, "gate_up_proj", x, lora)), lora)
             after = self.layers[li + 1].input_layernorm.weight if li + 1 < len(self.layers) else self.inner.norm.weight
             x = nat.rmsnorm(h, after, eps, delta=down)
-        head = self.model.lm_head
         return self._matmul(x, head.weight, head.bias).float()
+
+    def _layer_table(self, h: torch.Tensor, lora: LoraBatch) -> "ctypes.Array[DecodeLayer] | None":
+        """The layers as kernels.c's `lorastack_decode_layers` reads them, when this pass can run
+        there: at most MAX_ROWS tokens, every projection on a compiled kernel without bias, no
+        int8 path, and the batch's LoRA (if any) on the native kernel. Rebuilt when the LoRA
+        bank is reallocated (a larger rank); None means the per-layer Python loop."""
+        if h.shape[0] > self.native_rows or h.shape[0] <= self.int8_rows or self.layer_loop is False:
+            return None
+        if lora.used and not lora._use_native(h):
+            return None
+        bank = self.bank
+        key = (bank.rank, tuple(a.data_ptr() for a in list(bank.A.values())[:1])) if bank is not None and bank.A else None
+        if self._table is not None and self._table[0] == key:
+            return self._table[1]
+        table = (DecodeLayer * len(self.layers))()
+        for li, layer in enumerate(self.layers):
+            entry = table[li]
+            entry.norm_in = layer.input_layernorm.weight.data_ptr()
+            entry.norm_post = layer.post_attention_layernorm.weight.data_ptr()
+            for j, (_, fused_name, _) in enumerate(FUSED):
+                weight, bias, group, _ = self.fused[li][fused_name]
+                proj = entry.p[j]
+                if bias is not None or not (id(weight) in self.blocks or (weight.is_contiguous() and weight.dtype == torch.bfloat16)):
+                    self.layer_loop = False  # a projection the loop cannot run: never try again
+                    return None
+                b = self.blocks.get(id(weight))
+                proj.w = b.data.data_ptr() if b is not None else weight.data_ptr()
+                proj.kind = BLOCK_KIND_IDS[b.kind if b is not None else "bf16"]
+                proj.out, proj.in_ = weight.shape
+                args = bank.native_args.get(group) if key is not None else None
+                proj.P = args[3] if args else 0
+                if args:
+                    proj.A, proj.B, proj.outs = args[0], args[1], args[2]
+        self._table = (key, table)
+        return table
 
     def _mlp(self, li: int, layer: torch.nn.Module, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         g, u = self._linear(li, "gate_up_proj", x, lora).chunk(2, dim=-1)
