@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from test_engine import lib_with_adapters  # noqa: F401 - fixture
 
 _flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
 CAN_BUILD = all(f in _flags.split() for f in native._NEEDED) and shutil.which("gcc") is not None
-pytestmark = pytest.mark.skipif(not CAN_BUILD, reason="needs gcc and an AVX512-BF16 CPU (the engine then uses torch)")
+DISABLED = os.environ.get("LORASTACK_NATIVE", "1") == "0"  # the torch fallback is then what tests/test_engine.py runs
+pytestmark = pytest.mark.skipif(not CAN_BUILD or DISABLED,
+                                reason="needs gcc and an AVX512-BF16 CPU, and LORASTACK_NATIVE not 0 (the engine then uses torch)")
 
 
 @pytest.fixture(scope="module")
@@ -160,15 +163,22 @@ def write_tiny_gguf(model: torch.nn.Module, path: Path) -> None:
     writer.close()
 
 
-def test_engine_decodes_from_gguf_blocks_with_identical_logits(tiny_base, lib_with_adapters, tmp_path):  # noqa: F811
-    """A GGUF base decodes from its blocks (every projection and the LM head) and produces
-    exactly the logits and tokens of its dequantized bf16 weights, adapters included."""
+def tiny_gguf_base(tiny_base, tmp_path: Path):
+    """The tiny model in bf16 as a GGUF base: its weights are exactly the file's blocks dequantized."""
     from lorastack.base import Base
 
     model = copy.deepcopy(tiny_base.model).to(torch.bfloat16)
     write_tiny_gguf(model, tmp_path / "tiny.gguf")
     base = Base.from_model(model, tiny_base.tokenizer, source="tiny-gguf")
     base.gguf = tmp_path / "tiny.gguf"
+    return base
+
+
+def test_engine_decodes_from_gguf_blocks_with_identical_logits(tiny_base, lib_with_adapters, tmp_path):  # noqa: F811
+    """A GGUF base decodes from its blocks (every projection and the LM head) and produces
+    exactly the logits and tokens of its dequantized bf16 weights, adapters included."""
+    base = tiny_gguf_base(tiny_base, tmp_path)
+    model = base.model
     specs = ["base", "a", "b", "a:0.5+b:0.5"]
     prompts = [[{"role": "user", "content": f"Reverse the order of these words: w{i} v{i}"}] for i in range(len(specs))]
     runs = {}
@@ -187,12 +197,7 @@ def test_compiled_layer_loop_gives_the_python_glue_loops_logits_bit_for_bit(tiny
     kernels in the same order as the per-layer Python loop: identical logits at every step, for
     a mixed batch with a base row, adapters and a mixture, from GGUF blocks or bf16 weights,
     with and without speculative verify passes."""
-    from lorastack.base import Base
-
-    model = copy.deepcopy(tiny_base.model).to(torch.bfloat16)
-    write_tiny_gguf(model, tmp_path / "tiny.gguf")
-    base = Base.from_model(model, tiny_base.tokenizer, source="tiny-gguf")
-    base.gguf = tmp_path / "tiny.gguf"
+    base = tiny_gguf_base(tiny_base, tmp_path)
     specs = ["base", "a", "b", "a:0.5+b:0.5"]
     prompts = [[{"role": "user", "content": f"Repeat: w{i} v{i} w{i} v{i} w{i}"}] for i in range(len(specs))]
     runs, tables = {}, {}
