@@ -98,7 +98,7 @@ def test_engine_bf16_native_matches_torch_path(tiny_base, lib_with_adapters):  #
     logits: dict[bool, list[torch.Tensor]] = {}
     tokens: dict[bool, list[list[int]]] = {}
     for use in (True, False):
-        eng = Engine(base, resolve=lib_with_adapters.get, native=use)
+        eng = Engine(base, resolve=lib_with_adapters.get, native=use, speculate=0)  # step by step: no drafts (torch has none in bf16)
         assert (eng.runner.native is not None) == use
         logits[use], tokens[use] = record(eng, [(p, s, Sampling(max_tokens=6, ignore_eos=True)) for p, s in zip(prompts, specs)])
     # Same first step (prefill runs through torch in both) and decode logits at bf16 rounding level.
