@@ -289,12 +289,137 @@ static inline __attribute__((always_inline)) void block_rows(int kind, const int
             block_rows(kind, 1, M, x, W, y, in, out, o);                                       \
     } while (0)
 
+/* ---------------------------------------------------------------- larger decode batches
+ * 9-32 rows (bench/kernels.py, one thread, embedded base's layers: 1.6x torch's bf16 GEMM at
+ * 16 rows, 1.07x at 32, 0.87x at 64, so llama.py stops at 32). Per tile of 16 output rows the
+ * blocks are decoded once and transposed so that a vector holds one weight pair of each of
+ * the 16 outputs; each input row then runs 16 accumulators, one per lane of the few-row
+ * kernel's single accumulator, fed the same pairs in the same order, and sums them with the
+ * same tree as _mm512_reduce_add_ps: every output is bit-identical to the few-row kernel's
+ * (and so to the bf16 weights' kernel), whatever the batch. */
+/* 16x16 transpose of 32-bit elements: r[j][l] -> o[l][j]. */
+static inline void transpose16(__m512i *r) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    /* u[4i+k] lane c (128-bit) holds rows 4i..4i+3, column 4c+k */
+    for (int k = 0; k < 4; k++) {
+        __m512i a = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88);      /* lanes 0,2 of u[k], 0,2 of u[4+k] */
+        __m512i b = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xdd);      /* lanes 1,3 */
+        __m512i c = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88);
+        __m512i d = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xdd);
+        r[k] = _mm512_shuffle_i32x4(a, c, 0x88);       /* col k: lane0 of u[k],u[4+k],u[8+k],u[12+k] */
+        r[8 + k] = _mm512_shuffle_i32x4(a, c, 0xdd);   /* col 8+k */
+        r[4 + k] = _mm512_shuffle_i32x4(b, d, 0x88);   /* col 4+k */
+        r[12 + k] = _mm512_shuffle_i32x4(b, d, 0xdd);  /* col 12+k */
+    }
+}
+
+static inline __m512 tree16(__m512 *a) {
+    __m512 s[8], t[4], u[2];
+    for (int i = 0; i < 8; i++) s[i] = _mm512_add_ps(a[8 + i], a[i]);
+    for (int j = 0; j < 4; j++) t[j] = _mm512_add_ps(s[4 + j], s[j]);
+    for (int k = 0; k < 2; k++) u[k] = _mm512_add_ps(t[k], t[k + 2]);
+    return _mm512_add_ps(u[0], u[1]);
+}
+
+static inline void store16(uint16_t *y, __m512 v) {
+    float f[16];
+    _mm512_storeu_ps(f, v);
+    for (int j = 0; j < 16; j++) y[j] = f32_to_bf16(f[j]);
+}
+
+/* m rows against 16 outputs whose weights are packed P[pair][16 outputs] (uint32 pairs). */
+static inline void tile_rows(const uint32_t *P, const uint16_t *x, uint16_t *y, int m, int in, int out, int o0) {
+    int np = in / 2, r = 0;
+    for (; r + 2 <= m; r += 2) {
+        __m512 a0[16], a1[16];
+        for (int l = 0; l < 16; l++) a0[l] = a1[l] = _mm512_setzero_ps();
+        const uint32_t *x0 = (const uint32_t *)(x + (int64_t)r * in), *x1 = (const uint32_t *)(x + (int64_t)(r + 1) * in);
+        for (int i = 0; i < np; i += 16)
+            for (int l = 0; l < 16; l++) {
+                __m512bh w = (__m512bh)_mm512_loadu_si512(P + (int64_t)(i + l) * 16);
+                a0[l] = _mm512_dpbf16_ps(a0[l], w, (__m512bh)_mm512_set1_epi32(x0[i + l]));
+                a1[l] = _mm512_dpbf16_ps(a1[l], w, (__m512bh)_mm512_set1_epi32(x1[i + l]));
+            }
+        store16(y + (int64_t)r * out + o0, tree16(a0));
+        store16(y + (int64_t)(r + 1) * out + o0, tree16(a1));
+    }
+    for (; r < m; r++) {
+        __m512 a0[16];
+        for (int l = 0; l < 16; l++) a0[l] = _mm512_setzero_ps();
+        const uint32_t *x0 = (const uint32_t *)(x + (int64_t)r * in);
+        for (int i = 0; i < np; i += 16)
+            for (int l = 0; l < 16; l++)
+                a0[l] = _mm512_dpbf16_ps(a0[l], (__m512bh)_mm512_loadu_si512(P + (int64_t)(i + l) * 16), (__m512bh)_mm512_set1_epi32(x0[i + l]));
+        store16(y + (int64_t)r * out + o0, tree16(a0));
+    }
+}
+
+/* decode 16 rows' block b into 16 vectors (32 bf16 = 16 pairs each) */
+/* Tile rows o0..o0+15 decoded into P [in/2 pairs][16 outputs]; ds, ms: scratch [16 * nb]. */
+static inline void tile_decode(int kind, const uint8_t *W, int nb, int o0, uint32_t *P, float *ds, float *ms) {
+    int bytes = kind == BLOCK_Q4_1 ? 20 : 34;
+    if (kind == BLOCK_Q4_1)
+        for (int j = 0; j < 16; j++) row_scales(W + (int64_t)(o0 + j) * nb * bytes, nb, bytes, ds + j * nb, ms + j * nb);
+    for (int b = 0; b < nb; b += (kind == BLOCK_Q4_1 && b + 2 <= nb) ? 2 : 1) {
+        __m512i r0[16], r1[16];
+        int two = kind == BLOCK_Q4_1 && b + 2 <= nb;
+        for (int j = 0; j < 16; j++) {
+            const uint8_t *blk = W + ((int64_t)(o0 + j) * nb + b) * bytes;
+            if (two) {
+                __m512bh w0, w1;
+                q4_1_pair(blk, ds + j * nb + b, ms + j * nb + b, &w0, &w1);
+                r0[j] = (__m512i)w0; r1[j] = (__m512i)w1;
+            } else r0[j] = (__m512i)(kind == BLOCK_Q4_1 ? q4_1_block(blk) : q8_0_block(blk));
+        }
+        transpose16(r0);
+        for (int l = 0; l < 16; l++) _mm512_storeu_si512(P + ((int64_t)b * 16 + l) * 16, r0[l]);
+        if (two) {
+            transpose16(r1);
+            for (int l = 0; l < 16; l++) _mm512_storeu_si512(P + ((int64_t)(b + 1) * 16 + l) * 16, r1[l]);
+        }
+    }
+}
+
+
+/* m > MAX_ROWS rows, out a multiple of 16 (llama.py checks): tiles of 16 outputs. */
+static inline __attribute__((always_inline)) void tiles_blocks(int kind, const uint16_t *x, const uint8_t *W, uint16_t *y,
+                                                               int m, int in, int out, int threads) {
+    int nb = in / 32;
+#pragma omp parallel num_threads(threads)
+    {
+        uint32_t *P = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * (size_t)(in / 2) * 16);
+        float *ds = (float *)malloc(sizeof(float) * 16 * nb), *ms = (float *)malloc(sizeof(float) * 16 * nb);
+#pragma omp for schedule(static)
+        for (int t = 0; t < out / 16; t++) {
+            tile_decode(kind, W, nb, t * 16, P, ds, ms);
+            tile_rows(P, x, y, m, in, out, t * 16);
+        }
+        free(P);
+        free(ds);
+        free(ms);
+    }
+}
+
 /* One exported function per block kind, each with its own parallel region: an always-inline
  * helper taking `kind` would share one outlined OpenMP body in which `kind` is a runtime value
  * (branches in the inner loop; measured 3x slower on Q8_0). */
 #define GEMV_BLOCKS(NAME, KIND, OB1, OB2)                                                                    \
     void NAME(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads) {    \
         const int kind = KIND;                                                                           \
+        if (m > MAX_ROWS) {                                                                              \
+            tiles_blocks(KIND, x, W, y, m, in, out, threads);                                            \
+            return;                                                                                      \
+        }                                                                                                \
         _Pragma("omp parallel num_threads(threads)") PER_ROWS(BLOCK_LOOP, OB1, OB2)                       \
     }
 

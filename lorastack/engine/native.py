@@ -139,8 +139,9 @@ class Kernels:
         return y
 
     def gemv_blocks(self, x: torch.Tensor, kind: str, blocks: torch.Tensor) -> torch.Tensor:
-        """`x [m, in] @ W^T` for m <= MAX_ROWS, W given as GGUF blocks of `kind` (uint8
-        `[out, in / 32 * block bytes]`); bit-identical to `gemv` on W dequantized to bf16."""
+        """`x [m, in] @ W^T`, W given as GGUF blocks of `kind` (uint8 `[out, in / 32 * block
+        bytes]`); bit-identical to `gemv` on W dequantized to bf16, row by row. Above MAX_ROWS
+        rows `out` must be a multiple of 16 (the tiled path)."""
         m, k = x.shape
         y = torch.empty(m, blocks.shape[0], dtype=torch.bfloat16)
         self._gemv_blocks[kind](x.data_ptr(), blocks.data_ptr(), y.data_ptr(), m, k, blocks.shape[0], torch.get_num_threads())
