@@ -203,15 +203,15 @@ def test_engine_decodes_from_gguf_blocks_with_identical_logits(tiny_base, lib_wi
     assert runs[True][1] == runs[False][1]
 
 
-@pytest.mark.parametrize("blocks,speculate", [(True, 0), (False, 0), (True, 7)])
+@pytest.mark.parametrize("blocks,speculate,rows", [(True, 0, 4), (False, 0, 4), (True, 7, 4), (True, 0, 12)])
 def test_compiled_layer_loop_gives_the_python_glue_loops_logits_bit_for_bit(tiny_base, lib_with_adapters, tmp_path,
-                                                                            blocks, speculate):  # noqa: F811
+                                                                            blocks, speculate, rows):  # noqa: F811
     """The whole decode step in one compiled call (LlamaRunner._layer_table) runs the same
     kernels in the same order as the per-layer Python loop: identical logits at every step, for
     a mixed batch with a base row, adapters and a mixture, from GGUF blocks or bf16 weights,
     with and without speculative verify passes."""
     base = tiny_gguf_base(tiny_base, tmp_path)
-    specs = ["base", "a", "b", "a:0.5+b:0.5"]
+    specs = (["base", "a", "b", "a:0.5+b:0.5"] * 3)[:rows]  # 12 rows: the blocks' tiled path, still in the loop
     prompts = [[{"role": "user", "content": f"Repeat: w{i} v{i} w{i} v{i} w{i}"}] for i in range(len(specs))]
     runs, tables = {}, {}
     for loop in (True, False):

@@ -115,6 +115,7 @@ class LlamaRunner:
         # until tried, False where some projection cannot run there. bench/engine.py can turn it off.
         self.layer_loop: bool | None = None if self.glue else False
         self._table: tuple | None = None
+        self._tiles_all = True  # every projection on GGUF blocks (the loop can then take up to tile_rows rows)
         if self.int8_rows:
             for mods in self.fused:
                 for weight, *_ in mods.values():
@@ -384,11 +385,14 @@ class LlamaRunner:
 
     def _layer_table(self, h: torch.Tensor, lora: LoraBatch) -> "ctypes.Array[DecodeLayer] | None":
         """The layers as kernels.c's `lorastack_decode_layers` reads them, when this pass can run
-        there: at most MAX_ROWS tokens, every projection on a compiled kernel without bias, no
+        there: at most MAX_ROWS tokens (up to `tile_rows` when every projection reads GGUF
+        blocks, through their tiled path), every projection on a compiled kernel without bias, no
         int8 path, and the batch's LoRA (if any) on the native kernel. Rebuilt when the LoRA
         bank is reallocated (a larger rank); None means the per-layer Python loop."""
-        if h.shape[0] > self.native_rows or h.shape[0] <= self.int8_rows or self.layer_loop is False:
+        if h.shape[0] <= self.int8_rows or self.layer_loop is False:
             return None
+        if h.shape[0] > self.native_rows and not (h.shape[0] <= self.tile_rows and self._tiles_all):
+            return None  # above MAX_ROWS only the block kernels' tiled path can run every projection
         if lora.used and not lora._use_native(h):
             return None
         bank = self.bank
@@ -396,6 +400,7 @@ class LlamaRunner:
         if self._table is not None and self._table[0] == key:
             return self._table[1]
         table = (DecodeLayer * len(self.layers))()
+        tiles = True
         for li, layer in enumerate(self.layers):
             entry = table[li]
             entry.norm_in = layer.input_layernorm.weight.data_ptr()
@@ -407,6 +412,7 @@ class LlamaRunner:
                     self.layer_loop = False  # a projection the loop cannot run: never try again
                     return None
                 b = self.blocks.get(id(weight))
+                tiles = tiles and b is not None and weight.shape[0] % 16 == 0
                 proj.w = b.data.data_ptr() if b is not None else weight.data_ptr()
                 proj.kind = BLOCK_KIND_IDS[b.kind if b is not None else "bf16"]
                 proj.out, proj.in_ = weight.shape
@@ -415,7 +421,8 @@ class LlamaRunner:
                 if args:
                     proj.A, proj.B, proj.outs = args[0], args[1], args[2]
         self._table = (key, table)
-        return table
+        self._tiles_all = tiles
+        return table if h.shape[0] <= self.native_rows or tiles else None
 
     def _mlp(self, li: int, layer: torch.nn.Module, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         g, u = self._linear(li, "gate_up_proj", x, lora).chunk(2, dim=-1)
