@@ -6,7 +6,7 @@ trained on the same few examples, and a full adapter (ceiling).
 
 1. Library: one adapter per LIB task (trained here once, reused on later runs).
 2. Merge retention: every method merges the MERGE tasks' adapters into one; each task's
-   accuracy with the merged adapter / with its own adapter; plus `auto` (kNN routing to the
+   accuracy with the merged adapter / with its own adapter; plus `auto` (the default router choosing the
    right adapter) on the same inputs.
 3. Few-shot: for each held-out family (no adapter of it in the library; the generators in
    lorastack/tasks/{subtract_numbers,sort_reverse,reverse_title}.py) and each k: the k
@@ -133,7 +133,7 @@ def main() -> None:
             auto_routes = {t: rt.routes_for("auto", [r["prompt"] for r in tests[t]]) for t in MERGE_TASKS}
             auto = evals([EvalJob(t, auto_routes[t], tests[t], get_task(t).score) for t in MERGE_TASKS])
             m["own"], m["auto"] = dict(zip(MERGE_TASKS, own)), dict(zip(MERGE_TASKS, auto))
-            print("own adapter:", m["own"], "\nauto (kNN routing):", m["auto"], flush=True)
+            print("own adapter:", m["own"], "\nauto (default router):", m["auto"], flush=True)
             save()
         for method in METHODS:
             if method in m["methods"]:

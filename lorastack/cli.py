@@ -947,7 +947,7 @@ def compose_fewshot(
     top: int = typer.Option(8, "--top", help="Candidates picked by the router when --candidates is not given."),
     budget: int = typer.Option(40, "--budget", help="Loss evaluations (forward passes over all examples) the search may spend."),
     l1: float = typer.Option(0.05, "--l1", help="L1 penalty on the weights (LoraHub)."),
-    search: str = typer.Option("cma", "--search", help="cma (gradient-free, LoraHub) or gradient (Adam on the K weights)."),
+    search: str = typer.Option("gradient", "--search", help="gradient (Adam on the K weights; the default: it won the few-shot benchmark) or cma (gradient-free, LoraHub)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the search (same seed, same weights)."),
     subtract: Optional[str] = typer.Option(None, "--subtract", help="Subtract this general adapter from every candidate (GenKnowSub)."),
     svd_rank: Optional[int] = typer.Option(None, "--svd-rank", help="Compress the result to this rank (lossy; default: exact cat)."),

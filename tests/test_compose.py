@@ -105,6 +105,30 @@ def test_ties_trims_elects_sign_and_takes_disjoint_mean():
     assert torch.allclose(out, torch.tensor([[1.0, -2.0, 2.0, 0.0]]), atol=1e-5)
 
 
+def test_magnitude_trim_matches_peft_and_truncation_matches_exact_svd():
+    """Our kthvalue trim keeps exactly PEFT's topk entries (random values: no ties), and the
+    randomized rank-r factors of a large trimmed update are as good as the exact SVD's."""
+    from peft.utils.merge_utils import magnitude_based_pruning
+
+    from lorastack.compose.merge import _top_factors, kth_largest, trim_by_magnitude
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 30, generator=g)
+    ours = trim_by_magnitude(x, 0.3)
+    assert torch.equal(ours, torch.stack([magnitude_based_pruning(t, 0.3) for t in x]))
+    assert torch.equal(trim_by_magnitude(x, 1.0), x) and not trim_by_magnitude(x, 0.0).any()
+    for values, k in ((torch.randn(5000, generator=g).abs() * 1e-4, 1234), (torch.tensor([3.0, 1.0, 2.0, 2.0, 0.0]), 3),
+                      (torch.zeros(10), 4)):
+        assert kth_largest(values, k) == values.sort(descending=True).values[k - 1]
+    update = trim_by_magnitude((torch.randn(300, 8, generator=g) @ torch.randn(8, 200, generator=g))[None], 0.5)[0]
+    torch.manual_seed(0)
+    a, b = _top_factors(update, 8)
+    assert a.shape == (8, 200) and b.shape == (300, 8)
+    U, S, Vh = torch.linalg.svd(update, full_matrices=False)
+    best = (update - (U[:, :8] * S[:8]) @ Vh[:8]).norm()
+    assert (update - b @ a).norm() <= best * 1.001
+
+
 def test_dare_drops_at_random_and_rescales():
     n = 64
     ones = LoraPairs("x", {"m": (torch.eye(n), torch.ones(n, n))})  # update = all ones, full rank via A = I

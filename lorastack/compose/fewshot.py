@@ -10,6 +10,10 @@ weights small and lets useless candidates fall to zero). Two searches over the K
 - `gradient`: Adam on the K scalars alone, backpropagating through the frozen base (the
   weights enter the forward linearly, so the gradient is exact and cheap to hold).
 
+`gradient` is the default: on `python bench/compose.py` (8 candidates, 3 held-out families,
+k = 5 and 20) it reached a lower few-shot loss than CMA-ES in every cell and a higher mean
+exact match, in about the same time.
+
 Both start from the uniform mixture (`1/K` each), which is evaluated first, so the result
 never scores worse than the uniform mixture on the examples. `budget` counts loss
 evaluations of one weighting on all examples (forward-equivalents): CMA spends them as
@@ -166,7 +170,7 @@ class FewshotScorer:
         return total, w.grad.detach()
 
 
-def search_weights(scorer: FewshotScorer, *, search: str = "cma", budget: int = 40, l1: float = 0.05, seed: int = 0,
+def search_weights(scorer: FewshotScorer, *, search: str = "gradient", budget: int = 40, l1: float = 0.05, seed: int = 0,
                    progress: Callable[[int, float], None] | None = None) -> tuple[list[float], float, list[float]]:
     """Minimise `loss(w) + l1 * |w|_1` within `budget` forward-equivalents; returns
     (best weights, their loss without L1, best objective after each round)."""
@@ -242,7 +246,7 @@ def pick_candidates(runtime: "Runtime", records: Sequence[Record], top: int, exc
 
 
 def fewshot_search(runtime: "Runtime", records: Sequence[Record], *, candidates: Sequence[str] | None = None, top: int = 8,
-                   search: str = "cma", budget: int = 40, l1: float = 0.05, seed: int = 0, subtract: str | None = None,
+                   search: str = "gradient", budget: int = 40, l1: float = 0.05, seed: int = 0, subtract: str | None = None,
                    progress: Callable[[int, float], None] | None = None) -> FewshotResult:
     """Find mixture weights over library adapters for the examples (no library change)."""
     from ..engine.engine import Engine
@@ -271,7 +275,7 @@ def fewshot_search(runtime: "Runtime", records: Sequence[Record], *, candidates:
 
 
 def fewshot(runtime: "Runtime", records: Sequence[Record], name: str, *, candidates: Sequence[str] | None = None, top: int = 8,
-            search: str = "cma", budget: int = 40, l1: float = 0.05, seed: int = 0, subtract: str | None = None,
+            search: str = "gradient", budget: int = 40, l1: float = 0.05, seed: int = 0, subtract: str | None = None,
             svd_rank: int | None = None, overwrite: bool = False,
             progress: Callable[[int, float], None] | None = None) -> tuple[Adapter, FewshotResult]:
     """Search weights, then add the composed adapter `name` (the CLI's `compose fewshot`).
