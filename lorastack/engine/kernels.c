@@ -290,8 +290,8 @@ static inline __attribute__((always_inline)) void block_rows(int kind, const int
     } while (0)
 
 /* ---------------------------------------------------------------- larger decode batches
- * 9-32 rows (bench/kernels.py, one thread, embedded base's layers: 1.6x torch's bf16 GEMM at
- * 16 rows, 1.07x at 32, 0.87x at 64, so llama.py stops at 32). Per tile of 16 output rows the
+ * 9-16 rows (one thread, embedded base's layers: 1.6x torch's bf16 GEMM at 16 rows, 1.07x
+ * at 32, 0.87x at 64; llama.py's BLOCK_TILE_ROWS says where the engine stops). Per tile of 16 output rows the
  * blocks are decoded once and transposed so that a vector holds one weight pair of each of
  * the 16 outputs; each input row then runs 16 accumulators, one per lane of the few-row
  * kernel's single accumulator, fed the same pairs in the same order, and sums them with the

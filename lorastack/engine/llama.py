@@ -23,9 +23,10 @@ from .native import BLOCK_KIND_IDS, MAX_ROWS, DecodeLayer, Kernels, kernels
 SUPPORTED = {"llama", "mistral", "qwen2"}
 # Up to this many decode rows, layer projections read the GGUF blocks (kernels.c's tiled path
 # above MAX_ROWS, bit-identical per row); measured against torch's bf16 GEMM at one thread on
-# the embedded base: 1.6x at 16 rows, 1.07x at 32, 0.87x at 64. The LM head stays on torch
-# above MAX_ROWS (the tiled Q8_0 head measured 0.7x torch at 16 rows).
-BLOCK_TILE_ROWS = 32
+# the embedded base: 1.6x at 16 rows, 1.07x at 32, 0.87x at 64 (kernel alone), and in the
+# engine 1.11x at 16 mixed rows but 0.97-1.02x at 32, so 16. The LM head stays on torch above
+# MAX_ROWS (the tiled Q8_0 head measured 0.7x torch at 16 rows).
+BLOCK_TILE_ROWS = 16
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
