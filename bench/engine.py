@@ -1,6 +1,6 @@
 """Engine throughput vs peers, measured side by side in one run on the embedded base.
 
-    python bench/engine.py [--tokens 32] [--n 1,4,8,16] [--dtype bfloat16] [--out out/bench]
+    python bench/engine.py [--tokens 32] [--n 1,4,8,16,32,64] [--dtype bfloat16] [--out out/bench]
 
 Rows (every request generates exactly --tokens tokens, EOS ignored, greedy; lorastack rows
 decode from the GGUF's Q4_1/Q8_0 blocks and without speculation unless said otherwise):
@@ -8,6 +8,8 @@ decode from the GGUF's Q4_1/Q8_0 blocks and without speculation unless said othe
   (c) lorastack, bare base (same engine)                 (d) HF generate, adapter merged into the base
   (e) PEFT generate(adapter_names=...) mixed batch       (f) PEFT sequential, set_adapter per request
   (g) llama.cpp (llama-cpp-python) on the same GGUF at batch 1, if installed
+  (n) llama.cpp with adapter (a) exported by `lorastack adapters export --gguf` (lorastack/export.py,
+      written as llama.cpp's convert_lora_to_gguf.py writes one), F16 and F32 factors, the faster
   (h) HF generate on the bare base (the batch-1 reference)
   (i) lorastack, bare base, int8 weight-only decode (--int8)
   (j) lorastack, bare base, torch kernels only (LORASTACK_NATIVE=0: what the compiled
@@ -145,7 +147,7 @@ def bandwidth_gbs() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--n", default="1,4,8,16")
+    ap.add_argument("--n", default="1,4,8,16,32,64")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--peers-max-n", type=int, default=16, help="skip slow peers (e, f) above this N")
     ap.add_argument("--repeats", type=int, default=3, help="best of this many runs for rows a-d, h-j")
@@ -181,7 +183,7 @@ def main() -> None:
     before.runner.glue = before.runner.attention_kernel = False
     blocks_note = f"{len(engine.runner.blocks)} matrices from GGUF blocks" if engine.runner.blocks else "no GGUF blocks in use"
     native_note = "compiled kernels in use" if engine.runner.native else "compiled kernels unavailable here: torch only"
-    rows: dict[str, dict[int, float]] = {k: {} for k in "abcdefghijklm"}
+    rows: dict[str, dict[int, float]] = {k: {} for k in "abcdefghijklmn"}
 
     def best(fn, *a, **kw) -> float:
         return max(fn(*a, **kw) for _ in range(args.repeats))
@@ -207,21 +209,33 @@ def main() -> None:
             rows["f"][n] = n * T / (time.perf_counter() - t0)
         print(f"N={n}: " + "  ".join(f"({k}) {v[n]:.0f}" for k, v in rows.items() if n in v), flush=True)
 
-    try:  # (g) llama.cpp, optional
+    try:  # (g) llama.cpp, optional; (n) the same with adapter names[0] as a llama.cpp LoRA
         from llama_cpp import Llama
 
-        llm = Llama(model_path=str(embedded_gguf_path()), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
         text = base.render([{"role": "user", "content": PROMPT}])
 
-        def llama_tps() -> float:  # EOS banned so that every run makes exactly T tokens, like the others
+        def llama_tps(llm) -> float:  # EOS banned so that every run makes exactly T tokens, like the others
             t0 = time.perf_counter()
             out = llm.create_completion(text, max_tokens=T, temperature=0, logit_bias={llm.token_eos(): -1e9})
             return out["usage"]["completion_tokens"] / (time.perf_counter() - t0)
 
-        rows["g"][1] = best(llama_tps)
+        def llama(lora: Path | None = None):
+            return Llama(model_path=str(embedded_gguf_path()), lora_path=str(lora) if lora else None, n_ctx=512,
+                         n_threads=torch.get_num_threads(), verbose=False)
+
+        rows["g"][1] = best(llama_tps, llama())
         g_note = "llama-cpp-python, Q4_1 weights"
+        from lorastack.export import GGUF_FILE, export
+
+        speeds = {}
+        for dtype in ("float16", "float32"):
+            export(lib, names[0], tmp / f"gguf-{dtype}", mode="gguf", base=base, dtype=dtype)
+            speeds[dtype] = best(llama_tps, llama(tmp / f"gguf-{dtype}" / GGUF_FILE))
+        fastest = max(speeds, key=speeds.get)
+        rows["n"][1] = speeds[fastest]
+        n_note = "exported LoRA, " + ", ".join(f"{k} {v:.0f}" for k, v in speeds.items()) + " tok/s"
     except ImportError:
-        g_note = "llama-cpp-python not installed (pip install lorastack[bench])"
+        g_note = n_note = "llama-cpp-python not installed (pip install lorastack[bench])"
 
     lookup = prompt_lookup_rows(base, lib.get, names[0], args.lookup_prompts, args.repeats)
 
@@ -249,7 +263,7 @@ def main() -> None:
         "g": f"llama.cpp ({g_note})", "h": "HF generate, bare base",
         "i": "lorastack, bare base, --int8 decode", "j": "lorastack, bare base, torch only",
         "k": "lorastack, bare base, bf16 weights", "l": "lorastack, one adapter, bf16 weights",
-        "m": "lorastack, bare base, as before (bf16, torch glue)",
+        "m": "lorastack, bare base, as before (bf16, torch glue)", "n": f"llama.cpp + LoRA ({n_note})",
     }
     print(f"\ndecode throughput, tokens/s in total ({args.dtype}, {T} tokens per request, {torch.get_num_threads()} threads, "
           f"best of {args.repeats}; {native_note}; {blocks_note}; machine shared with other jobs)")
@@ -269,6 +283,14 @@ def main() -> None:
     if 1 in rows["g"]:
         print(f"batch-1 llama.cpp (Q4_1 GGUF, ~4.5 bits/weight): {rows['g'][1]:.1f} tok/s; lorastack base at "
               f"{rows['c'][1] / rows['g'][1]:.2f}x, one adapter at {rows['b'][1] / rows['g'][1]:.2f}x of it")
+    if 1 in rows["n"]:
+        print(f"batch-1 with one LoRA: llama.cpp {rows['n'][1]:.1f} tok/s; lorastack {rows['b'][1]:.1f} -> "
+              f"{rows['b'][1] / rows['n'][1]:.2f}x (target >= 1.2x)")
+    for n in ns:
+        if n >= 16:
+            target = {16: " (target 600)", 64: " (target 900)"}.get(n, "")
+            print(f"N={n} on {n} different adapters: {rows['a'][n]:.0f} tok/s{target}, "
+                  f"{rows['a'][n] / rows['c'][n]:.2f}x bare base (target >= 0.9x)")
     print(f"batch-1 decode with --int8: {rows['i'].get(1, float('nan')):.1f} tok/s -> {b1_int8:.2f}x HF generate (bf16)")
     print(f"batch-1 decode from GGUF blocks vs bf16 weights: base {rows['c'][1] / rows['k'][1]:.2f}x (c/k), "
           f"one adapter {rows['b'][1] / rows['l'][1]:.2f}x (b/l); blocks + compiled glue vs as before: "

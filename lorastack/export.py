@@ -120,7 +120,7 @@ def export(library: "Library", spec: str, dest: str | Path, *, mode: str = "peft
         elif mode == "merged":
             _write_merged(library, route, base, tmp, dtype)
         else:
-            _write_gguf(library, route, base, tmp)
+            _write_gguf(library, route, base, tmp, dtype)
         info = {"spec": str(route), "mode": mode, "route": route.to_json(),
                 **({"base_fingerprint": base.fingerprint, "base_name": base.name} if base is not None else {})}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
@@ -241,8 +241,11 @@ def gguf_tensors(base: "Base", pairs: LoraPairs) -> dict[str, tuple[torch.Tensor
     return out
 
 
-def _write_gguf(library: "Library", route: Route, base: "Base", out: Path) -> None:
+def _write_gguf(library: "Library", route: Route, base: "Base", out: Path, dtype: str = "float32") -> None:
+    """`dtype` "float16" writes F16 factors (what llama.cpp's converter writes by default, half
+    the bytes llama.cpp reads per token); anything else F32."""
     import gguf
+    import numpy as np
 
     pairs = mixture_pairs(library, route)
     tensors = gguf_tensors(base, pairs)
@@ -252,11 +255,12 @@ def _write_gguf(library: "Library", route: Route, base: "Base", out: Path) -> No
     # Scaling is folded into B (LoraPairs), so alpha = rank makes llama.cpp's alpha / rank 1.
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(pairs.rank))
     writer.add_name(str(route))
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    f16 = dtype == "float16"
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for name, (a, b) in tensors.items():
-        writer.add_tensor(f"{name}.lora_a", a.numpy())
-        writer.add_tensor(f"{name}.lora_b", b.numpy())
+        writer.add_tensor(f"{name}.lora_a", a.numpy().astype(np.float16) if f16 else a.numpy())
+        writer.add_tensor(f"{name}.lora_b", b.numpy().astype(np.float16) if f16 else b.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

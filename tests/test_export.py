@@ -204,3 +204,20 @@ def test_merged_export_of_the_embedded_base_matches_the_engine(tmp_path):
     got = torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None]).sum().item()
     base_lp = score(engine, [(prompt, completion)], [parse_spec("base")])[0]
     assert abs(got - want) < 1e-3 and abs(want - base_lp) > 0.1, (got, want, base_lp)
+
+
+def test_gguf_export_in_float16_holds_the_same_update_rounded(tiny_base, lib, tmp_path):
+    """`dtype="float16"` (what llama.cpp's own converter writes by default) stores F16 factors
+    of the same update; the default stays F32."""
+    import gguf
+
+    export(lib, "a", tmp_path / "h", mode="gguf", base=tiny_base, dtype="float16")
+    export(lib, "a", tmp_path / "f", mode="gguf", base=tiny_base)
+    half = {t.name: t for t in gguf.GGUFReader(tmp_path / "h" / GGUF_FILE).tensors}
+    full = {t.name: t for t in gguf.GGUFReader(tmp_path / "f" / GGUF_FILE).tensors}
+    assert set(half) == set(full)
+    for name, t in half.items():
+        assert t.tensor_type == gguf.GGMLQuantizationType.F16
+        assert full[name].tensor_type == gguf.GGMLQuantizationType.F32
+        want = torch.from_numpy(full[name].data.copy())
+        assert torch.equal(torch.from_numpy(t.data.copy()).float(), want.half().float())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from test_engine import lib_with_adapters  # noqa: F401 - fixture
 
 _flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
 CAN_BUILD = all(f in _flags.split() for f in native._NEEDED) and shutil.which("gcc") is not None
-pytestmark = pytest.mark.skipif(not CAN_BUILD, reason="needs gcc and an AVX512-BF16 CPU (the engine then uses torch)")
+DISABLED = os.environ.get("LORASTACK_NATIVE", "1") == "0"  # the torch fallback is then what tests/test_engine.py runs
+pytestmark = pytest.mark.skipif(not CAN_BUILD or DISABLED,
+                                reason="needs gcc and an AVX512-BF16 CPU, and LORASTACK_NATIVE not 0 (the engine then uses torch)")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +98,7 @@ def test_engine_bf16_native_matches_torch_path(tiny_base, lib_with_adapters):  #
     logits: dict[bool, list[torch.Tensor]] = {}
     tokens: dict[bool, list[list[int]]] = {}
     for use in (True, False):
-        eng = Engine(base, resolve=lib_with_adapters.get, native=use)
+        eng = Engine(base, resolve=lib_with_adapters.get, native=use, speculate=0)  # step by step: no drafts (torch has none in bf16)
         assert (eng.runner.native is not None) == use
         logits[use], tokens[use] = record(eng, [(p, s, Sampling(max_tokens=6, ignore_eos=True)) for p, s in zip(prompts, specs)])
     # Same first step (prefill runs through torch in both) and decode logits at bf16 rounding level.
@@ -160,15 +163,35 @@ def write_tiny_gguf(model: torch.nn.Module, path: Path) -> None:
     writer.close()
 
 
-def test_engine_decodes_from_gguf_blocks_with_identical_logits(tiny_base, lib_with_adapters, tmp_path):  # noqa: F811
-    """A GGUF base decodes from its blocks (every projection and the LM head) and produces
-    exactly the logits and tokens of its dequantized bf16 weights, adapters included."""
+@pytest.mark.parametrize("kind,m", [("Q4_1", 9), ("Q4_1", 19), ("Q8_0", 32), ("Q4_1", 40)])
+def test_block_gemv_above_eight_rows_is_bit_identical_row_by_row(kernels, kind, m):
+    """The tiled path for larger decode batches gives every row exactly the few-row kernel's
+    output: a row's logits do not depend on what else is in the batch."""
+    torch.manual_seed(m)
+    w = torch.randn(48, 96) * 0.1  # 3 tiles of 16 outputs, an odd number of blocks a row
+    blocks, _ = _quantize(w, kind)
+    data = torch.from_numpy(blocks)
+    x = torch.randn(m, 96, dtype=torch.bfloat16)
+    rows = torch.cat([kernels.gemv_blocks(x[i : i + 1], kind, data) for i in range(m)])
+    assert torch.equal(kernels.gemv_blocks(x, kind, data), rows)
+
+
+def tiny_gguf_base(tiny_base, tmp_path: Path):
+    """The tiny model in bf16 as a GGUF base: its weights are exactly the file's blocks dequantized."""
     from lorastack.base import Base
 
     model = copy.deepcopy(tiny_base.model).to(torch.bfloat16)
     write_tiny_gguf(model, tmp_path / "tiny.gguf")
     base = Base.from_model(model, tiny_base.tokenizer, source="tiny-gguf")
     base.gguf = tmp_path / "tiny.gguf"
+    return base
+
+
+def test_engine_decodes_from_gguf_blocks_with_identical_logits(tiny_base, lib_with_adapters, tmp_path):  # noqa: F811
+    """A GGUF base decodes from its blocks (every projection and the LM head) and produces
+    exactly the logits and tokens of its dequantized bf16 weights, adapters included."""
+    base = tiny_gguf_base(tiny_base, tmp_path)
+    model = base.model
     specs = ["base", "a", "b", "a:0.5+b:0.5"]
     prompts = [[{"role": "user", "content": f"Reverse the order of these words: w{i} v{i}"}] for i in range(len(specs))]
     runs = {}
@@ -176,6 +199,29 @@ def test_engine_decodes_from_gguf_blocks_with_identical_logits(tiny_base, lib_wi
         eng = Engine(base, resolve=lib_with_adapters.get, gguf_blocks=use, speculate=0)
         assert len(eng.runner.blocks) == (4 * model.config.num_hidden_layers + 1 if use else 0)
         runs[use] = record(eng, [(p, s, Sampling(max_tokens=8, ignore_eos=True)) for p, s in zip(prompts, specs)])
+    assert all(torch.equal(a, b) for a, b in zip(runs[True][0], runs[False][0]))
+    assert runs[True][1] == runs[False][1]
+
+
+@pytest.mark.parametrize("blocks,speculate,rows", [(True, 0, 4), (False, 0, 4), (True, 7, 4), (True, 0, 12)])
+def test_compiled_layer_loop_gives_the_python_glue_loops_logits_bit_for_bit(tiny_base, lib_with_adapters, tmp_path,
+                                                                            blocks, speculate, rows):  # noqa: F811
+    """The whole decode step in one compiled call (LlamaRunner._layer_table) runs the same
+    kernels in the same order as the per-layer Python loop: identical logits at every step, for
+    a mixed batch with a base row, adapters and a mixture, from GGUF blocks or bf16 weights,
+    with and without speculative verify passes."""
+    base = tiny_gguf_base(tiny_base, tmp_path)
+    specs = (["base", "a", "b", "a:0.5+b:0.5"] * 3)[:rows]  # 12 rows: the blocks' tiled path, still in the loop
+    prompts = [[{"role": "user", "content": f"Repeat: w{i} v{i} w{i} v{i} w{i}"}] for i in range(len(specs))]
+    runs, tables = {}, {}
+    for loop in (True, False):
+        eng = Engine(base, resolve=lib_with_adapters.get, gguf_blocks=blocks, speculate=speculate)
+        if not loop:
+            eng.runner.layer_loop = False
+        runs[loop] = record(eng, [(p, s, Sampling(max_tokens=8)) for p, s in zip(prompts, specs)])
+        tables[loop] = eng.runner._table is not None
+    assert tables == {True: True, False: False}  # the loop really ran in one run and not in the other
+    assert len(runs[True][0]) == len(runs[False][0])
     assert all(torch.equal(a, b) for a, b in zip(runs[True][0], runs[False][0]))
     assert runs[True][1] == runs[False][1]
 

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from lorastack.engine import native
 from lorastack.engine.engine import Engine
 from lorastack.engine.speculative import PromptLookup
 from lorastack.engine.sampling import Sampling
@@ -75,7 +76,8 @@ def test_speculative_matches_in_bf16_with_native_kernels(tiny_base, lib_with_ada
     jobs = [(p, spec, Sampling(max_tokens=s.max_tokens, ignore_eos=True)) for p, spec, s in _jobs(4, seed=2)]
     plain, _ = _run(base, lib_with_adapters, jobs, speculate=0, max_batch=4)
     spec, stats = _run(base, lib_with_adapters, jobs, speculate=7, max_batch=4)
-    assert stats["accepted"] > 0
+    # Without the kernels (LORASTACK_NATIVE=0) bf16 verify passes are not batch-invariant: the engine drafts nothing.
+    assert stats["accepted"] > 0 if native.kernels() is not None else stats["drafted"] == 0
     assert [t for t, _, _ in plain] == [t for t, _, _ in spec]
 
 
@@ -134,7 +136,10 @@ def test_speculative_is_token_identical_on_the_embedded_base(tmp_path):
     plain, _ = _run(base, lib, jobs, speculate=0, max_batch=4)
     spec, stats = _run(base, lib, jobs, speculate=7, max_batch=4)
     print(f"accepted {stats['accepted']} of {stats['drafted']} drafted tokens; steps {stats['steps']}")
-    assert stats["accepted"] > 0
+    if native.kernels() is None:  # LORASTACK_NATIVE=0 or no AVX512-BF16: torch only, drafts are off (not exact)
+        assert stats["drafted"] == 0
+    else:
+        assert stats["accepted"] > 0
     assert spec == plain
     for job in jobs[:2]:  # batch 1 (a prefill alone rounds differently from a packed one, so compare alone with alone)
         assert _run(base, lib, [job], speculate=7)[0] == _run(base, lib, [job], speculate=0)[0]

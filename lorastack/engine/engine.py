@@ -169,6 +169,13 @@ class Engine:
         self.runner.bank = self.bank
         self.cache = self.runner.new_cache()
         self.speculate = max(0, speculate)
+        if self.speculate and base.dtype == torch.bfloat16 and not self.runner.attention_kernel:
+            # bf16 through torch alone (no compiled kernels, or LORASTACK_NATIVE=0): a verify pass
+            # of several tokens and a one-token step pick different GEMM/attention blockings and
+            # round differently, so drafts could change greedy outputs (measured on the embedded
+            # base); speculation is exact only on the batch-invariant kernels.
+            log.info("speculative decoding off: bf16 without the compiled kernels is not batch-invariant")
+            self.speculate = 0
         self.prefixes = PrefixCache(max_entries=prefix_cache) if prefix_cache else None
         self.running: list[Request] = []
         self.waiting: deque[Request] = deque()

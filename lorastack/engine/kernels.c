@@ -45,21 +45,58 @@ static inline __m512bh load32(const uint16_t *p, int left) {
 }
 
 #define MAX_ROWS 8
+/* `switch (m)` over 1..MAX_ROWS running LOOP(output rows per job, m) with m a constant, so
+ * each case's accumulators stay in registers; OB1 and OB2 are the rows per job at m = 1, 2. */
+#define PER_ROWS(LOOP, OB1, OB2)                                                                         \
+    switch (m) {                                                                                         \
+    case 1: LOOP(OB1, 1); break;                                                                         \
+    case 2: LOOP(OB2, 2); break;                                                                         \
+    case 3: LOOP(1, 3); break;                                                                           \
+    case 4: LOOP(1, 4); break;                                                                           \
+    case 5: LOOP(1, 5); break;                                                                           \
+    case 6: LOOP(1, 6); break;                                                                           \
+    case 7: LOOP(1, 7); break;                                                                           \
+    default: LOOP(1, 8); break;                                                                          \
+    }
+#ifndef BF16_OB1
+#define BF16_OB1 1
+#endif
+#ifndef BF16_OB2
+#define BF16_OB2 1
+#endif
 
 /* y[m, out] = x[m, in] @ W[out, in]^T (bf16 in and out, fp32 accumulation), m <= MAX_ROWS.
- * Each weight row is read once for all m input rows. */
-void lorastack_gemv_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int m, int in, int out, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int o = 0; o < out; o++) {
-        const uint16_t *w = W + (int64_t)o * in;
-        __m512 acc[MAX_ROWS];
-        for (int r = 0; r < m; r++) acc[r] = _mm512_setzero_ps();
-        for (int i = 0; i < in; i += 32) {
-            __m512bh wv = load32(w + i, in - i);
-            for (int r = 0; r < m; r++) acc[r] = _mm512_dpbf16_ps(acc[r], wv, load32(x + (int64_t)r * in + i, in - i));
+ * Each weight row is read once for all m input rows; OB output rows per job (see block_rows:
+ * independent accumulator chains, each summed in the same order, so OB never changes bits). */
+static inline __attribute__((always_inline)) void bf16_rows(const int OB, const int m, const uint16_t *x, const uint16_t *W,
+                                                            uint16_t *y, int in, int out, int o0) {
+    __m512 acc[4][MAX_ROWS];
+    for (int j = 0; j < OB; j++)
+        for (int r = 0; r < m; r++) acc[j][r] = _mm512_setzero_ps();
+    for (int i = 0; i < in; i += 32) {
+        __m512bh wv[4];
+        for (int j = 0; j < OB; j++) wv[j] = load32(W + (int64_t)(o0 + j) * in + i, in - i);
+        for (int r = 0; r < m; r++) {
+            __m512bh xv = load32(x + (int64_t)r * in + i, in - i);
+            for (int j = 0; j < OB; j++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv[j], xv);
         }
-        for (int r = 0; r < m; r++) y[(int64_t)r * out + o] = f32_to_bf16(_mm512_reduce_add_ps(acc[r]));
     }
+    for (int j = 0; j < OB; j++)
+        for (int r = 0; r < m; r++) y[(int64_t)r * out + o0 + j] = f32_to_bf16(_mm512_reduce_add_ps(acc[j][r]));
+}
+
+#define BF16_LOOP(OB, M)                                                                       \
+    do {                                                                                       \
+        int groups = out / (OB);                                                               \
+        _Pragma("omp for schedule(static)") for (int g = 0; g < groups; g++)                   \
+            bf16_rows(OB, M, x, W, y, in, out, g * (OB));                                      \
+        _Pragma("omp for schedule(static)") for (int o = groups * (OB); o < out; o++)          \
+            bf16_rows(1, M, x, W, y, in, out, o);                                              \
+    } while (0)
+
+void lorastack_gemv_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int m, int in, int out, int threads) {
+#pragma omp parallel num_threads(threads)
+    PER_ROWS(BF16_LOOP, BF16_OB1, BF16_OB2);
 }
 
 /* Per-row multi-LoRA delta, added in place: for row i and each of its K entries
@@ -200,45 +237,197 @@ static inline void row_scales(const uint8_t *w, int nb, int bytes, float *d, flo
     }
 }
 
-/* y[m, out] = x[m, in] @ W^T with W [out] rows of in/32 blocks of `kind`, m <= MAX_ROWS. */
-static inline __attribute__((always_inline)) void gemv_blocks(int kind, const uint16_t *x, const uint8_t *W, uint16_t *y,
-                                                              int m, int in, int out, int threads) {
+/* Output rows OB (1, 2 or 4) at a time, for m input rows: y[r, o0 + j] for j < OB.
+ * Why several output rows: at 1-2 input rows each output's dot product is one serial chain of
+ * `vdpbf16ps` (latency ~6 cycles) and the kernel waited on it; OB independent chains (each
+ * still summed in exactly the order of the one-row loop, so the bits do not change) keep the
+ * unit busy. Measured with bench/kernels.py at 1 thread. */
+static inline __attribute__((always_inline)) void block_rows(int kind, const int OB, const int m, const uint16_t *x,
+                                                             const uint8_t *W, uint16_t *y, int in, int out, int o0) {
     int nb = in / 32, bytes = kind == BLOCK_Q4_1 ? 20 : 34;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int o = 0; o < out; o++) {
-        const uint8_t *w = W + (int64_t)o * nb * bytes;
-        __m512 acc[MAX_ROWS];
-        for (int r = 0; r < m; r++) acc[r] = _mm512_setzero_ps();
-        int b = 0;
-        if (kind == BLOCK_Q4_1) {
-            float ds[nb], ms[nb];
-            row_scales(w, nb, bytes, ds, ms);
-            for (; b + 2 <= nb; b += 2) {
-                __m512bh w0, w1;
-                q4_1_pair(w + b * bytes, ds + b, ms + b, &w0, &w1);
-                for (int r = 0; r < m; r++) {
-                    const uint16_t *xr = x + (int64_t)r * in + b * 32;
-                    acc[r] = _mm512_dpbf16_ps(acc[r], w0, (__m512bh)_mm512_loadu_si512(xr));
-                    acc[r] = _mm512_dpbf16_ps(acc[r], w1, (__m512bh)_mm512_loadu_si512(xr + 32));
-                }
+    __m512 acc[4][MAX_ROWS];
+    for (int j = 0; j < OB; j++)
+        for (int r = 0; r < m; r++) acc[j][r] = _mm512_setzero_ps();
+    int b = 0;
+    if (kind == BLOCK_Q4_1) {
+        float ds[4][nb], ms[4][nb];
+        for (int j = 0; j < OB; j++) row_scales(W + (int64_t)(o0 + j) * nb * bytes, nb, bytes, ds[j], ms[j]);
+        for (; b + 2 <= nb; b += 2) {
+            __m512bh w0[4], w1[4];
+            for (int j = 0; j < OB; j++) q4_1_pair(W + ((int64_t)(o0 + j) * nb + b) * bytes, ds[j] + b, ms[j] + b, &w0[j], &w1[j]);
+            for (int r = 0; r < m; r++) {
+                const uint16_t *xr = x + (int64_t)r * in + b * 32;
+                __m512bh x0 = (__m512bh)_mm512_loadu_si512(xr), x1 = (__m512bh)_mm512_loadu_si512(xr + 32);
+                for (int j = 0; j < OB; j++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], w0[j], x0);
+                for (int j = 0; j < OB; j++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], w1[j], x1);
             }
         }
-        for (; b < nb; b++) {
-            __m512bh wv = kind == BLOCK_Q4_1 ? q4_1_block(w + b * bytes) : q8_0_block(w + b * bytes);
-            for (int r = 0; r < m; r++)
-                acc[r] = _mm512_dpbf16_ps(acc[r], wv, (__m512bh)_mm512_loadu_si512(x + (int64_t)r * in + b * 32));
+    }
+    for (; b < nb; b++) {
+        __m512bh wv[4];
+        for (int j = 0; j < OB; j++) {
+            const uint8_t *blk = W + ((int64_t)(o0 + j) * nb + b) * bytes;
+            wv[j] = kind == BLOCK_Q4_1 ? q4_1_block(blk) : q8_0_block(blk);
         }
-        for (int r = 0; r < m; r++) y[(int64_t)r * out + o] = f32_to_bf16(_mm512_reduce_add_ps(acc[r]));
+        for (int r = 0; r < m; r++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (int64_t)r * in + b * 32);
+            for (int j = 0; j < OB; j++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv[j], xv);
+        }
+    }
+    for (int j = 0; j < OB; j++)
+        for (int r = 0; r < m; r++) y[(int64_t)r * out + o0 + j] = f32_to_bf16(_mm512_reduce_add_ps(acc[j][r]));
+}
+
+/* y[m, out] = x[m, in] @ W^T with W [out] rows of in/32 blocks of `kind`, m <= MAX_ROWS.
+ * Specialised per m (and output rows per job) so the accumulators live in registers. */
+#define BLOCK_LOOP(OB, M)                                                                      \
+    do {                                                                                       \
+        int groups = out / (OB);                                                               \
+        _Pragma("omp for schedule(static)") for (int g = 0; g < groups; g++)                   \
+            block_rows(kind, OB, M, x, W, y, in, out, g * (OB));                               \
+        _Pragma("omp for schedule(static)") for (int o = groups * (OB); o < out; o++)          \
+            block_rows(kind, 1, M, x, W, y, in, out, o);                                       \
+    } while (0)
+
+/* ---------------------------------------------------------------- larger decode batches
+ * 9-16 rows (one thread, embedded base's layers: 1.6x torch's bf16 GEMM at 16 rows, 1.07x
+ * at 32, 0.87x at 64; llama.py's BLOCK_TILE_ROWS says where the engine stops). Per tile of 16 output rows the
+ * blocks are decoded once and transposed so that a vector holds one weight pair of each of
+ * the 16 outputs; each input row then runs 16 accumulators, one per lane of the few-row
+ * kernel's single accumulator, fed the same pairs in the same order, and sums them with the
+ * same tree as _mm512_reduce_add_ps: every output is bit-identical to the few-row kernel's
+ * (and so to the bf16 weights' kernel), whatever the batch. */
+/* 16x16 transpose of 32-bit elements: r[j][l] -> o[l][j]. */
+static inline void transpose16(__m512i *r) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    /* u[4i+k] lane c (128-bit) holds rows 4i..4i+3, column 4c+k */
+    for (int k = 0; k < 4; k++) {
+        __m512i a = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88);      /* lanes 0,2 of u[k], 0,2 of u[4+k] */
+        __m512i b = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xdd);      /* lanes 1,3 */
+        __m512i c = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88);
+        __m512i d = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xdd);
+        r[k] = _mm512_shuffle_i32x4(a, c, 0x88);       /* col k: lane0 of u[k],u[4+k],u[8+k],u[12+k] */
+        r[8 + k] = _mm512_shuffle_i32x4(a, c, 0xdd);   /* col 8+k */
+        r[4 + k] = _mm512_shuffle_i32x4(b, d, 0x88);   /* col 4+k */
+        r[12 + k] = _mm512_shuffle_i32x4(b, d, 0xdd);  /* col 12+k */
     }
 }
 
-void lorastack_gemv_q4_1(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads) {
-    gemv_blocks(BLOCK_Q4_1, x, W, y, m, in, out, threads);
+static inline __m512 tree16(__m512 *a) {
+    __m512 s[8], t[4], u[2];
+    for (int i = 0; i < 8; i++) s[i] = _mm512_add_ps(a[8 + i], a[i]);
+    for (int j = 0; j < 4; j++) t[j] = _mm512_add_ps(s[4 + j], s[j]);
+    for (int k = 0; k < 2; k++) u[k] = _mm512_add_ps(t[k], t[k + 2]);
+    return _mm512_add_ps(u[0], u[1]);
 }
 
-void lorastack_gemv_q8_0(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads) {
-    gemv_blocks(BLOCK_Q8_0, x, W, y, m, in, out, threads);
+static inline void store16(uint16_t *y, __m512 v) {
+    float f[16];
+    _mm512_storeu_ps(f, v);
+    for (int j = 0; j < 16; j++) y[j] = f32_to_bf16(f[j]);
 }
+
+/* m rows against 16 outputs whose weights are packed P[pair][16 outputs] (uint32 pairs). */
+static inline void tile_rows(const uint32_t *P, const uint16_t *x, uint16_t *y, int m, int in, int out, int o0) {
+    int np = in / 2, r = 0;
+    for (; r + 2 <= m; r += 2) {
+        __m512 a0[16], a1[16];
+        for (int l = 0; l < 16; l++) a0[l] = a1[l] = _mm512_setzero_ps();
+        const uint32_t *x0 = (const uint32_t *)(x + (int64_t)r * in), *x1 = (const uint32_t *)(x + (int64_t)(r + 1) * in);
+        for (int i = 0; i < np; i += 16)
+            for (int l = 0; l < 16; l++) {
+                __m512bh w = (__m512bh)_mm512_loadu_si512(P + (int64_t)(i + l) * 16);
+                a0[l] = _mm512_dpbf16_ps(a0[l], w, (__m512bh)_mm512_set1_epi32(x0[i + l]));
+                a1[l] = _mm512_dpbf16_ps(a1[l], w, (__m512bh)_mm512_set1_epi32(x1[i + l]));
+            }
+        store16(y + (int64_t)r * out + o0, tree16(a0));
+        store16(y + (int64_t)(r + 1) * out + o0, tree16(a1));
+    }
+    for (; r < m; r++) {
+        __m512 a0[16];
+        for (int l = 0; l < 16; l++) a0[l] = _mm512_setzero_ps();
+        const uint32_t *x0 = (const uint32_t *)(x + (int64_t)r * in);
+        for (int i = 0; i < np; i += 16)
+            for (int l = 0; l < 16; l++)
+                a0[l] = _mm512_dpbf16_ps(a0[l], (__m512bh)_mm512_loadu_si512(P + (int64_t)(i + l) * 16), (__m512bh)_mm512_set1_epi32(x0[i + l]));
+        store16(y + (int64_t)r * out + o0, tree16(a0));
+    }
+}
+
+/* decode 16 rows' block b into 16 vectors (32 bf16 = 16 pairs each) */
+/* Tile rows o0..o0+15 decoded into P [in/2 pairs][16 outputs]; ds, ms: scratch [16 * nb]. */
+static inline void tile_decode(int kind, const uint8_t *W, int nb, int o0, uint32_t *P, float *ds, float *ms) {
+    int bytes = kind == BLOCK_Q4_1 ? 20 : 34;
+    if (kind == BLOCK_Q4_1)
+        for (int j = 0; j < 16; j++) row_scales(W + (int64_t)(o0 + j) * nb * bytes, nb, bytes, ds + j * nb, ms + j * nb);
+    for (int b = 0; b < nb; b += (kind == BLOCK_Q4_1 && b + 2 <= nb) ? 2 : 1) {
+        __m512i r0[16], r1[16];
+        int two = kind == BLOCK_Q4_1 && b + 2 <= nb;
+        for (int j = 0; j < 16; j++) {
+            const uint8_t *blk = W + ((int64_t)(o0 + j) * nb + b) * bytes;
+            if (two) {
+                __m512bh w0, w1;
+                q4_1_pair(blk, ds + j * nb + b, ms + j * nb + b, &w0, &w1);
+                r0[j] = (__m512i)w0; r1[j] = (__m512i)w1;
+            } else r0[j] = (__m512i)(kind == BLOCK_Q4_1 ? q4_1_block(blk) : q8_0_block(blk));
+        }
+        transpose16(r0);
+        for (int l = 0; l < 16; l++) _mm512_storeu_si512(P + ((int64_t)b * 16 + l) * 16, r0[l]);
+        if (two) {
+            transpose16(r1);
+            for (int l = 0; l < 16; l++) _mm512_storeu_si512(P + ((int64_t)(b + 1) * 16 + l) * 16, r1[l]);
+        }
+    }
+}
+
+
+/* m > MAX_ROWS rows, out a multiple of 16 (llama.py checks): tiles of 16 outputs. */
+static inline __attribute__((always_inline)) void tiles_blocks(int kind, const uint16_t *x, const uint8_t *W, uint16_t *y,
+                                                               int m, int in, int out, int threads) {
+    int nb = in / 32;
+#pragma omp parallel num_threads(threads)
+    {
+        uint32_t *P = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * (size_t)(in / 2) * 16);
+        float *ds = (float *)malloc(sizeof(float) * 16 * nb), *ms = (float *)malloc(sizeof(float) * 16 * nb);
+#pragma omp for schedule(static)
+        for (int t = 0; t < out / 16; t++) {
+            tile_decode(kind, W, nb, t * 16, P, ds, ms);
+            tile_rows(P, x, y, m, in, out, t * 16);
+        }
+        free(P);
+        free(ds);
+        free(ms);
+    }
+}
+
+/* One exported function per block kind, each with its own parallel region: an always-inline
+ * helper taking `kind` would share one outlined OpenMP body in which `kind` is a runtime value
+ * (branches in the inner loop; measured 3x slower on Q8_0). */
+#define GEMV_BLOCKS(NAME, KIND, OB1, OB2)                                                                    \
+    void NAME(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads) {    \
+        const int kind = KIND;                                                                           \
+        if (m > MAX_ROWS) {                                                                              \
+            tiles_blocks(KIND, x, W, y, m, in, out, threads);                                            \
+            return;                                                                                      \
+        }                                                                                                \
+        _Pragma("omp parallel num_threads(threads)") PER_ROWS(BLOCK_LOOP, OB1, OB2)                       \
+    }
+
+/* Output rows per job at 1 and 2 input rows, measured (python bench/kernels.py; best of 7, one
+ * thread, embedded base): Q4_1 at 1 row 4 -> 0.80x the time of 1, at 2 rows 4 -> 0.87x; Q8_0
+ * (the LM head) got 2-3x slower with 2 or 4 (not understood; its loads are contiguous), so 1. */
+GEMV_BLOCKS(lorastack_gemv_q4_1, BLOCK_Q4_1, 4, 4)
+GEMV_BLOCKS(lorastack_gemv_q8_0, BLOCK_Q8_0, 1, 1)
 
 /* ---------------------------------------------------------------- decode attention
  * Attention of a few new query tokens against the KV cache, one (token, head) per job:
@@ -389,4 +578,68 @@ void lorastack_rope_attend_bf16(const uint16_t *qkv, const uint16_t *cos, const 
     }
     lorastack_attention_bf16(q, K, V, out, rows, pos, total, heads, kv, d, row_stride, head_stride, scale, maxlen, threads);
     free(q);
+}
+
+/* ---------------------------------------------------------------- the layer loop
+ * A whole decode step's layers in one call, for up to MAX_ROWS token rows. It runs exactly the
+ * kernels above in the order LlamaRunner._glued calls them from Python (so the output is the
+ * same, bit for bit); what it removes is the ~13 Python-level calls a layer (ctypes argument
+ * conversion, tensor allocation, dispatch), measured with py-spy at ~25% of a batch-1 step
+ * on the embedded base with one adapter. */
+typedef struct {
+    const void *w;        /* bf16 [out, in], or GGUF blocks */
+    int32_t kind;         /* -1 bf16, BLOCK_Q4_1, BLOCK_Q8_0 */
+    int32_t in, out;
+    int32_t P;            /* LoRA parts (0: no LoRA bank for this projection) */
+    const uint16_t *A;    /* LoRA bank, see lorastack_lora_bf16 */
+    const int64_t *B;
+    const int32_t *outs;
+} DecodeProj;
+
+typedef struct {
+    DecodeProj p[4];      /* q|k|v, o, gate|up, down */
+    const uint16_t *norm_in, *norm_post;
+} DecodeLayer;
+
+static void decode_proj(const DecodeProj *p, const uint16_t *x, uint16_t *y, int n, int rank, const int64_t *slots,
+                        const float *weights, int K, int threads) {
+    if (p->kind == BLOCK_Q4_1) lorastack_gemv_q4_1(x, (const uint8_t *)p->w, y, n, p->in, p->out, threads);
+    else if (p->kind == BLOCK_Q8_0) lorastack_gemv_q8_0(x, (const uint8_t *)p->w, y, n, p->in, p->out, threads);
+    else lorastack_gemv_bf16(x, (const uint16_t *)p->w, y, n, p->in, p->out, threads);
+    if (slots && p->P) lorastack_lora_bf16(x, y, p->A, p->B, p->outs, p->P, rank, p->in, n, slots, weights, K, threads);
+}
+
+/* h [n, d]: the embedded tokens, updated in place (the residual stream); xout [n, d]: the
+ * final-normed rows for the LM head. K, V: each layer's cache tensor [R, kv, T, hd]. slots
+ * NULL: no LoRA this step. */
+void lorastack_decode_layers(const DecodeLayer *layers, int nl, const uint16_t *final_norm, uint16_t *h, uint16_t *xout,
+                             int n, int d, const int64_t *K, const int64_t *V, const int64_t *rows, const int64_t *pos,
+                             const uint16_t *cos, const uint16_t *sin, int heads, int kv, int hd, int64_t row_stride,
+                             int64_t head_stride, float scale, int maxlen, float eps, int rank, const int64_t *slots,
+                             const float *weights, int K_entries, int threads) {
+    int qkv_out = layers[0].p[0].out, gu_out = layers[0].p[2].out;
+    uint16_t *qkv = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)n * qkv_out);
+    uint16_t *att = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)n * heads * hd);
+    uint16_t *dlt = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)n * d);
+    uint16_t *gu = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)n * gu_out);
+    uint16_t *act = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)n * (gu_out / 2));
+    uint16_t *x = xout;
+    lorastack_rmsnorm_bf16(h, NULL, layers[0].norm_in, x, n, d, eps);
+    for (int li = 0; li < nl; li++) {
+        const DecodeLayer *L = layers + li;
+        decode_proj(&L->p[0], x, qkv, n, rank, slots, weights, K_entries, threads);
+        lorastack_rope_attend_bf16(qkv, cos, sin, (uint16_t *)(intptr_t)K[li], (uint16_t *)(intptr_t)V[li], rows, pos, n,
+                                   heads, kv, hd, row_stride, head_stride, scale, maxlen, att, threads);
+        decode_proj(&L->p[1], att, dlt, n, rank, slots, weights, K_entries, threads);
+        lorastack_rmsnorm_bf16(h, dlt, L->norm_post, x, n, d, eps);
+        decode_proj(&L->p[2], x, gu, n, rank, slots, weights, K_entries, threads);
+        lorastack_silu_mul_bf16(gu, act, n, gu_out / 2);
+        decode_proj(&L->p[3], act, dlt, n, rank, slots, weights, K_entries, threads);
+        lorastack_rmsnorm_bf16(h, dlt, li + 1 < nl ? layers[li + 1].norm_in : final_norm, x, n, d, eps);
+    }
+    free(qkv);
+    free(att);
+    free(dlt);
+    free(gu);
+    free(act);
 }

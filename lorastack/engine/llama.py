@@ -9,6 +9,7 @@ PEFT reference path.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import torch
@@ -17,9 +18,15 @@ import torch.nn.functional as F
 from .cache import KVCache
 from .gguf_blocks import Blocks, fuse, matches
 from .lora import LoraBank, LoraBatch
-from .native import MAX_ROWS, Kernels, kernels
+from .native import BLOCK_KIND_IDS, MAX_ROWS, DecodeLayer, Kernels, kernels
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
+# Up to this many decode rows, layer projections read the GGUF blocks (kernels.c's tiled path
+# above MAX_ROWS, bit-identical per row); measured against torch's bf16 GEMM at one thread on
+# the embedded base: 1.6x at 16 rows, 1.07x at 32, 0.87x at 64 (kernel alone), and in the
+# engine 1.11x at 16 mixed rows but 0.97-1.02x at 32, so 16. The LM head stays on torch above
+# MAX_ROWS (the tiled Q8_0 head measured 0.7x torch at 16 rows).
+BLOCK_TILE_ROWS = 16
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -93,6 +100,8 @@ class LlamaRunner:
         self.native_rows = MAX_ROWS if self.native else 0
         self.q8: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.blocks: dict[int, Blocks] = self._match_blocks(blocks) if blocks and self.native else {}
+        self.head = model.lm_head.weight
+        self.tile_rows = BLOCK_TILE_ROWS  # bench/engine.py sets 0 to measure torch's GEMM instead
         # The compiled glue (kernels.c: norms, rotary, K/V append, attention, SiLU*up) for decode
         # steps: measured at batch 1 on the embedded base, the ~45 torch ops a layer between the
         # matmuls cost more than the matmuls themselves (torch.profiler: ~16 ms a token).
@@ -103,6 +112,11 @@ class LlamaRunner:
         # where it builds, so speculative verify passes round like plain steps. bench/engine.py
         # turns both off for its "as before" row.
         self.attention_kernel = self.native is not None
+        # The whole layer loop of a decode step in one compiled call (see _layer_table); None
+        # until tried, False where some projection cannot run there. bench/engine.py can turn it off.
+        self.layer_loop: bool | None = None if self.glue else False
+        self._table: tuple | None = None
+        self._tiles_all = True  # every projection on GGUF blocks (the loop can then take up to tile_rows rows)
         if self.int8_rows:
             for mods in self.fused:
                 for weight, *_ in mods.values():
@@ -143,7 +157,8 @@ class LlamaRunner:
             w8, scales = self.q8[id(weight)]
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), w8, scales).view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
-        if rows <= self.native_rows and x.dtype == torch.bfloat16 and id(weight) in self.blocks:
+        if x.dtype == torch.bfloat16 and id(weight) in self.blocks and (
+                rows <= self.native_rows or (rows <= self.tile_rows and weight.shape[0] % 16 == 0 and weight is not self.head)):
             b = self.blocks[id(weight)]
             y = self.native.gemv_blocks(x.reshape(rows, -1).contiguous(), b.kind, b.data).view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
@@ -350,6 +365,15 @@ class LlamaRunner:
         h = self.inner.embed_tokens(ids)  # [total, d]
         cos, sin = self.inner.rotary_emb(h[None], pos[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()
+        head = self.model.lm_head
+        table = self._layer_table(h, lora)
+        if table is not None:  # every layer in one compiled call: same kernels, same order, same bits
+            k_ptrs = torch.tensor([t.data_ptr() for t in cache.k], dtype=torch.int64)
+            v_ptrs = torch.tensor([t.data_ptr() for t in cache.v], dtype=torch.int64)
+            rows_arg = lora._native_rows() if lora.used else None
+            x = nat.decode_layers(table, self.inner.norm.weight, h, k_ptrs, v_ptrs, cache.k[0], rows, pos, cos, sin,
+                                  self.n_heads, self.layers[0].self_attn.scaling, eps, self.bank.rank if self.bank else 0, rows_arg)
+            return self._matmul(x, head.weight, head.bias).float()
         x = nat.rmsnorm(h, self.layers[0].input_layernorm.weight, eps)
         for li, layer in enumerate(self.layers):
             qkv = self._linear(li, "qkv_proj", x, lora)
@@ -358,8 +382,48 @@ class LlamaRunner:
             down = self._linear(li, "down_proj", nat.silu_mul(self._linear(li, "gate_up_proj", x, lora)), lora)
             after = self.layers[li + 1].input_layernorm.weight if li + 1 < len(self.layers) else self.inner.norm.weight
             x = nat.rmsnorm(h, after, eps, delta=down)
-        head = self.model.lm_head
         return self._matmul(x, head.weight, head.bias).float()
+
+    def _layer_table(self, h: torch.Tensor, lora: LoraBatch) -> "ctypes.Array[DecodeLayer] | None":
+        """The layers as kernels.c's `lorastack_decode_layers` reads them, when this pass can run
+        there: at most MAX_ROWS tokens (up to `tile_rows` when every projection reads GGUF
+        blocks, through their tiled path), every projection on a compiled kernel without bias, no
+        int8 path, and the batch's LoRA (if any) on the native kernel. Rebuilt when the LoRA
+        bank is reallocated (a larger rank); None means the per-layer Python loop."""
+        if h.shape[0] <= self.int8_rows or self.layer_loop is False:
+            return None
+        if h.shape[0] > self.native_rows and not (h.shape[0] <= self.tile_rows and self._tiles_all):
+            return None  # above MAX_ROWS only the block kernels' tiled path can run every projection
+        if lora.used and not lora._use_native(h):
+            return None
+        bank = self.bank
+        key = (bank.rank, tuple(a.data_ptr() for a in list(bank.A.values())[:1])) if bank is not None and bank.A else None
+        if self._table is not None and self._table[0] == key:
+            return self._table[1]
+        table = (DecodeLayer * len(self.layers))()
+        tiles = True
+        for li, layer in enumerate(self.layers):
+            entry = table[li]
+            entry.norm_in = layer.input_layernorm.weight.data_ptr()
+            entry.norm_post = layer.post_attention_layernorm.weight.data_ptr()
+            for j, (_, fused_name, _) in enumerate(FUSED):
+                weight, bias, group, _ = self.fused[li][fused_name]
+                proj = entry.p[j]
+                if bias is not None or not (id(weight) in self.blocks or (weight.is_contiguous() and weight.dtype == torch.bfloat16)):
+                    self.layer_loop = False  # a projection the loop cannot run: never try again
+                    return None
+                b = self.blocks.get(id(weight))
+                tiles = tiles and b is not None and weight.shape[0] % 16 == 0
+                proj.w = b.data.data_ptr() if b is not None else weight.data_ptr()
+                proj.kind = BLOCK_KIND_IDS[b.kind if b is not None else "bf16"]
+                proj.out, proj.in_ = weight.shape
+                args = bank.native_args.get(group) if key is not None else None
+                proj.P = args[3] if args else 0
+                if args:
+                    proj.A, proj.B, proj.outs = args[0], args[1], args[2]
+        self._table = (key, table)
+        self._tiles_all = tiles
+        return table if h.shape[0] <= self.native_rows or tiles else None
 
     def _mlp(self, li: int, layer: torch.nn.Module, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         g, u = self._linear(li, "gate_up_proj", x, lora).chunk(2, dim=-1)

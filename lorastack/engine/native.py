@@ -79,6 +79,22 @@ def _build() -> Path | None:
     return out
 
 
+class DecodeProj(ctypes.Structure):
+    """One projection for `lorastack_decode_layers` (kernels.c's DecodeProj)."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("kind", ctypes.c_int32), ("in_", ctypes.c_int32), ("out", ctypes.c_int32),
+                ("P", ctypes.c_int32), ("A", ctypes.c_void_p), ("B", ctypes.c_void_p), ("outs", ctypes.c_void_p)]
+
+
+class DecodeLayer(ctypes.Structure):
+    """One layer for `lorastack_decode_layers`: q|k|v, o, gate|up, down and the two norms."""
+
+    _fields_ = [("p", DecodeProj * 4), ("norm_in", ctypes.c_void_p), ("norm_post", ctypes.c_void_p)]
+
+
+BLOCK_KIND_IDS = {"bf16": -1, "Q4_1": 0, "Q8_0": 1}  # kernels.c's kind codes
+
+
 class Kernels:
     """Thin typed wrappers; callers pass contiguous bf16 tensors."""
 
@@ -103,6 +119,10 @@ class Kernels:
         self._rope_attend = lib.lorastack_rope_attend_bf16
         self._rope_attend.argtypes = [p, p, p, p, p, p, p, i, i, i, i, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, i, p, i]
         self._rope_attend.restype = None
+        self._layers = lib.lorastack_decode_layers
+        self._layers.argtypes = [p, i, p, p, p, i, i, p, p, p, p, p, p, i, i, i, ctypes.c_int64, ctypes.c_int64,
+                                 ctypes.c_float, i, ctypes.c_float, i, p, p, i, i]
+        self._layers.restype = None
         self._gemv_blocks = {}
         for kind in BLOCK_KINDS:
             fn = getattr(lib, f"lorastack_gemv_{kind.lower()}")
@@ -119,8 +139,9 @@ class Kernels:
         return y
 
     def gemv_blocks(self, x: torch.Tensor, kind: str, blocks: torch.Tensor) -> torch.Tensor:
-        """`x [m, in] @ W^T` for m <= MAX_ROWS, W given as GGUF blocks of `kind` (uint8
-        `[out, in / 32 * block bytes]`); bit-identical to `gemv` on W dequantized to bf16."""
+        """`x [m, in] @ W^T`, W given as GGUF blocks of `kind` (uint8 `[out, in / 32 * block
+        bytes]`); bit-identical to `gemv` on W dequantized to bf16, row by row. Above MAX_ROWS
+        rows `out` must be a multiple of 16 (the tiled path)."""
         m, k = x.shape
         y = torch.empty(m, blocks.shape[0], dtype=torch.bfloat16)
         self._gemv_blocks[kind](x.data_ptr(), blocks.data_ptr(), y.data_ptr(), m, k, blocks.shape[0], torch.get_num_threads())
@@ -158,6 +179,23 @@ class Kernels:
         self._rope_attend(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(), rows.data_ptr(),
                           pos.data_ptr(), total, heads, kv, d, k.stride(0), k.stride(1), scale, int(pos.max()) + 1,
                           out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def decode_layers(self, table: "ctypes.Array[DecodeLayer]", final_norm: torch.Tensor, h: torch.Tensor,
+                      k_ptrs: torch.Tensor, v_ptrs: torch.Tensor, k0: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, heads: int, scale: float, eps: float, rank: int,
+                      lora_rows: tuple | None) -> torch.Tensor:
+        """Every layer of a decode step for `h [n, d]` (<= MAX_ROWS token rows; updated in place,
+        the residual stream) in one call; returns the final-normed rows `[n, d]` for the LM head.
+        `k_ptrs`/`v_ptrs`: each layer's cache tensor address (int64), `k0` one of them (shape
+        and strides); `lora_rows`: `rows_args` of the batch's LoRA rows, or None for no LoRA."""
+        n, d = h.shape
+        out = torch.empty_like(h)
+        slots, weights, k = (lora_rows[1], lora_rows[2], lora_rows[3]) if lora_rows else (None, None, 0)
+        self._layers(ctypes.addressof(table), len(table), final_norm.data_ptr(), h.data_ptr(), out.data_ptr(), n, d,
+                     k_ptrs.data_ptr(), v_ptrs.data_ptr(), rows.data_ptr(), pos.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                     heads, k0.shape[1], k0.shape[-1], k0.stride(0), k0.stride(1), scale, int(pos.max()) + 1, eps, rank,
+                     slots, weights, k, torch.get_num_threads())
         return out
 
     def lora_raw(self, x: torch.Tensor, y: torch.Tensor, group: tuple, rank: int, rows: tuple) -> None:
