@@ -1,6 +1,7 @@
 """Engine throughput vs peers, measured side by side in one run on the embedded base.
 
     python bench/engine.py [--tokens 32] [--n 1,4,8,16,32,64] [--dtype bfloat16] [--out out/bench]
+                           [--task-library LIB] [--lookup-only]
 
 Rows (every request generates exactly --tokens tokens, EOS ignored, greedy; lorastack rows
 decode from the GGUF's Q4_1/Q8_0 blocks and without speculation unless said otherwise):
@@ -85,16 +86,24 @@ def engine_tps(engine: Engine, ids: list[int], routes: list, tokens: int) -> flo
 LOOKUP_TASKS = ("reverse_words", "json_field", "date_format")
 
 
-def prompt_lookup_rows(base: Base, resolve, adapter: str, n: int, repeats: int) -> dict[str, dict]:
+def prompt_lookup_rows(base: Base, resolve, adapter: str, n: int, repeats: int,
+                       trained: Library | None = None) -> dict[str, dict]:
     """Batch-1 tok/s on each task's test prompts with and without prompt-lookup drafts: end to
-    end (prefill included: these answers are short) and decode only (after the first token)."""
+    end (prefill included: these answers are short) and decode only (after the first token).
+    With `trained`, a task whose adapter that library holds runs on it (its real answers, so
+    its real draft acceptance); otherwise on `adapter` (random weights: the base's answers)."""
     from lorastack.tasks import get_task
 
-    engines = {"plain": Engine(base, resolve=resolve, prefix_cache=0, speculate=0),
-               "lookup": Engine(base, resolve=resolve, prefix_cache=0)}
-    route, s = parse_spec(adapter), Sampling(max_tokens=64)
+    def find(name: str):
+        return trained.get(name) if trained is not None and name in trained.names() else resolve(name)
+
+    engines = {"plain": Engine(base, resolve=find, prefix_cache=0, speculate=0),
+               "lookup": Engine(base, resolve=find, prefix_cache=0)}
+    s = Sampling(max_tokens=64)
     out = {}
     for task in LOOKUP_TASKS:
+        used = task if trained is not None and task in trained.names() else adapter
+        route = parse_spec(used)
         prompts = [r["prompt"] for r in get_task(task).generate(n, "test", seed=0)]
         tps, dtps, texts = {}, {}, {}
         for _ in range(repeats):
@@ -116,7 +125,8 @@ def prompt_lookup_rows(base: Base, resolve, adapter: str, n: int, repeats: int) 
         out[task] = {"plain": tps["plain"], "lookup": tps["lookup"], "speedup": tps["lookup"] / tps["plain"],
                      "decode_plain": dtps["plain"], "decode_lookup": dtps["lookup"],
                      "decode_speedup": dtps["lookup"] / dtps["plain"],
-                     "identical": texts["plain"] == texts["lookup"], "tokens": toks, "drafted": drafted, "accepted": accepted}
+                     "identical": texts["plain"] == texts["lookup"], "tokens": toks, "drafted": drafted, "accepted": accepted,
+                     "adapter": "trained" if used == task else "random"}
         print(f"prompt lookup {task}: {out[task]}", flush=True)
     return out
 
@@ -153,6 +163,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="best of this many runs for rows a-d, h-j")
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
     ap.add_argument("--lookup-prompts", type=int, default=8, help="test prompts per task for the prompt-lookup rows")
+    ap.add_argument("--task-library", type=Path, default=None,
+                    help="a library with trained reverse_words/json_field/date_format adapters: the prompt-lookup rows "
+                    "use them (real answers, real draft acceptance) instead of a random adapter")
+    ap.add_argument("--lookup-only", action="store_true", help="run only the prompt-lookup rows")
     args = ap.parse_args()
     ns = sorted({1, *(int(x) for x in args.n.split(","))})  # batch 1 always runs: the summary compares it
     torch.manual_seed(0)
@@ -160,7 +174,11 @@ def main() -> None:
     base = Base.load("embedded", dtype=args.dtype)
     tmp = Path(tempfile.mkdtemp(prefix="lorastack-bench-"))
     lib = Library(tmp / "lib")
-    names = make_adapters(base, lib, max(ns), tmp)
+    names = make_adapters(base, lib, 1 if args.lookup_only else max(ns), tmp)
+    trained = Library(args.task_library) if args.task_library else None
+    if args.lookup_only:
+        prompt_lookup_rows(base, lib.get, names[0], args.lookup_prompts, args.repeats, trained)
+        return
     ids = base.chat_ids([{"role": "user", "content": PROMPT}])
     T = args.tokens
     engine = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, speculate=0)
@@ -237,7 +255,7 @@ def main() -> None:
     except ImportError:
         g_note = n_note = "llama-cpp-python not installed (pip install lorastack[bench])"
 
-    lookup = prompt_lookup_rows(base, lib.get, names[0], args.lookup_prompts, args.repeats)
+    lookup = prompt_lookup_rows(base, lib.get, names[0], args.lookup_prompts, args.repeats, trained)
 
     # Time to first token for a 256-token prompt, alone on an idle engine.
     long_ids = (ids * 20)[:256]

@@ -94,6 +94,21 @@ def test_speculative_batch_one_alone_and_cache_reuse_after_rejections(tiny_base,
     assert eng.stats["accepted"] > 0
 
 
+def test_a_row_whose_drafts_keep_missing_backs_off(tiny_base, lib_with_adapters, monkeypatch):  # noqa: F811
+    """Drafts rejected outright twice in a row pause drafting (8 tokens, then 16, 32...): a row
+    that never copies its prompt stops paying for wider verify passes; outputs stay identical."""
+    from lorastack.engine import engine as engine_mod
+
+    job = (_jobs(1, seed=5)[0][0], "a", Sampling(max_tokens=40, ignore_eos=True))
+    ref = _run(tiny_base, lib_with_adapters, [job], speculate=0)[0][0][0]  # the greedy tokens
+    never = next(t for t in range(tiny_base.tokenizer.vocab_size - 1, 0, -1) if t not in ref)
+    monkeypatch.setattr(engine_mod.PromptLookup, "propose", lambda self, k: [never] * k)
+    out, stats = _run(tiny_base, lib_with_adapters, [job], speculate=7)
+    assert out[0][0] == ref
+    # misses at tokens 1 and 2, then one draft each after waiting 8, 16 tokens: 4 draft steps of 3, 2, 1, 1 tokens
+    assert stats["accepted"] == 0 and 0 < stats["drafted"] <= 8, stats
+
+
 def test_failed_verify_pass_fails_its_rows_and_the_engine_goes_on(tiny_base, lib_with_adapters):  # noqa: F811
     jobs = [(p, spec, Sampling(max_tokens=12, ignore_eos=True)) for p, spec, _ in _jobs(1, seed=4)]
     expected, _ = _run(tiny_base, lib_with_adapters, jobs, speculate=0)
