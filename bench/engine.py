@@ -94,15 +94,17 @@ def prompt_lookup_rows(base: Base, resolve, adapter: str, n: int, repeats: int,
     its real draft acceptance); otherwise on `adapter` (random weights: the base's answers)."""
     from lorastack.tasks import get_task
 
+    have = set(trained.names()) if trained is not None else set()
+
     def find(name: str):
-        return trained.get(name) if trained is not None and name in trained.names() else resolve(name)
+        return trained.get(name) if name in have else resolve(name)
 
     engines = {"plain": Engine(base, resolve=find, prefix_cache=0, speculate=0),
                "lookup": Engine(base, resolve=find, prefix_cache=0)}
     s = Sampling(max_tokens=64)
     out = {}
     for task in LOOKUP_TASKS:
-        used = task if trained is not None and task in trained.names() else adapter
+        used = task if task in have else adapter
         route = parse_spec(used)
         prompts = [r["prompt"] for r in get_task(task).generate(n, "test", seed=0)]
         tps, dtps, texts = {}, {}, {}

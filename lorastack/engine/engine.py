@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -33,6 +32,7 @@ from .lora import LoraBank, LoraBatch
 from .prefix import PrefixCache
 from .llama import LlamaRunner, supports
 from .constrain import Grammars, RowGrammar, mask_logits
+from .pieces import Pieces
 from .sampling import Generation, Messages, Sampling, TokenLogprob, pick_tokens, token_logprobs
 from .speculative import PromptLookup
 
@@ -92,40 +92,28 @@ class Request:
     _draft_len: int = 0  # this row's current draft length (adaptive; 0 = not started)
     _misses: int = 0  # consecutive drafts with no token accepted
     _draft_after: int = 0  # no drafts until the row has this many tokens (backoff after misses)
-    _events: "queue.Queue[str | None]" = field(default_factory=queue.Queue, repr=False)
-    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _pieces: Pieces = field(init=False, repr=False)  # the answer's text pieces, to stream() and on_event
+
+    def __post_init__(self) -> None:
+        self._pieces = Pieces(self.on_event)
 
     @property
     def done(self) -> bool:
-        return self._done.is_set()
-
-    def _push(self, piece: str | None) -> None:
-        self._events.put(piece)
-        if self.on_event is not None:
-            try:
-                self.on_event(piece)
-            except Exception:  # noqa: BLE001 - a broken listener must not stall the engine
-                self.on_event = None
+        return self._pieces.done
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the request has finished (or `timeout` passes); True if it has."""
-        return self._done.wait(timeout)
+        return self._pieces.wait(timeout)
 
     def cancel(self) -> None:
         """Stop generating (a disconnected client); the row is freed at the next step."""
         self.cancelled = True
 
     def stream(self, timeout: float | None = None) -> Iterator[str]:
-        while True:
-            piece = self._events.get(timeout=timeout)
-            if piece is None:
-                if self.error:
-                    raise self.error
-                return
-            yield piece
+        return self._pieces.stream(lambda: self.error, timeout)
 
     def result(self, timeout: float | None = None) -> Generation:
-        if not self._done.wait(timeout):
+        if not self._pieces.wait(timeout):
             raise TimeoutError(f"request {self.id} not finished after {timeout}s")
         if self.error:
             raise self.error
@@ -602,7 +590,7 @@ class Engine:
                         safe = min(safe, len(text) - k)
                         break
         if safe > req._emitted:
-            req._push(text[req._emitted : safe])
+            req._pieces.push(text[req._emitted : safe])
             req._emitted = safe
 
     def _retire(self, req: Request) -> None:
@@ -617,12 +605,11 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = req.finish_reason or reason
         if req._emitted < len(req.text) and not req.error:
-            req._push(req.text[req._emitted :])
+            req._pieces.push(req.text[req._emitted :])
             req._emitted = len(req.text)
         req.finished_at = time.perf_counter()
         self.stats["requests"] += 1
-        req._done.set()
-        req._push(None)
+        req._pieces.close()
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self.running if r.cancelled]:

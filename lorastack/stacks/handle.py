@@ -13,9 +13,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from queue import Queue
 from typing import TYPE_CHECKING, Any
 
+from ..engine.pieces import Pieces
 from ..errors import EngineError, LorastackError
 from ..handle import Handle
 from ..route import StackRef
@@ -35,9 +35,7 @@ class StackHandle(Handle):
         self.model = f"stack/{spec.name}"
         self.text, self.finish_reason, self.error = "", None, None
         self.submitted_at, self.first_token_at, self.finished_at = time.perf_counter(), None, None
-        self._on_event = on_event
-        self._events: Queue[str | None] = Queue()
-        self._done = threading.Event()
+        self._pieces = Pieces(on_event)
         self._cancelled = False
         self._streamed = False
         self.stack_result: StackResult | None = None
@@ -46,12 +44,7 @@ class StackHandle(Handle):
     def _push(self, piece: str | None) -> None:
         if piece and self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        self._events.put(piece)
-        if self._on_event is not None:
-            try:
-                self._on_event(piece)
-            except Exception:  # noqa: BLE001 - a broken listener must not stall other stacks
-                self._on_event = None
+        self._pieces.push(piece)
 
     def on_output(self, piece: str | None) -> None:
         """The output stage's streamed pieces (its final None is replaced by `_finish`'s)."""
@@ -70,13 +63,12 @@ class StackHandle(Handle):
             self._push(result.output)
         self.finish_reason = "stop"
         self.finished_at = time.perf_counter()
-        self._done.set()
-        self._push(None)
+        self._pieces.close()
 
     # -- Handle
     @property
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._pieces.done
 
     @property
     def cancelled(self) -> bool:
@@ -91,19 +83,13 @@ class StackHandle(Handle):
         return sum(t.completion_tokens for t in self.ex.traces.values())
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
+        return self._pieces.wait(timeout)
 
     def cancel(self) -> None:
         self._cancelled = True
 
     def stream(self, timeout: float | None = None) -> Iterator[str]:
-        while True:
-            piece = self._events.get(timeout=timeout)
-            if piece is None:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield piece
+        return self._pieces.stream(lambda: self.error, timeout)
 
 
 class StackDriver:
