@@ -10,7 +10,8 @@ import pytest
 from lorastack.library import Library
 from lorastack.routing import sentence
 from lorastack.routing.learned import LearnedRouter, gate_calibration
-from lorastack.routing.views import REORDER_FRAMES, VIEWS_VERSION, WRAP_FRAMES, example_views, generic_views, split_instruction
+from lorastack.routing.views import (REORDER_FRAMES, VIEWS_VERSION, WRAP_FRAMES, Parts, example_views,
+                                     generic_views, instruction_parts, other_separator, split_instruction)
 from lorastack.runtime import Runtime
 from lorastack.tasks import TASKS, get_task
 from lorastack.tasks.generic import calibration_set
@@ -34,12 +35,42 @@ def test_split_instruction_finds_a_shared_prefix_or_suffix():
 def test_views_reframe_the_instruction_and_keep_the_payload():
     ex = [f"Convert to title case: {w}" for w in ("red fox", "blue sky above", "old tree", "new moon rising")]
     views = example_views(ex, per=len(REORDER_FRAMES) + len(WRAP_FRAMES))
-    assert "red fox\nConvert to title case" in [v for i, v in views if i == 0]  # the instruction after the data
+    assert "red fox\nConvert to title case." in [v for i, v in views if i == 0]  # the instruction after the data
     assert "Please convert to title case: old tree" in [v for i, v in views if i == 2]
-    assert all(ex[i].split(": ", 1)[1] in v for i, v in views)
+    payloads = [ex[i].split(": ", 1)[1] for i, _ in views]
+    assert all(p in v or other_separator(p) in v for p, (_, v) in zip(payloads, views))
     # No shared instruction (every example worded differently): only wrapped, never cut apart.
     mixed = ["What is 2 + 3?", "Add 4 and 9.", "Sum of 1 and 7, please"]
     assert all(v.count(mixed[i]) == 1 for i, v in example_views(mixed, per=3))
+
+
+def test_word_list_views_keep_the_words_and_reword_the_instruction():
+    """A word list is the payload: every view keeps its words in order (with either separator),
+    and the instruction is re-framed, also when a one-word label sits before the list."""
+    words = [("proud", "hammer", "planet"), ("lazy", "blanket", "beacon", "apple"), ("tiny", "jacket", "river")]
+    ex = [f"Words: {', '.join(w)}. List them from last to first." for w in words] + \
+         [f"{' '.join(w)}\nWrite these words in reverse order." for w in words]
+    parts = [instruction_parts(t, *s) for t, s in zip(ex, split_instruction(ex))]
+    assert parts[0] == Parts("List them from last to first", "Words: proud, hammer, planet", False)
+    assert parts[3] == Parts("Write these words in reverse order", "proud hammer planet", False)
+    views = example_views(ex, per=len(REORDER_FRAMES) + len(WRAP_FRAMES))
+    for i, v in views:
+        w = words[i % 3]
+        assert " ".join(w) in v or ", ".join(w) in v, v
+    # The instruction moves: before the words (it came after them), after the label's list.
+    assert any(v.lower().index("write these words") < v.index("hammer") for i, v in views if i == 3)
+    assert any(v.startswith("Please list them from last to first: Words: ") for v in [v for i, v in views if i == 0])
+    assert any(", ".join(words[0]) in v for i, v in views if i == 3)  # the other separator
+    assert other_separator("a b c") == "a, b, c" and other_separator("Words: a, b, c") == "Words: a b c"
+    assert other_separator('{"a": 1}') is None and other_separator("a b") is None
+
+
+def test_a_question_is_moved_but_never_made_a_request():
+    ex = [f"Which order do these words go in alphabetically? {w}" for w in ("kitten lobster fox", "barrel monkey ladder")]
+    views = [v for _, v in example_views(ex, per=20)]
+    assert "kitten lobster fox\nWhich order do these words go in alphabetically?" in views
+    assert not any(w in v.lower() for v in views for w in ("please which", "you which", ", which", "alphabetically:"))
+    assert not any("??" in v or "?:" in v or "?." in v for v in views)
 
 
 def test_frames_are_disjoint_from_every_held_out_paraphrase_template():
