@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from lorastack.library import Library
 from lorastack.routing import sentence
@@ -159,6 +160,24 @@ def test_gate_stores_views_and_refits_when_the_encoder_changes(narrow_runtime):
     assert enc.calls == calls + 1
 
 
+def test_with_a_second_encoder_a_request_runs_one_base_layer_only(narrow_runtime):
+    """The gate's base features come from the first layer when MiniLM (here a stand-in) is
+    there, and kNN's 6-layer embedding is not computed when no adapter needs the description
+    fallback: that forward was a third of the routing latency."""
+    from lorastack.routing import knn as knn_module
+    from lorastack.routing.gate_features import LAYERS_WITH_SENTENCE
+    from lorastack.routing.knn import EMBED_LAYERS
+
+    router = LearnedRouter(narrow_runtime, sentence=False)
+    router.features.encoder = _FakeEncoder()
+    assert f":L{LAYERS_WITH_SENTENCE}:fake-trigrams:" in router.fit()["features"]
+    knn_module._EMBED_CACHE.clear()
+    request = "Convert to title case: quiet red lantern"
+    assert router.route([request])[0].candidate == "headline"
+    layers = {key[2] for key, cache in knn_module._EMBED_CACHE.items() if request in cache}
+    assert layers == {LAYERS_WITH_SENTENCE} and EMBED_LAYERS not in layers
+
+
 def test_sentence_encoder_can_be_turned_off(monkeypatch):
     monkeypatch.setenv(sentence.ENV, "none")
     assert sentence.default_encoder() is None
@@ -175,6 +194,9 @@ def test_bundled_minilm_loads_offline_and_hears_a_paraphrase(monkeypatch):
              "What is the capital of France?"])
     assert e.shape == (3, 384) and np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-4)
     assert float(e[0] @ e[1]) > float(e[0] @ e[2]) + 0.1
+    half = sentence.default_encoder(torch.bfloat16)  # the gate's encoder next to a bfloat16 base
+    assert half.name != enc.name and half.name.endswith("bfloat16")
+    assert np.all(np.sum(half(["Convert to title case: the quick fox", "What is the capital of France?"]) * e[[0, 2]], 1) > 0.999)
 
 
 def test_an_adapter_whose_negatives_sit_low_gets_a_lower_threshold():
