@@ -58,6 +58,9 @@ class AdapterCard(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     signatures: dict[str, Any] = Field(default_factory=dict)
+    # False keeps `auto` from ever choosing the adapter (a general adapter made for
+    # `--subtract`); it is still served by name.
+    routable: bool = True
     card_version: int = CARD_VERSION
 
 
