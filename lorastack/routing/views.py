@@ -22,9 +22,9 @@ re-frame each example without inventing task knowledge:
   reverse_words and sort_words adapters: -5 to +1 points of their paraphrases, the
   8-adapter library's paraphrase top-1 98.6% with it, 99.0% without). The label rule and the
   inline and request frames moved those four narrowed cases from 67/77/67/64% to
-  71/80/67/65% of their paraphrases (same features, `routing.gate_features`). What they still lose goes to each other on phrasings whose
-  meaning MiniLM does not catch ("from A to Z" sits nearer "reverse the order" than
-  "alphabetically").
+  71/80/67/65% of their paraphrases (same features, `routing.gate_features`). What they
+  still lose goes to each other on phrasings whose meaning MiniLM does not catch ("from A
+  to Z" sits nearer "reverse the order" than "alphabetically").
 
 Wrappers say nothing about the task, so `generic_views` wraps the generic "no expert"
 prompts the same way: a "Thanks!" must not pull a request towards an adapter.
@@ -41,7 +41,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-# Frames over (instruction, payload) for any instruction: moved after the data, before it, labelled.
+# Frames over (instruction, payload) for any instruction: after the data, before it, labelled.
 # {instruction} ends in its own mark ('.' or '?'); {instruction_core} has none.
 PLACE_FRAMES = (
     "{payload}\n{instruction}",
@@ -70,7 +70,8 @@ WRAP_FRAMES = (
 MIN_SHARE = 0.1  # an instruction is a word prefix/suffix shared by at least this share of the examples
 MIN_INSTRUCTION_WORDS = 2
 VIEWS_PER_EXAMPLE = 2  # 3 measured the same
-# Part of the stored views' key: stored views are recomputed whenever the frames change.
+# Part of the stored views' key: stored views are recomputed whenever the frames change (the
+# last item names the splitting rules: bump it when `instruction_parts`/`other_separator` change).
 VIEWS_VERSION = hashlib.sha256(json.dumps([PLACE_FRAMES, REQUEST_FRAMES, WRAP_FRAMES, MIN_SHARE, MIN_INSTRUCTION_WORDS,
                                            VIEWS_PER_EXAMPLE, "label+list2"]).encode()).hexdigest()[:8]
 _WORD = r"[A-Za-z][A-Za-z'-]*"
