@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -113,9 +114,11 @@ class _FakeEncoder:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.threads: set[str] = set()
 
     def __call__(self, texts):
         self.calls += len(texts)
+        self.threads.add(threading.current_thread().name)
         out = np.zeros((len(texts), 32), dtype=np.float32)
         for i, t in enumerate(texts):
             for j in range(len(t) - 2):
@@ -176,6 +179,8 @@ def test_with_a_second_encoder_a_request_runs_one_base_layer_only(narrow_runtime
     assert router.route([request])[0].candidate == "headline"
     layers = {key[2] for key, cache in knn_module._EMBED_CACHE.items() if request in cache}
     assert layers == {LAYERS_WITH_SENTENCE} and EMBED_LAYERS not in layers
+    # MiniLM runs on its worker thread only: on the caller's it slowed the generation that followed.
+    assert {t.split("_")[0] for t in router.features.encoder.threads} == {"lorastack-sentence"}
 
 
 def test_sentence_encoder_can_be_turned_off(monkeypatch):
