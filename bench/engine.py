@@ -36,7 +36,6 @@ import json
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from lorastack.atomic import scratch_dir  # noqa: E402
 from lorastack.base import Base, embedded_gguf_path  # noqa: E402
 from lorastack.engine.engine import Engine  # noqa: E402
 from lorastack.engine.sampling import Sampling  # noqa: E402
@@ -174,183 +174,183 @@ def main() -> None:
     torch.manual_seed(0)
 
     base = Base.load("embedded", dtype=args.dtype)
-    tmp = Path(tempfile.mkdtemp(prefix="lorastack-bench-"))
-    lib = Library(tmp / "lib")
-    names = make_adapters(base, lib, 1 if args.lookup_only else max(ns), tmp)
-    trained = Library(args.task_library) if args.task_library else None
-    if args.lookup_only:
-        prompt_lookup_rows(base, lib.get, names[0], args.lookup_prompts, args.repeats, trained)
-        return
-    ids = base.chat_ids([{"role": "user", "content": PROMPT}])
-    T = args.tokens
-    engine = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, speculate=0)
-    engine_tps(engine, ids, [parse_spec(n) for n in names], 4)  # warm-up: loads every adapter once
-    load_s = engine.bank.load_seconds
+    with scratch_dir("lorastack-bench-") as tmp:  # 2+ GB of adapters and GGUF exports, removed however the run ends
+        lib = Library(tmp / "lib")
+        names = make_adapters(base, lib, 1 if args.lookup_only else max(ns), tmp)
+        trained = Library(args.task_library) if args.task_library else None
+        if args.lookup_only:
+            prompt_lookup_rows(base, lib.get, names[0], args.lookup_prompts, args.repeats, trained)
+            return
+        ids = base.chat_ids([{"role": "user", "content": PROMPT}])
+        T = args.tokens
+        engine = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, speculate=0)
+        engine_tps(engine, ids, [parse_spec(n) for n in names], 4)  # warm-up: loads every adapter once
+        load_s = engine.bank.load_seconds
 
-    # Peers: PEFT with every adapter loaded (mixed batches and switching), and a merged model.
-    from peft import PeftModel
+        # Peers: PEFT with every adapter loaded (mixed batches and switching), and a merged model.
+        from peft import PeftModel
 
-    peft = PeftModel.from_pretrained(copy.deepcopy(base.model), str(lib.get(names[0]).path), adapter_name=names[0])
-    for n in names[1:]:
-        peft.load_adapter(str(lib.get(n).path), adapter_name=n)
-    peft.eval()
-    merged = PeftModel.from_pretrained(copy.deepcopy(base.model), str(lib.get(names[0]).path)).merge_and_unload().eval()
+        peft = PeftModel.from_pretrained(copy.deepcopy(base.model), str(lib.get(names[0]).path), adapter_name=names[0])
+        for n in names[1:]:
+            peft.load_adapter(str(lib.get(n).path), adapter_name=n)
+        peft.eval()
+        merged = PeftModel.from_pretrained(copy.deepcopy(base.model), str(lib.get(names[0]).path)).merge_and_unload().eval()
 
-    int8 = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, int8_rows=4, speculate=0)
-    plain = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, native=False, speculate=0)
-    bf16 = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, gguf_blocks=False, speculate=0)
-    before = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, gguf_blocks=False, speculate=0)
-    before.runner.glue = before.runner.attention_kernel = False
-    blocks_note = f"{len(engine.runner.blocks)} matrices from GGUF blocks" if engine.runner.blocks else "no GGUF blocks in use"
-    native_note = "compiled kernels in use" if engine.runner.native else "compiled kernels unavailable here: torch only"
-    rows: dict[str, dict[int, float]] = {k: {} for k in "abcdefghijklmn"}
+        int8 = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, int8_rows=4, speculate=0)
+        plain = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, native=False, speculate=0)
+        bf16 = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, gguf_blocks=False, speculate=0)
+        before = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, gguf_blocks=False, speculate=0)
+        before.runner.glue = before.runner.attention_kernel = False
+        blocks_note = f"{len(engine.runner.blocks)} matrices from GGUF blocks" if engine.runner.blocks else "no GGUF blocks in use"
+        native_note = "compiled kernels in use" if engine.runner.native else "compiled kernels unavailable here: torch only"
+        rows: dict[str, dict[int, float]] = {k: {} for k in "abcdefghijklmn"}
 
-    def best(fn, *a, **kw) -> float:
-        return max(fn(*a, **kw) for _ in range(args.repeats))
+        def best(fn, *a, **kw) -> float:
+            return max(fn(*a, **kw) for _ in range(args.repeats))
 
-    for n in ns:
-        rows["a"][n] = best(engine_tps, engine, ids, [parse_spec(names[i]) for i in range(n)], T)
-        rows["b"][n] = best(engine_tps, engine, ids, [parse_spec(names[0])] * n, T)
-        rows["c"][n] = best(engine_tps, engine, ids, [BASE_ROUTE] * n, T)
-        rows["d"][n] = best(hf_tps, merged, ids, n, T)
-        rows["h"][n] = best(hf_tps, base.model, ids, n, T)
-        rows["j"][n] = best(engine_tps, plain, ids, [BASE_ROUTE] * n, T)
-        rows["k"][n] = best(engine_tps, bf16, ids, [BASE_ROUTE] * n, T)
-        rows["l"][n] = best(engine_tps, bf16, ids, [parse_spec(names[0])] * n, T)
-        rows["m"][n] = best(engine_tps, before, ids, [BASE_ROUTE] * n, T)
-        if n <= int8.runner.int8_rows:
-            rows["i"][n] = best(engine_tps, int8, ids, [BASE_ROUTE] * n, T)
-        if n <= args.peers_max_n:
-            rows["e"][n] = hf_tps(peft, ids, n, T, adapter_names=names[:n])
+        for n in ns:
+            rows["a"][n] = best(engine_tps, engine, ids, [parse_spec(names[i]) for i in range(n)], T)
+            rows["b"][n] = best(engine_tps, engine, ids, [parse_spec(names[0])] * n, T)
+            rows["c"][n] = best(engine_tps, engine, ids, [BASE_ROUTE] * n, T)
+            rows["d"][n] = best(hf_tps, merged, ids, n, T)
+            rows["h"][n] = best(hf_tps, base.model, ids, n, T)
+            rows["j"][n] = best(engine_tps, plain, ids, [BASE_ROUTE] * n, T)
+            rows["k"][n] = best(engine_tps, bf16, ids, [BASE_ROUTE] * n, T)
+            rows["l"][n] = best(engine_tps, bf16, ids, [parse_spec(names[0])] * n, T)
+            rows["m"][n] = best(engine_tps, before, ids, [BASE_ROUTE] * n, T)
+            if n <= int8.runner.int8_rows:
+                rows["i"][n] = best(engine_tps, int8, ids, [BASE_ROUTE] * n, T)
+            if n <= args.peers_max_n:
+                rows["e"][n] = hf_tps(peft, ids, n, T, adapter_names=names[:n])
+                t0 = time.perf_counter()
+                for i in range(n):
+                    peft.set_adapter(names[i])
+                    hf_tps(peft, ids, 1, T)
+                rows["f"][n] = n * T / (time.perf_counter() - t0)
+            print(f"N={n}: " + "  ".join(f"({k}) {v[n]:.0f}" for k, v in rows.items() if n in v), flush=True)
+
+        try:  # (g) llama.cpp, optional; (n) the same with adapter names[0] as a llama.cpp LoRA
+            from llama_cpp import Llama
+
+            text = base.render([{"role": "user", "content": PROMPT}])
+
+            def llama_tps(llm) -> float:  # EOS banned so that every run makes exactly T tokens, like the others
+                t0 = time.perf_counter()
+                out = llm.create_completion(text, max_tokens=T, temperature=0, logit_bias={llm.token_eos(): -1e9})
+                return out["usage"]["completion_tokens"] / (time.perf_counter() - t0)
+
+            def llama(lora: Path | None = None):
+                return Llama(model_path=str(embedded_gguf_path()), lora_path=str(lora) if lora else None, n_ctx=512,
+                             n_threads=torch.get_num_threads(), verbose=False)
+
+            rows["g"][1] = best(llama_tps, llama())
+            g_note = "llama-cpp-python, Q4_1 weights"
+            from lorastack.export import GGUF_FILE, export
+
+            speeds = {}
+            for dtype in ("float16", "float32"):
+                export(lib, names[0], tmp / f"gguf-{dtype}", mode="gguf", base=base, dtype=dtype)
+                speeds[dtype] = best(llama_tps, llama(tmp / f"gguf-{dtype}" / GGUF_FILE))
+            fastest = max(speeds, key=speeds.get)
+            rows["n"][1] = speeds[fastest]
+            n_note = "exported LoRA, " + ", ".join(f"{k} {v:.0f}" for k, v in speeds.items()) + " tok/s"
+        except ImportError:
+            g_note = n_note = "llama-cpp-python not installed (pip install lorastack[bench])"
+
+        lookup = prompt_lookup_rows(base, lib.get, names[0], args.lookup_prompts, args.repeats, trained)
+
+        # Time to first token for a 256-token prompt, alone on an idle engine.
+        long_ids = (ids * 20)[:256]
+        ttft = []
+        for route in (BASE_ROUTE, parse_spec(names[0])):
             t0 = time.perf_counter()
-            for i in range(n):
-                peft.set_adapter(names[i])
-                hf_tps(peft, ids, 1, T)
-            rows["f"][n] = n * T / (time.perf_counter() - t0)
-        print(f"N={n}: " + "  ".join(f"({k}) {v[n]:.0f}" for k, v in rows.items() if n in v), flush=True)
+            req = engine.submit_ids(long_ids, route, Sampling(max_tokens=1))
+            while not req.done:
+                engine.step()
+            ttft.append(req.first_token_at - t0)
+        bw = bandwidth_gbs()
+        weight_bytes = sum(p.numel() * p.element_size() for p in base.model.parameters())
+        roofline = bw * 1e9 / weight_bytes
+        # What a decode step streams from the GGUF blocks: the blocks, plus the bf16 norms.
+        block_bytes = sum(b.data.numel() for b in engine.runner.blocks.values()) + sum(
+            p.numel() * p.element_size() for name, p in base.model.named_parameters() if "norm" in name)
+        roofline_blocks = bw * 1e9 / block_bytes
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    try:  # (g) llama.cpp, optional; (n) the same with adapter names[0] as a llama.cpp LoRA
-        from llama_cpp import Llama
+        labels = {
+            "a": "lorastack, N different adapters", "b": "lorastack, one adapter", "c": "lorastack, bare base",
+            "d": "HF generate, merged adapter", "e": "PEFT mixed adapter_names", "f": "PEFT sequential set_adapter",
+            "g": f"llama.cpp ({g_note})", "h": "HF generate, bare base",
+            "i": "lorastack, bare base, --int8 decode", "j": "lorastack, bare base, torch only",
+            "k": "lorastack, bare base, bf16 weights", "l": "lorastack, one adapter, bf16 weights",
+            "m": "lorastack, bare base, as before (bf16, torch glue)", "n": f"llama.cpp + LoRA ({n_note})",
+        }
+        print(f"\ndecode throughput, tokens/s in total ({args.dtype}, {T} tokens per request, {torch.get_num_threads()} threads, "
+              f"best of {args.repeats}; {native_note}; {blocks_note}; machine shared with other jobs)")
+        print(f"{'':36}" + "".join(f"{'N=' + str(n):>10}" for n in ns))
+        for k, label in labels.items():
+            print(f"({k}) {label:32}" + "".join(f"{rows[k].get(n, float('nan')):>10.1f}" for n in ns))
+        ratios = {}
+        for n in ns:
+            r = {"a/c": rows["a"][n] / rows["c"][n], "a/d": rows["a"][n] / rows["d"][n]}
+            if n in rows["e"]:
+                r |= {"a/e": rows["a"][n] / rows["e"][n], "a/f": rows["a"][n] / rows["f"][n]}
+            ratios[n] = r
+            print(f"N={n}: " + "  ".join(f"{k} = {v:.2f}x" for k, v in r.items()))
+        b1 = rows["c"][1] / rows["h"][1]
+        print(f"batch-1 decode: lorastack base {rows['c'][1]:.1f} tok/s vs HF generate {rows['h'][1]:.1f} -> {b1:.2f}x")
+        b1_int8 = rows["i"][1] / rows["h"][1] if 1 in rows["i"] else float("nan")
+        if 1 in rows["g"]:
+            print(f"batch-1 llama.cpp (Q4_1 GGUF, ~4.5 bits/weight): {rows['g'][1]:.1f} tok/s; lorastack base at "
+                  f"{rows['c'][1] / rows['g'][1]:.2f}x, one adapter at {rows['b'][1] / rows['g'][1]:.2f}x of it")
+        if 1 in rows["n"]:
+            print(f"batch-1 with one LoRA: llama.cpp {rows['n'][1]:.1f} tok/s; lorastack {rows['b'][1]:.1f} -> "
+                  f"{rows['b'][1] / rows['n'][1]:.2f}x (target >= 1.2x)")
+        for n in ns:
+            if n >= 16:
+                target = {16: " (target 600)", 64: " (target 900)"}.get(n, "")
+                print(f"N={n} on {n} different adapters: {rows['a'][n]:.0f} tok/s{target}, "
+                      f"{rows['a'][n] / rows['c'][n]:.2f}x bare base (target >= 0.9x)")
+        print(f"batch-1 decode with --int8: {rows['i'].get(1, float('nan')):.1f} tok/s -> {b1_int8:.2f}x HF generate (bf16)")
+        print(f"batch-1 decode from GGUF blocks vs bf16 weights: base {rows['c'][1] / rows['k'][1]:.2f}x (c/k), "
+              f"one adapter {rows['b'][1] / rows['l'][1]:.2f}x (b/l); blocks + compiled glue vs as before: "
+              f"{rows['c'][1] / rows['m'][1]:.2f}x (c/m)")
+        print(f"memory bandwidth {bw:.1f} GB/s; bf16 weights {weight_bytes / 1e6:.0f} MB/token -> batch-1 roofline {roofline:.0f} tok/s "
+              f"(bf16 row k reaches {rows['k'][1] / roofline:.0%}); GGUF blocks {block_bytes / 1e6:.0f} MB/token -> roofline "
+              f"{roofline_blocks:.0f} tok/s (row c reaches {rows['c'][1] / roofline_blocks:.0%})")
+        print("prompt lookup, batch 1, one adapter (tok/s without -> with drafts; end to end, then decode only):")
+        for task, r in lookup.items():
+            print(f"  {task:14} {r['plain']:7.1f} -> {r['lookup']:7.1f}  {r['speedup']:.2f}x;  decode {r['decode_plain']:7.1f} -> "
+                  f"{r['decode_lookup']:7.1f}  {r['decode_speedup']:.2f}x  identical={r['identical']}  "
+                  f"accepted {r['accepted']} of {r['drafted']} drafted tokens, {r['tokens']} tokens")
+        print(f"time to first token, 256-token prompt: base {ttft[0] * 1000:.0f} ms, adapter {ttft[1] * 1000:.0f} ms")
+        print(f"adapter load time (library -> engine): median {sorted(load_s)[len(load_s) // 2] * 1000:.0f} ms; peak RSS {peak_rss_mb:.0f} MB")
 
-        text = base.render([{"role": "user", "content": PROMPT}])
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = {"dtype": args.dtype, "tokens": T, "threads": torch.get_num_threads(), "labels": labels,
+                  "tokens_per_s": {k: v for k, v in rows.items() if v}, "ratios": ratios, "batch1_vs_hf": b1, "batch1_int8_vs_hf": b1_int8,
+                  "native": bool(engine.runner.native), "repeats": args.repeats,
+                  "bandwidth_gbs": bw, "weight_bytes": weight_bytes, "roofline_tok_s": roofline,
+                  "gguf_block_bytes": block_bytes, "roofline_blocks_tok_s": roofline_blocks, "prompt_lookup": lookup,
+                  "ttft_ms": {"base": ttft[0] * 1000, "adapter": ttft[1] * 1000}, "adapter_load_ms": [x * 1000 for x in load_s],
+                  "peak_rss_mb": peak_rss_mb}
+        (args.out / "engine.json").write_text(json.dumps(result, indent=2))
+        import matplotlib
 
-        def llama_tps(llm) -> float:  # EOS banned so that every run makes exactly T tokens, like the others
-            t0 = time.perf_counter()
-            out = llm.create_completion(text, max_tokens=T, temperature=0, logit_bias={llm.token_eos(): -1e9})
-            return out["usage"]["completion_tokens"] / (time.perf_counter() - t0)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
-        def llama(lora: Path | None = None):
-            return Llama(model_path=str(embedded_gguf_path()), lora_path=str(lora) if lora else None, n_ctx=512,
-                         n_threads=torch.get_num_threads(), verbose=False)
-
-        rows["g"][1] = best(llama_tps, llama())
-        g_note = "llama-cpp-python, Q4_1 weights"
-        from lorastack.export import GGUF_FILE, export
-
-        speeds = {}
-        for dtype in ("float16", "float32"):
-            export(lib, names[0], tmp / f"gguf-{dtype}", mode="gguf", base=base, dtype=dtype)
-            speeds[dtype] = best(llama_tps, llama(tmp / f"gguf-{dtype}" / GGUF_FILE))
-        fastest = max(speeds, key=speeds.get)
-        rows["n"][1] = speeds[fastest]
-        n_note = "exported LoRA, " + ", ".join(f"{k} {v:.0f}" for k, v in speeds.items()) + " tok/s"
-    except ImportError:
-        g_note = n_note = "llama-cpp-python not installed (pip install lorastack[bench])"
-
-    lookup = prompt_lookup_rows(base, lib.get, names[0], args.lookup_prompts, args.repeats, trained)
-
-    # Time to first token for a 256-token prompt, alone on an idle engine.
-    long_ids = (ids * 20)[:256]
-    ttft = []
-    for route in (BASE_ROUTE, parse_spec(names[0])):
-        t0 = time.perf_counter()
-        req = engine.submit_ids(long_ids, route, Sampling(max_tokens=1))
-        while not req.done:
-            engine.step()
-        ttft.append(req.first_token_at - t0)
-    bw = bandwidth_gbs()
-    weight_bytes = sum(p.numel() * p.element_size() for p in base.model.parameters())
-    roofline = bw * 1e9 / weight_bytes
-    # What a decode step streams from the GGUF blocks: the blocks, plus the bf16 norms.
-    block_bytes = sum(b.data.numel() for b in engine.runner.blocks.values()) + sum(
-        p.numel() * p.element_size() for name, p in base.model.named_parameters() if "norm" in name)
-    roofline_blocks = bw * 1e9 / block_bytes
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    labels = {
-        "a": "lorastack, N different adapters", "b": "lorastack, one adapter", "c": "lorastack, bare base",
-        "d": "HF generate, merged adapter", "e": "PEFT mixed adapter_names", "f": "PEFT sequential set_adapter",
-        "g": f"llama.cpp ({g_note})", "h": "HF generate, bare base",
-        "i": "lorastack, bare base, --int8 decode", "j": "lorastack, bare base, torch only",
-        "k": "lorastack, bare base, bf16 weights", "l": "lorastack, one adapter, bf16 weights",
-        "m": "lorastack, bare base, as before (bf16, torch glue)", "n": f"llama.cpp + LoRA ({n_note})",
-    }
-    print(f"\ndecode throughput, tokens/s in total ({args.dtype}, {T} tokens per request, {torch.get_num_threads()} threads, "
-          f"best of {args.repeats}; {native_note}; {blocks_note}; machine shared with other jobs)")
-    print(f"{'':36}" + "".join(f"{'N=' + str(n):>10}" for n in ns))
-    for k, label in labels.items():
-        print(f"({k}) {label:32}" + "".join(f"{rows[k].get(n, float('nan')):>10.1f}" for n in ns))
-    ratios = {}
-    for n in ns:
-        r = {"a/c": rows["a"][n] / rows["c"][n], "a/d": rows["a"][n] / rows["d"][n]}
-        if n in rows["e"]:
-            r |= {"a/e": rows["a"][n] / rows["e"][n], "a/f": rows["a"][n] / rows["f"][n]}
-        ratios[n] = r
-        print(f"N={n}: " + "  ".join(f"{k} = {v:.2f}x" for k, v in r.items()))
-    b1 = rows["c"][1] / rows["h"][1]
-    print(f"batch-1 decode: lorastack base {rows['c'][1]:.1f} tok/s vs HF generate {rows['h'][1]:.1f} -> {b1:.2f}x")
-    b1_int8 = rows["i"][1] / rows["h"][1] if 1 in rows["i"] else float("nan")
-    if 1 in rows["g"]:
-        print(f"batch-1 llama.cpp (Q4_1 GGUF, ~4.5 bits/weight): {rows['g'][1]:.1f} tok/s; lorastack base at "
-              f"{rows['c'][1] / rows['g'][1]:.2f}x, one adapter at {rows['b'][1] / rows['g'][1]:.2f}x of it")
-    if 1 in rows["n"]:
-        print(f"batch-1 with one LoRA: llama.cpp {rows['n'][1]:.1f} tok/s; lorastack {rows['b'][1]:.1f} -> "
-              f"{rows['b'][1] / rows['n'][1]:.2f}x (target >= 1.2x)")
-    for n in ns:
-        if n >= 16:
-            target = {16: " (target 600)", 64: " (target 900)"}.get(n, "")
-            print(f"N={n} on {n} different adapters: {rows['a'][n]:.0f} tok/s{target}, "
-                  f"{rows['a'][n] / rows['c'][n]:.2f}x bare base (target >= 0.9x)")
-    print(f"batch-1 decode with --int8: {rows['i'].get(1, float('nan')):.1f} tok/s -> {b1_int8:.2f}x HF generate (bf16)")
-    print(f"batch-1 decode from GGUF blocks vs bf16 weights: base {rows['c'][1] / rows['k'][1]:.2f}x (c/k), "
-          f"one adapter {rows['b'][1] / rows['l'][1]:.2f}x (b/l); blocks + compiled glue vs as before: "
-          f"{rows['c'][1] / rows['m'][1]:.2f}x (c/m)")
-    print(f"memory bandwidth {bw:.1f} GB/s; bf16 weights {weight_bytes / 1e6:.0f} MB/token -> batch-1 roofline {roofline:.0f} tok/s "
-          f"(bf16 row k reaches {rows['k'][1] / roofline:.0%}); GGUF blocks {block_bytes / 1e6:.0f} MB/token -> roofline "
-          f"{roofline_blocks:.0f} tok/s (row c reaches {rows['c'][1] / roofline_blocks:.0%})")
-    print("prompt lookup, batch 1, one adapter (tok/s without -> with drafts; end to end, then decode only):")
-    for task, r in lookup.items():
-        print(f"  {task:14} {r['plain']:7.1f} -> {r['lookup']:7.1f}  {r['speedup']:.2f}x;  decode {r['decode_plain']:7.1f} -> "
-              f"{r['decode_lookup']:7.1f}  {r['decode_speedup']:.2f}x  identical={r['identical']}  "
-              f"accepted {r['accepted']} of {r['drafted']} drafted tokens, {r['tokens']} tokens")
-    print(f"time to first token, 256-token prompt: base {ttft[0] * 1000:.0f} ms, adapter {ttft[1] * 1000:.0f} ms")
-    print(f"adapter load time (library -> engine): median {sorted(load_s)[len(load_s) // 2] * 1000:.0f} ms; peak RSS {peak_rss_mb:.0f} MB")
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"dtype": args.dtype, "tokens": T, "threads": torch.get_num_threads(), "labels": labels,
-              "tokens_per_s": {k: v for k, v in rows.items() if v}, "ratios": ratios, "batch1_vs_hf": b1, "batch1_int8_vs_hf": b1_int8,
-              "native": bool(engine.runner.native), "repeats": args.repeats,
-              "bandwidth_gbs": bw, "weight_bytes": weight_bytes, "roofline_tok_s": roofline,
-              "gguf_block_bytes": block_bytes, "roofline_blocks_tok_s": roofline_blocks, "prompt_lookup": lookup,
-              "ttft_ms": {"base": ttft[0] * 1000, "adapter": ttft[1] * 1000}, "adapter_load_ms": [x * 1000 for x in load_s],
-              "peak_rss_mb": peak_rss_mb}
-    (args.out / "engine.json").write_text(json.dumps(result, indent=2))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for k, v in rows.items():
-        if v:
-            ax.plot(list(v), list(v.values()), marker="o", label=f"({k}) {labels[k]}")
-    ax.set_xlabel("concurrent requests")
-    ax.set_ylabel("tokens/s (total)")
-    ax.set_title(f"lorastack engine vs peers ({args.dtype}, embedded base)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(args.out / "engine.png", dpi=120)
-    print(f"wrote {args.out}/engine.json and engine.png")
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for k, v in rows.items():
+            if v:
+                ax.plot(list(v), list(v.values()), marker="o", label=f"({k}) {labels[k]}")
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("tokens/s (total)")
+        ax.set_title(f"lorastack engine vs peers ({args.dtype}, embedded base)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(args.out / "engine.png", dpi=120)
+        print(f"wrote {args.out}/engine.json and engine.png")
 
 
 if __name__ == "__main__":

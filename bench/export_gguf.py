@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lorastack.atomic import scratch_dir  # noqa: E402
 from lorastack.base import embedded_gguf_path  # noqa: E402
 from lorastack.engine.sampling import Sampling  # noqa: E402
 from lorastack.export import export  # noqa: E402
@@ -42,29 +42,30 @@ def main() -> None:
     task = get_task(args.task or args.adapter)
     records = task.generate(args.n, "test", seed=0)
     rt = Runtime.open()
-    out = Path(tempfile.mkdtemp()) / "gguf"
-    export(rt.library, args.adapter, out, mode="gguf", base=rt.base)
-    lora = next(out.glob("*.gguf"))
+    with scratch_dir("lorastack-bench-") as tmp:
+        out = tmp / "gguf"
+        export(rt.library, args.adapter, out, mode="gguf", base=rt.base)
+        lora = next(out.glob("*.gguf"))
 
-    def llama(lora_path: str | None) -> list[str]:
-        llm = llama_cpp.Llama(model_path=str(embedded_gguf_path()), lora_path=lora_path, n_ctx=512, n_threads=1,
-                              verbose=False, seed=0)
-        texts = []
-        for r in records:
-            prompt = f"<|im_start|>system\n<|im_end|>\n<|im_start|>user\n{r['prompt']}<|im_end|>\n<|im_start|>assistant\n"
-            texts.append(llm(prompt, max_tokens=args.max_tokens, temperature=0, stop=["<|im_end|>"])["choices"][0]["text"])
-        return texts
+        def llama(lora_path: str | None) -> list[str]:
+            llm = llama_cpp.Llama(model_path=str(embedded_gguf_path()), lora_path=lora_path, n_ctx=512, n_threads=1,
+                                  verbose=False, seed=0)
+            texts = []
+            for r in records:
+                prompt = f"<|im_start|>system\n<|im_end|>\n<|im_start|>user\n{r['prompt']}<|im_end|>\n<|im_start|>assistant\n"
+                texts.append(llm(prompt, max_tokens=args.max_tokens, temperature=0, stop=["<|im_end|>"])["choices"][0]["text"])
+            return texts
 
-    bare, with_lora = llama(None), llama(str(lora))
-    handles = [rt.start(args.adapter, r["prompt"], Sampling(max_tokens=args.max_tokens)) for r in records]
-    ours = [h.result().text for h in handles]
-    score = lambda texts: sum(task.score(t, r) for t, r in zip(texts, records))  # noqa: E731
-    print(f"{args.adapter} on {len(records)} {task.name} test inputs (exact match):")
-    print(f"  llama.cpp, bare base          {score(bare):4d}")
-    print(f"  llama.cpp + exported LoRA     {score(with_lora):4d}")
-    print(f"  lorastack engine + adapter    {score(ours):4d}")
-    same = sum(a.strip() == b.strip() for a, b in zip(with_lora, ours))
-    print(f"  llama.cpp + LoRA and lorastack give the same answer on {same}/{len(records)}")
+        bare, with_lora = llama(None), llama(str(lora))
+        handles = [rt.start(args.adapter, r["prompt"], Sampling(max_tokens=args.max_tokens)) for r in records]
+        ours = [h.result().text for h in handles]
+        score = lambda texts: sum(task.score(t, r) for t, r in zip(texts, records))  # noqa: E731
+        print(f"{args.adapter} on {len(records)} {task.name} test inputs (exact match):")
+        print(f"  llama.cpp, bare base          {score(bare):4d}")
+        print(f"  llama.cpp + exported LoRA     {score(with_lora):4d}")
+        print(f"  lorastack engine + adapter    {score(ours):4d}")
+        same = sum(a.strip() == b.strip() for a, b in zip(with_lora, ours))
+        print(f"  llama.cpp + LoRA and lorastack give the same answer on {same}/{len(records)}")
 
 
 if __name__ == "__main__":

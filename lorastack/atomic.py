@@ -90,6 +90,17 @@ def staging_dir(parent: Path, prefix: str = TMP_PREFIX) -> Iterator[Path]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A private, locked scratch directory in the system temp dir, removed when the block
+    ends however it ends; one left by a killed run (SIGKILL skips every cleanup) is swept by
+    the next run that uses the same prefix."""
+    root = Path(tempfile.gettempdir())
+    sweep_tmp(root, prefix=prefix)
+    with staging_dir(root, prefix=prefix) as tmp:
+        yield tmp
+
+
 def publish_dir(tmp: Path, final: Path, replace: bool = False) -> None:
     """Move a fully written `tmp` to `final` in one step.
 

@@ -532,3 +532,26 @@ def test_import_errors_echo_the_clients_path_not_the_servers_layout(runtime, tmp
     with client(runtime, import_roots=(root,)) as c:
         r = c.post("/v1/adapters", json={"path": "imports/nope", "name": "x"})
         assert r.status_code in (400, 404) and str(tmp_path) not in r.json()["error"]["message"], r.text
+
+
+def test_scratch_dir_is_removed_however_the_block_ends_and_sweeps_what_a_killed_run_left(tmp_path, monkeypatch):
+    """Benchmarks write GBs of adapters and exports to a scratch dir: it must not outlive them."""
+    import os
+    import tempfile
+
+    from lorastack.atomic import STAGING_GRACE_S, scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    left = tmp_path / "lorastack-bench-killed"  # what a SIGKILLed run leaves: unlocked, old
+    left.mkdir()
+    (left / "big").write_bytes(b"x" * 10)
+    old = time.time() - STAGING_GRACE_S - 60
+    os.utime(left, (old, old))
+    with scratch_dir("lorastack-bench-") as tmp:
+        assert tmp.is_dir() and not left.exists()
+        (tmp / "f").write_text("x")
+    assert not tmp.exists()
+    with pytest.raises(RuntimeError):
+        with scratch_dir("lorastack-bench-") as tmp2:
+            raise RuntimeError("bench failed")
+    assert not tmp2.exists() and not list(tmp_path.iterdir())
