@@ -107,6 +107,9 @@ class Kernels:
         self._lora = lib.lorastack_lora_bf16
         self._lora.argtypes = [p, p, p, p, p, i, i, i, i, p, p, i, i]
         self._lora.restype = None
+        self._lora_ref = lib.lorastack_lora_bf16_ref  # the plain form the fast kernel must match (tests)
+        self._lora_ref.argtypes = self._lora.argtypes
+        self._lora_ref.restype = None
         self._attention = lib.lorastack_attention_bf16
         self._attention.argtypes = [p, p, p, p, p, p, i, i, i, i, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, i, i]
         self._attention.restype = None
@@ -219,10 +222,14 @@ class Kernels:
         return (slots.shape[0], slots.data_ptr(), weights.data_ptr(), slots.shape[1], torch.get_num_threads(), slots, weights)
 
     def lora(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], rank: int,
-             slots: torch.Tensor, weights: torch.Tensor) -> None:
+             slots: torch.Tensor, weights: torch.Tensor, reference: bool = False) -> None:
         """Add every row's LoRA delta to `y [n, out]` in place (see kernels.c); the one-off form
-        of `lora_raw`, preparing its arguments on the spot."""
-        self.lora_raw(x, y, self.group_args(a, bs), rank, self.rows_args(slots, weights))
+        of `lora_raw`, preparing its arguments on the spot. `reference`: the kernel's plain form
+        (lorastack_lora_bf16_ref), which the fast one matches bit for bit."""
+        group, rows = self.group_args(a, bs), self.rows_args(slots, weights)
+        fn = self._lora_ref if reference else self._lora
+        fn(x.data_ptr(), y.data_ptr(), group[0], group[1], group[2], group[3], rank, group[4], rows[0], rows[1], rows[2],
+           rows[3], rows[4])
 
 
 @functools.cache
