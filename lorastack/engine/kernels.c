@@ -280,13 +280,40 @@ static inline __attribute__((always_inline)) void block_rows(int kind, const int
         for (int r = 0; r < m; r++) y[(int64_t)r * out + o0 + j] = f32_to_bf16(_mm512_reduce_add_ps(acc[j][r]));
 }
 
+/* Memory to pull into cache while a GEMM computes: the LoRA bytes its projection reads next.
+ * Why: with rows on different adapters the LoRA kernel streams every row's own A and B (~330 KB
+ * a token per layer for rank-16 all-linear adapters on the embedded base, 157 MB a step at 16
+ * rows) and waits on memory, while the block GEMM before it is bound by compute and leaves the
+ * memory bus idle. Job j of J of the GEMM's parallel loop touches bytes [j/J, (j+1)/J) of the
+ * regions, so the prefetches spread over the GEMM; the lines land in L2 and, evicted, in L3. */
+typedef struct {
+    int n;                 /* regions */
+    const char **ptr;
+    const int64_t *end;    /* cumulative byte offsets: region i covers [end[i-1], end[i]) */
+} Prefetch;
+
+static inline void prefetch_share(const Prefetch *pf, int64_t job, int64_t jobs) {
+    if (!pf || !pf->n) return;
+    int64_t total = pf->end[pf->n - 1], lo = total * job / jobs, hi = total * (job + 1) / jobs;
+    int i = 0;
+    while (i < pf->n && pf->end[i] <= lo) i++;
+    for (int64_t at = lo & ~(int64_t)63; at < hi && i < pf->n; at += 64) {
+        while (i < pf->n && pf->end[i] <= at) i++;
+        if (i == pf->n) break;
+        int64_t start = i ? pf->end[i - 1] : 0;
+        _mm_prefetch(pf->ptr[i] + (at - start), _MM_HINT_T1);
+    }
+}
+
 /* y[m, out] = x[m, in] @ W^T with W [out] rows of in/32 blocks of `kind`, m <= MAX_ROWS.
  * Specialised per m (and output rows per job) so the accumulators live in registers. */
 #define BLOCK_LOOP(OB, M)                                                                      \
     do {                                                                                       \
         int groups = out / (OB);                                                               \
-        _Pragma("omp for schedule(static)") for (int g = 0; g < groups; g++)                   \
+        _Pragma("omp for schedule(static)") for (int g = 0; g < groups; g++) {                 \
             block_rows(kind, OB, M, x, W, y, in, out, g * (OB));                               \
+            prefetch_share(pf, g, groups);                                                     \
+        }                                                                                      \
         _Pragma("omp for schedule(static)") for (int o = groups * (OB); o < out; o++)          \
             block_rows(kind, 1, M, x, W, y, in, out, o);                                       \
     } while (0)
@@ -458,7 +485,7 @@ void lorastack_lora_bf16(const uint16_t *x, uint16_t *y, const uint16_t *A, cons
     {
 #pragma omp for schedule(static)
         for (int64_t job = 0; job < jobs1; job++) {
-            int64_t ik = job / blocks, i = ik / K, k = ik % K;
+            int64_t ik = job / blocks, i = ik / K;
             int j0 = (int)(job % blocks) * 16;
             float w = weights[ik], *tj = t + ik * PR + j0;
             const uint16_t *a = A + (slots[ik] * PR + j0) * (int64_t)in, *xi = x + i * (int64_t)in;
@@ -573,7 +600,7 @@ static inline void tile_decode(int kind, const uint8_t *W, int nb, int o0, uint3
 
 /* m > MAX_ROWS rows, out a multiple of 16 (llama.py checks): tiles of 16 outputs. */
 static inline __attribute__((always_inline)) void tiles_blocks(int kind, const uint16_t *x, const uint8_t *W, uint16_t *y,
-                                                               int m, int in, int out, int threads) {
+                                                               int m, int in, int out, int threads, const Prefetch *pf) {
     int nb = in / 32;
 #pragma omp parallel num_threads(threads)
     {
@@ -583,6 +610,7 @@ static inline __attribute__((always_inline)) void tiles_blocks(int kind, const u
         for (int t = 0; t < out / 16; t++) {
             tile_decode(kind, W, nb, t * 16, P, ds, ms);
             tile_rows(P, x, y, m, in, out, t * 16);
+            prefetch_share(pf, t, out / 16);
         }
         free(P);
         free(ds);
@@ -594,13 +622,17 @@ static inline __attribute__((always_inline)) void tiles_blocks(int kind, const u
  * helper taking `kind` would share one outlined OpenMP body in which `kind` is a runtime value
  * (branches in the inner loop; measured 3x slower on Q8_0). */
 #define GEMV_BLOCKS(NAME, KIND, OB1, OB2)                                                                    \
-    void NAME(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads) {    \
+    static void NAME##_pf(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads,   \
+                          const Prefetch *pf) {                                                          \
         const int kind = KIND;                                                                           \
         if (m > MAX_ROWS) {                                                                              \
-            tiles_blocks(KIND, x, W, y, m, in, out, threads);                                            \
+            tiles_blocks(KIND, x, W, y, m, in, out, threads, pf);                                        \
             return;                                                                                      \
         }                                                                                                \
         _Pragma("omp parallel num_threads(threads)") PER_ROWS(BLOCK_LOOP, OB1, OB2)                       \
+    }                                                                                                    \
+    void NAME(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads) {    \
+        NAME##_pf(x, W, y, m, in, out, threads, NULL);                                                   \
     }
 
 /* Output rows per job at 1 and 2 input rows, measured (python bench/kernels.py; best of 7, one
@@ -782,11 +814,24 @@ typedef struct {
 } DecodeLayer;
 
 static void decode_proj(const DecodeProj *p, const uint16_t *x, uint16_t *y, int n, int rank, const int64_t *slots,
-                        const float *weights, int K, int threads) {
-    if (p->kind == BLOCK_Q4_1) lorastack_gemv_q4_1(x, (const uint8_t *)p->w, y, n, p->in, p->out, threads);
-    else if (p->kind == BLOCK_Q8_0) lorastack_gemv_q8_0(x, (const uint8_t *)p->w, y, n, p->in, p->out, threads);
+                        const float *weights, int K, int threads, const int64_t *used, int nused) {
+    /* With LoRA rows: this projection's A and B of every slot in use, prefetched during the GEMM. */
+    int lora = slots && p->P, nr = lora ? nused * (1 + p->P) : 0, PR = p->P * rank;
+    const char *ptr[nr > 0 ? nr : 1];
+    int64_t end[nr > 0 ? nr : 1], at = 0;
+    for (int u = 0, i = 0; u < (lora ? nused : 0); u++) {
+        ptr[i] = (const char *)(p->A + used[u] * PR * (int64_t)p->in);
+        end[i++] = at += (int64_t)PR * p->in * 2;
+        for (int q = 0; q < p->P; q++) {
+            ptr[i] = (const char *)((const uint16_t *)(intptr_t)p->B[q] + used[u] * (int64_t)rank * p->outs[q]);
+            end[i++] = at += (int64_t)rank * p->outs[q] * 2;
+        }
+    }
+    Prefetch pf = {nr, ptr, end};
+    if (p->kind == BLOCK_Q4_1) lorastack_gemv_q4_1_pf(x, (const uint8_t *)p->w, y, n, p->in, p->out, threads, &pf);
+    else if (p->kind == BLOCK_Q8_0) lorastack_gemv_q8_0_pf(x, (const uint8_t *)p->w, y, n, p->in, p->out, threads, &pf);
     else lorastack_gemv_bf16(x, (const uint16_t *)p->w, y, n, p->in, p->out, threads);
-    if (slots && p->P) lorastack_lora_bf16(x, y, p->A, p->B, p->outs, p->P, rank, p->in, n, slots, weights, K, threads);
+    if (lora) lorastack_lora_bf16(x, y, p->A, p->B, p->outs, p->P, rank, p->in, n, slots, weights, K, threads);
 }
 
 /* h [n, d]: the embedded tokens, updated in place (the residual stream); xout [n, d]: the
@@ -803,20 +848,29 @@ void lorastack_decode_layers(const DecodeLayer *layers, int nl, const uint16_t *
     uint16_t *dlt = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)n * d);
     uint16_t *gu = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)n * gu_out);
     uint16_t *act = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)n * (gu_out / 2));
+    /* The distinct slots the rows use (weight != 0), for decode_proj's prefetches. */
+    int64_t *used = (int64_t *)malloc(sizeof(int64_t) * (size_t)(slots ? n * K_entries : 1));
+    int nused = 0;
+    for (int64_t e = 0; slots && e < (int64_t)n * K_entries; e++) {
+        int seen = weights[e] == 0.0f;
+        for (int u = 0; u < nused && !seen; u++) seen = used[u] == slots[e];
+        if (!seen) used[nused++] = slots[e];
+    }
     uint16_t *x = xout;
     lorastack_rmsnorm_bf16(h, NULL, layers[0].norm_in, x, n, d, eps);
     for (int li = 0; li < nl; li++) {
         const DecodeLayer *L = layers + li;
-        decode_proj(&L->p[0], x, qkv, n, rank, slots, weights, K_entries, threads);
+        decode_proj(&L->p[0], x, qkv, n, rank, slots, weights, K_entries, threads, used, nused);
         lorastack_rope_attend_bf16(qkv, cos, sin, (uint16_t *)(intptr_t)K[li], (uint16_t *)(intptr_t)V[li], rows, pos, n,
                                    heads, kv, hd, row_stride, head_stride, scale, maxlen, att, threads);
-        decode_proj(&L->p[1], att, dlt, n, rank, slots, weights, K_entries, threads);
+        decode_proj(&L->p[1], att, dlt, n, rank, slots, weights, K_entries, threads, used, nused);
         lorastack_rmsnorm_bf16(h, dlt, L->norm_post, x, n, d, eps);
-        decode_proj(&L->p[2], x, gu, n, rank, slots, weights, K_entries, threads);
+        decode_proj(&L->p[2], x, gu, n, rank, slots, weights, K_entries, threads, used, nused);
         lorastack_silu_mul_bf16(gu, act, n, gu_out / 2);
-        decode_proj(&L->p[3], act, dlt, n, rank, slots, weights, K_entries, threads);
+        decode_proj(&L->p[3], act, dlt, n, rank, slots, weights, K_entries, threads, used, nused);
         lorastack_rmsnorm_bf16(h, dlt, li + 1 < nl ? layers[li + 1].norm_in : final_norm, x, n, d, eps);
     }
+    free(used);
     free(qkv);
     free(att);
     free(dlt);
