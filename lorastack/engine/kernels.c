@@ -319,8 +319,9 @@ static inline void prefetch_share(const Prefetch *pf, int64_t job, int64_t jobs)
     } while (0)
 
 /* ---------------------------------------------------------------- larger decode batches
- * 9-16 rows (one thread, embedded base's layers: 1.6x torch's bf16 GEMM at 16 rows, 1.07x
- * at 32, 0.87x at 64; llama.py's BLOCK_TILE_ROWS says where the engine stops). Per tile of 16 output rows the
+ * 9-64 rows (llama.py's BLOCK_TILE_ROWS and LOOP_TILE_ROWS say where the engine uses it;
+ * with tile_block's 8-row reuse, one thread, embedded base's layers, a loaded machine: 1.1-1.3x
+ * the previous 2-row form and about torch's bf16 GEMM at 16-64 rows). Per tile of 16 output rows the
  * blocks are decoded once and transposed so that a vector holds one weight pair of each of
  * the 16 outputs; each input row then runs 16 accumulators, one per lane of the few-row
  * kernel's single accumulator, fed the same pairs in the same order, and sums them with the
@@ -793,7 +794,8 @@ void lorastack_rope_attend_bf16(const uint16_t *qkv, const uint16_t *cos, const 
 }
 
 /* ---------------------------------------------------------------- the layer loop
- * A whole decode step's layers in one call, for up to MAX_ROWS token rows. It runs exactly the
+ * A whole decode step's layers in one call, for up to MAX_ROWS token rows (more through the
+ * blocks' tiled path, up to llama.py's LOOP_TILE_ROWS). It runs exactly the
  * kernels above in the order LlamaRunner._glued calls them from Python (so the output is the
  * same, bit for bit); what it removes is the ~13 Python-level calls a layer (ctypes argument
  * conversion, tensor allocation, dispatch), measured with py-spy at ~25% of a batch-1 step
