@@ -297,34 +297,3 @@ def test_gguf_blocks_are_cached_and_a_damaged_cache_entry_is_rebuilt(tiny_base, 
         assert all(again[k].kind == first[k].kind and torch.equal(again[k].data, first[k].data) for k in first)
     assert entry.stat().st_size > 100  # rewritten
     gguf_blocks.read_blocks.cache_clear()
-
-
-@pytest.mark.parametrize("rank,fin,outs,threads", [(8, 100, [40, 17, 530], 1), (16, 96, [48, 33], 2), (16, 64, [600], 1),
-                                                  (24, 70, [16, 31], 2)])
-def test_lora_kernel_is_bit_identical_to_its_reference_form(kernels, rank, fin, outs, threads):
-    """The fast multi-LoRA kernel (16 rank rows a chain, register-blocked expand, rows sharing
-    their adapters grouped) gives exactly the plain loop's bits: mixed rows, runs of rows on one
-    adapter (grouped, longer than a group), a mixture, base rows, odd widths and rank blocks."""
-    torch.manual_seed(rank + fin)
-    slots_n, parts = 6, len(outs)
-    a = torch.randn(slots_n, parts * rank, fin, dtype=torch.bfloat16)
-    bs = [torch.randn(slots_n, rank, o, dtype=torch.bfloat16) * 0.1 for o in outs]
-    rows = [[(1, 1.0)]] * 6 + [[], [(2, 0.7), (4, 0.3)], [(2, 0.7), (4, 0.3)], [(3, 1.0)], [(5, 2.0)], [(1, 1.0)], []]
-    slots = torch.zeros(len(rows), 2, dtype=torch.int64)
-    weights = torch.zeros(len(rows), 2)
-    for i, entries in enumerate(rows):
-        for j, (s, w) in enumerate(entries):
-            slots[i, j], weights[i, j] = s, w
-    x = torch.randn(len(rows), fin, dtype=torch.bfloat16)
-    y = torch.randn(len(rows), sum(outs), dtype=torch.bfloat16)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the kernels split columns differently with more threads
-    try:
-        for n in (1, 2, len(rows)):
-            fast, ref = y[:n].clone(), y[:n].clone()
-            kernels.lora(x[:n], fast, a, bs, rank, slots[:n], weights[:n])
-            kernels.lora(x[:n], ref, a, bs, rank, slots[:n], weights[:n], reference=True)
-            assert torch.equal(fast, ref)
-            assert not torch.equal(fast, y[:n]) or n == 1 and not rows[0]
-    finally:
-        torch.set_num_threads(before)

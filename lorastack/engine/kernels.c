@@ -106,11 +106,15 @@ void lorastack_gemv_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int 
  * Phase 1 computes the rank-space activations t [n, K, P*R] in fp32; phase 2 adds t @ B
  * into y. A phase-2 job is one row's part (split in column ranges only when there are too
  * few jobs for the threads), so it streams B_p[s] (R x out contiguous) front to back and
- * accumulates every entry of the row before one rounding.
- * This is the plain form, kept as the reference that lorastack_lora_bf16 (below, after the
- * helpers it shares with the tiled GEMM) must match bit for bit (tests/test_native.py). */
-void lorastack_lora_bf16_ref(const uint16_t *x, uint16_t *y, const uint16_t *A, const int64_t *B, const int32_t *outs,
-                             int P, int R, int in, int n, const int64_t *slots, const float *weights, int K, int threads) {
+ * accumulates every entry of the row before one rounding. Its memory order matters more than
+ * its arithmetic: with rows on different adapters these bytes come from DRAM, and each slot's
+ * A and B are read front to back, which the hardware prefetcher follows. A form with 16 rank
+ * rows' chains at once (transpose + tree reduction), register-blocked columns and rows on one
+ * adapter sharing B loads was bit-identical and 1.3x faster from cache, but read 16 interleaved
+ * short streams and ran 1.4x slower from cold memory; made sequential again it measured
+ * 0.99-1.13x this loop, so this loop stays. */
+void lorastack_lora_bf16(const uint16_t *x, uint16_t *y, const uint16_t *A, const int64_t *B, const int32_t *outs,
+                         int P, int R, int in, int n, const int64_t *slots, const float *weights, int K, int threads) {
     int PR = P * R;
     int total_out = 0, max_out = 0;
     int part_off[16];
@@ -365,170 +369,6 @@ static inline void store16(uint16_t *y, __m512 v) {
     float f[16];
     _mm512_storeu_ps(f, v);
     for (int j = 0; j < 16; j++) y[j] = f32_to_bf16(f[j]);
-}
-
-/* ---------------------------------------------------------------- multi-LoRA, fast form
- * lorastack_lora_bf16_ref's arithmetic, bit for bit, faster (measured with rank-16 all-linear
- * adapters on the embedded base's shapes, one thread: see the commit and bench/engine.py):
- * - phase 1 runs 16 rank rows at once, 16 independent `vdpbf16ps` chains sharing each load of
- *   x, and reduces them with transpose16 + tree16, the same tree as _mm512_reduce_add_ps (as
- *   the tiled GEMM does), instead of one latency-bound chain and one reduction per rank row;
- * - phase 2 keeps 128 output columns in registers over every (entry, rank) of the row instead
- *   of loading and storing the accumulator per rank row, and rounds 16 columns at a time;
- * - consecutive rows with the same slots and weights (a uniform batch, or several requests on
- *   one adapter) are grouped in phase 2: each B row loaded feeds every row of the group
- *   (SGMV-style), up to 4 rows at a time. Phase 1 stays per row: each row has its own input. */
-static inline __m256i bf16x16_round(__m512 f) { /* f32_to_bf16 on 16 lanes (NaN kept quiet) */
-    __m512i u = _mm512_castps_si512(f), hi = _mm512_srli_epi32(u, 16);
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(1)),
-                                                                      _mm512_set1_epi32(0x7fff))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-    return _mm512_cvtepi32_epi16(r);
-}
-
-/* t[0..15] = w * (a row l . x) for the 16 rows of `a` (each `in` long). */
-static inline void shrink16(const uint16_t *a, const uint16_t *x, int in, float w, float *t) {
-    __m512 acc[16];
-    for (int l = 0; l < 16; l++) acc[l] = _mm512_setzero_ps();
-    for (int c = 0; c < in; c += 32) {
-        __m512bh xv = load32(x + c, in - c);
-        for (int l = 0; l < 16; l++) acc[l] = _mm512_dpbf16_ps(acc[l], load32(a + (int64_t)l * in + c, in - c), xv);
-    }
-    transpose16((__m512i *)acc);
-    _mm512_storeu_ps(t, _mm512_mul_ps(_mm512_set1_ps(w), tree16(acc)));
-}
-
-/* Phase 2 for G rows sharing their (slot, weight) entries: y[g, cols col..col+width) +=
- * sum over entries k and rank rows r of t[g][k, r] * B[slot_k, r, cols], accumulated in the
- * reference's order (k, then r; fused multiply-add on full 16-column vectors, multiply then add
- * on the last partial one), each column rounded once. */
-#define EXPAND_CHUNK 8 /* vectors of 16 columns kept in registers per row */
-static inline __attribute__((always_inline)) void expand_rows(const int G, const float *const *t, uint16_t *const *yr,
-                                                              const uint16_t *Bp, const int64_t *slots, const float *wts,
-                                                              int K, int R, int PR, int outp, int col, int width) {
-    int w16 = width / 16 * 16;
-    for (int q0 = 0; q0 < w16; q0 += 16 * EXPAND_CHUNK) {
-        int nv = (w16 - q0) / 16 < EXPAND_CHUNK ? (w16 - q0) / 16 : EXPAND_CHUNK;
-        __m512 acc[4][EXPAND_CHUNK];
-        for (int g = 0; g < G; g++)
-            for (int v = 0; v < EXPAND_CHUNK; v++) acc[g][v] = _mm512_setzero_ps();
-        for (int k = 0; k < K; k++) {
-            if (wts[k] == 0.0f) continue;
-            const uint16_t *b = Bp + slots[k] * (int64_t)R * outp + col + q0;
-            for (int r = 0; r < R; r++) {
-                const uint16_t *br = b + (int64_t)r * outp;
-                if (nv == EXPAND_CHUNK) {
-                    __m512 bv[EXPAND_CHUNK];
-                    for (int v = 0; v < EXPAND_CHUNK; v++) bv[v] = bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)(br + 16 * v)));
-                    for (int g = 0; g < G; g++) {
-                        float tv = t[g][k * PR + r];
-                        if (tv == 0.0f) continue;
-                        __m512 tvv = _mm512_set1_ps(tv);
-                        for (int v = 0; v < EXPAND_CHUNK; v++) acc[g][v] = _mm512_fmadd_ps(tvv, bv[v], acc[g][v]);
-                    }
-                } else {
-                    for (int g = 0; g < G; g++) {
-                        float tv = t[g][k * PR + r];
-                        if (tv == 0.0f) continue;
-                        __m512 tvv = _mm512_set1_ps(tv);
-                        for (int v = 0; v < nv; v++)
-                            acc[g][v] = _mm512_fmadd_ps(tvv, bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)(br + 16 * v))), acc[g][v]);
-                    }
-                }
-            }
-        }
-        for (int g = 0; g < G; g++)
-            for (int v = 0; v < nv; v++) {
-                uint16_t *yv = yr[g] + q0 + 16 * v;
-                __m512 s = _mm512_add_ps(bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)yv)), acc[g][v]);
-                _mm256_storeu_si256((__m256i *)yv, bf16x16_round(s));
-            }
-    }
-    if (w16 == width) return;
-    for (int g = 0; g < G; g++) { /* the last partial vector: the reference's scalar loop */
-        float acc[16] = {0};
-        for (int k = 0; k < K; k++) {
-            if (wts[k] == 0.0f) continue;
-            const uint16_t *b = Bp + slots[k] * (int64_t)R * outp + col;
-            for (int r = 0; r < R; r++) {
-                float tv = t[g][k * PR + r];
-                if (tv == 0.0f) continue;
-                for (int q = w16; q < width; q++) acc[q - w16] += tv * bf16_to_f32(b[(int64_t)r * outp + q]);
-            }
-        }
-        for (int q = w16; q < width; q++) yr[g][q] = f32_to_bf16(bf16_to_f32(yr[g][q]) + acc[q - w16]);
-    }
-}
-
-void lorastack_lora_bf16(const uint16_t *x, uint16_t *y, const uint16_t *A, const int64_t *B, const int32_t *outs,
-                         int P, int R, int in, int n, const int64_t *slots, const float *weights, int K, int threads) {
-    int PR = P * R, blocks = (PR + 15) / 16;
-    int total_out = 0, part_off[16];
-    for (int p = 0; p < P; p++) {
-        part_off[p] = total_out;
-        total_out += outs[p];
-    }
-    /* Groups: runs of consecutive rows with identical entries (the engine orders a batch's rows
-     * so that requests on one adapter sit together; a row elsewhere just starts a new group). */
-    int *first = (int *)malloc(sizeof(int) * (size_t)(n + 1)), groups = 0;
-    for (int i = 0; i < n; i++) {
-        int same = i > 0 && i - first[groups - 1] < 4 &&
-                   !memcmp(slots + (int64_t)i * K, slots + (int64_t)(i - 1) * K, sizeof(int64_t) * K) &&
-                   !memcmp(weights + (int64_t)i * K, weights + (int64_t)(i - 1) * K, sizeof(float) * K);
-        if (!same) first[groups++] = i;
-    }
-    first[groups] = n;
-    float *t = (float *)malloc(sizeof(float) * ((size_t)n * K * PR + 16));
-    int splits = groups * P >= 2 * threads ? 1 : 2 * threads; /* column ranges per part */
-    int64_t jobs1 = (int64_t)n * K * blocks, jobs2 = (int64_t)groups * P * splits;
-
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t job = 0; job < jobs1; job++) {
-            int64_t ik = job / blocks, i = ik / K;
-            int j0 = (int)(job % blocks) * 16;
-            float w = weights[ik], *tj = t + ik * PR + j0;
-            const uint16_t *a = A + (slots[ik] * PR + j0) * (int64_t)in, *xi = x + i * (int64_t)in;
-            if (w == 0.0f) {
-                for (int j = j0; j < PR && j < j0 + 16; j++) tj[j - j0] = 0.0f;
-            } else if (j0 + 16 <= PR) {
-                shrink16(a, xi, in, w, tj);
-            } else {
-                for (int j = j0; j < PR; j++, a += in) {
-                    __m512 av = _mm512_setzero_ps();
-                    for (int c = 0; c < in; c += 32) av = _mm512_dpbf16_ps(av, load32(a + c, in - c), load32(xi + c, in - c));
-                    tj[j - j0] = w * _mm512_reduce_add_ps(av);
-                }
-            }
-        }
-#pragma omp for schedule(static)
-        for (int64_t job = 0; job < jobs2; job++) {
-            int gi = (int)(job / ((int64_t)P * splits));
-            int p = (int)((job / splits) % P), sp = (int)(job % splits);
-            int per = ((outs[p] + splits - 1) / splits + 15) / 16 * 16;
-            int col = sp * per, width = outs[p] - col < per ? outs[p] - col : per;
-            if (width <= 0) continue;
-            int i0 = first[gi], G = first[gi + 1] - i0;
-            const float *tg[4];
-            uint16_t *yr[4];
-            for (int g = 0; g < G; g++) {
-                tg[g] = t + (int64_t)(i0 + g) * K * PR + (int64_t)p * R; /* entry k's rank row r at [k * PR + r] */
-                yr[g] = y + (int64_t)(i0 + g) * total_out + part_off[p] + col;
-            }
-            const uint16_t *Bp = (const uint16_t *)(intptr_t)B[p];
-            const int64_t *s = slots + (int64_t)i0 * K;
-            const float *wt = weights + (int64_t)i0 * K;
-            switch (G) {
-            case 1: expand_rows(1, tg, yr, Bp, s, wt, K, R, PR, outs[p], col, width); break;
-            case 2: expand_rows(2, tg, yr, Bp, s, wt, K, R, PR, outs[p], col, width); break;
-            case 3: expand_rows(3, tg, yr, Bp, s, wt, K, R, PR, outs[p], col, width); break;
-            default: expand_rows(4, tg, yr, Bp, s, wt, K, R, PR, outs[p], col, width); break;
-            }
-        }
-    }
-    free(t);
-    free(first);
 }
 
 /* RB input rows (a compile-time constant) against 16 outputs whose weights are packed

@@ -107,9 +107,6 @@ class Kernels:
         self._lora = lib.lorastack_lora_bf16
         self._lora.argtypes = [p, p, p, p, p, i, i, i, i, p, p, i, i]
         self._lora.restype = None
-        self._lora_ref = lib.lorastack_lora_bf16_ref  # the plain form the fast kernel must match (tests)
-        self._lora_ref.argtypes = self._lora.argtypes
-        self._lora_ref.restype = None
         self._attention = lib.lorastack_attention_bf16
         self._attention.argtypes = [p, p, p, p, p, p, i, i, i, i, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, i, i]
         self._attention.restype = None
@@ -189,7 +186,8 @@ class Kernels:
                       cos: torch.Tensor, sin: torch.Tensor, heads: int, scale: float, eps: float, rank: int,
                       lora_rows: tuple | None) -> torch.Tensor:
         """Every layer of a decode step for `h [n, d]` (<= MAX_ROWS token rows, or more when every
-        projection reads GGUF blocks: their tiled path; updated in place, the residual stream) in one call; returns the final-normed rows `[n, d]` for the LM head.
+        projection reads GGUF blocks: their tiled path; updated in place, the residual stream) in
+        one call; returns the final-normed rows `[n, d]` for the LM head.
         `k_ptrs`/`v_ptrs`: each layer's cache tensor address (int64), `k0` one of them (shape
         and strides); `lora_rows`: `rows_args` of the batch's LoRA rows, or None for no LoRA."""
         n, d = h.shape
@@ -222,14 +220,10 @@ class Kernels:
         return (slots.shape[0], slots.data_ptr(), weights.data_ptr(), slots.shape[1], torch.get_num_threads(), slots, weights)
 
     def lora(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], rank: int,
-             slots: torch.Tensor, weights: torch.Tensor, reference: bool = False) -> None:
+             slots: torch.Tensor, weights: torch.Tensor) -> None:
         """Add every row's LoRA delta to `y [n, out]` in place (see kernels.c); the one-off form
-        of `lora_raw`, preparing its arguments on the spot. `reference`: the kernel's plain form
-        (lorastack_lora_bf16_ref), which the fast one matches bit for bit."""
-        group, rows = self.group_args(a, bs), self.rows_args(slots, weights)
-        fn = self._lora_ref if reference else self._lora
-        fn(x.data_ptr(), y.data_ptr(), group[0], group[1], group[2], group[3], rank, group[4], rows[0], rows[1], rows[2],
-           rows[3], rows[4])
+        of `lora_raw`, preparing its arguments on the spot."""
+        self.lora_raw(x, y, self.group_args(a, bs), rank, self.rows_args(slots, weights))
 
 
 @functools.cache
