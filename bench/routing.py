@@ -2,11 +2,12 @@
 
     python bench/routing.py [--sizes 10,100,1000] [--examples 64] [--out out/bench]
 
-Both routers cost one short forward through the base's first layers (the embedding;
-independent of the library, never served from the embedding cache here) plus: for kNN a
-similarity search over every stored example (64 per adapter by default) and the generic
-prompts; for the learned gate (the default `auto`) a MiniLM-L6 forward when that encoder is
-installed (`lorastack.routing.sentence`) and one [d, adapters+1] matrix product.
+kNN costs one short forward through the base's first 6 layers (the embedding; independent
+of the library, never served from the embedding cache here) plus a similarity search over
+every stored example (64 per adapter by default) and the generic prompts. The learned gate
+(the default `auto`) costs the base's first layer and a MiniLM-L6 forward in the base's dtype
+when that encoder is installed (`lorastack.routing.sentence`; the base's 6 layers without
+it), one after the other, and one [d, adapters+1] matrix product.
 Latency uses synthetic signatures (random unit vectors; the cost depends on their number,
 not their values). The overhead is measured against the same engine generating 32 tokens
 for the same single request.

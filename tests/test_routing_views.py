@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import numpy as np
 import pytest
+import torch
 
 from lorastack.library import Library
 from lorastack.routing import sentence
 from lorastack.routing.learned import LearnedRouter, gate_calibration
-from lorastack.routing.views import REORDER_FRAMES, VIEWS_VERSION, WRAP_FRAMES, example_views, generic_views, split_instruction
+from lorastack.routing.views import (REORDER_FRAMES, VIEWS_VERSION, WRAP_FRAMES, Parts, example_views,
+                                     generic_views, instruction_parts, other_separator, split_instruction)
 from lorastack.runtime import Runtime
 from lorastack.tasks import TASKS, get_task
 from lorastack.tasks.generic import calibration_set
@@ -34,12 +37,42 @@ def test_split_instruction_finds_a_shared_prefix_or_suffix():
 def test_views_reframe_the_instruction_and_keep_the_payload():
     ex = [f"Convert to title case: {w}" for w in ("red fox", "blue sky above", "old tree", "new moon rising")]
     views = example_views(ex, per=len(REORDER_FRAMES) + len(WRAP_FRAMES))
-    assert "red fox\nConvert to title case" in [v for i, v in views if i == 0]  # the instruction after the data
+    assert "red fox\nConvert to title case." in [v for i, v in views if i == 0]  # the instruction after the data
     assert "Please convert to title case: old tree" in [v for i, v in views if i == 2]
-    assert all(ex[i].split(": ", 1)[1] in v for i, v in views)
+    payloads = [ex[i].split(": ", 1)[1] for i, _ in views]
+    assert all(p in v or other_separator(p) in v for p, (_, v) in zip(payloads, views))
     # No shared instruction (every example worded differently): only wrapped, never cut apart.
     mixed = ["What is 2 + 3?", "Add 4 and 9.", "Sum of 1 and 7, please"]
     assert all(v.count(mixed[i]) == 1 for i, v in example_views(mixed, per=3))
+
+
+def test_word_list_views_keep_the_words_and_reword_the_instruction():
+    """A word list is the payload: every view keeps its words in order (with either separator),
+    and the instruction is re-framed, also when a one-word label sits before the list."""
+    words = [("proud", "hammer", "planet"), ("lazy", "blanket", "beacon", "apple"), ("tiny", "jacket", "river")]
+    ex = [f"Words: {', '.join(w)}. List them from last to first." for w in words] + \
+         [f"{' '.join(w)}\nWrite these words in reverse order." for w in words]
+    parts = [instruction_parts(t, *s) for t, s in zip(ex, split_instruction(ex))]
+    assert parts[0] == Parts("List them from last to first", "Words: proud, hammer, planet", False)
+    assert parts[3] == Parts("Write these words in reverse order", "proud hammer planet", False)
+    views = example_views(ex, per=len(REORDER_FRAMES) + len(WRAP_FRAMES))
+    for i, v in views:
+        w = words[i % 3]
+        assert " ".join(w) in v or ", ".join(w) in v, v
+    # The instruction moves: before the words (it came after them), after the label's list.
+    assert any(v.lower().index("write these words") < v.index("hammer") for i, v in views if i == 3)
+    assert any(v.startswith("Please list them from last to first: Words: ") for v in [v for i, v in views if i == 0])
+    assert any(", ".join(words[0]) in v for i, v in views if i == 3)  # the other separator
+    assert other_separator("a b c") == "a, b, c" and other_separator("Words: a, b, c") == "Words: a b c"
+    assert other_separator('{"a": 1}') is None and other_separator("a b") is None
+
+
+def test_a_question_is_moved_but_never_made_a_request():
+    ex = [f"Which order do these words go in alphabetically? {w}" for w in ("kitten lobster fox", "barrel monkey ladder")]
+    views = [v for _, v in example_views(ex, per=20)]
+    assert "kitten lobster fox\nWhich order do these words go in alphabetically?" in views
+    assert not any(w in v.lower() for v in views for w in ("please which", "you which", ", which", "alphabetically:"))
+    assert not any("??" in v or "?:" in v or "?." in v for v in views)
 
 
 def test_frames_are_disjoint_from_every_held_out_paraphrase_template():
@@ -81,9 +114,11 @@ class _FakeEncoder:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.threads: set[str] = set()
 
     def __call__(self, texts):
         self.calls += len(texts)
+        self.threads.add(threading.current_thread().name)
         out = np.zeros((len(texts), 32), dtype=np.float32)
         for i, t in enumerate(texts):
             for j in range(len(t) - 2):
@@ -128,6 +163,26 @@ def test_gate_stores_views_and_refits_when_the_encoder_changes(narrow_runtime):
     assert enc.calls == calls + 1
 
 
+def test_with_a_second_encoder_a_request_runs_one_base_layer_only(narrow_runtime):
+    """The gate's base features come from the first layer when MiniLM (here a stand-in) is
+    there, and kNN's 6-layer embedding is not computed when no adapter needs the description
+    fallback: that forward was a third of the routing latency."""
+    from lorastack.routing import knn as knn_module
+    from lorastack.routing.gate_features import LAYERS_WITH_SENTENCE
+    from lorastack.routing.knn import EMBED_LAYERS
+
+    router = LearnedRouter(narrow_runtime, sentence=False)
+    router.features.encoder = _FakeEncoder()
+    assert f":L{LAYERS_WITH_SENTENCE}:fake-trigrams:" in router.fit()["features"]
+    knn_module._EMBED_CACHE.clear()
+    request = "Convert to title case: quiet red lantern"
+    assert router.route([request])[0].candidate == "headline"
+    layers = {key[2] for key, cache in knn_module._EMBED_CACHE.items() if request in cache}
+    assert layers == {LAYERS_WITH_SENTENCE} and EMBED_LAYERS not in layers
+    # MiniLM runs on its worker thread only: on the caller's it slowed the generation that followed.
+    assert {t.split("_")[0] for t in router.features.encoder.threads} == {"lorastack-sentence"}
+
+
 def test_sentence_encoder_can_be_turned_off(monkeypatch):
     monkeypatch.setenv(sentence.ENV, "none")
     assert sentence.default_encoder() is None
@@ -144,6 +199,9 @@ def test_bundled_minilm_loads_offline_and_hears_a_paraphrase(monkeypatch):
              "What is the capital of France?"])
     assert e.shape == (3, 384) and np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-4)
     assert float(e[0] @ e[1]) > float(e[0] @ e[2]) + 0.1
+    half = sentence.default_encoder(torch.bfloat16)  # the gate's encoder next to a bfloat16 base
+    assert half.name != enc.name and half.name.endswith("bfloat16")
+    assert np.all(np.sum(half(["Convert to title case: the quick fox", "What is the capital of France?"]) * e[[0, 2]], 1) > 0.999)
 
 
 def test_an_adapter_whose_negatives_sit_low_gets_a_lower_threshold():

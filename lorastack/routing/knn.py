@@ -50,8 +50,8 @@ EMBED_LAYERS = 6
 GENERIC_FILE = "router-generic-{digest}.safetensors"  # per embedding kind and prompt set
 ARROW_NEG_FILE = "router-arrow-negatives-{digest}.safetensors"
 ARROW_NEG_GENERIC, ARROW_NEG_PER_ADAPTER = 48, 6  # negatives for example-less adapters' Arrow thresholds
-EMBED_CACHE_SIZE = 20_000  # texts (~45 MB); keyed by the base's fingerprint and dtype
-_EMBED_CACHE: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+EMBED_CACHE_SIZE = 20_000  # texts (~45 MB); keyed by the base's fingerprint, dtype and layer count
+_EMBED_CACHE: dict[tuple[str, str, int], dict[str, np.ndarray]] = {}
 
 
 def knn_scores(query: np.ndarray, bank: np.ndarray, owners: np.ndarray, n_adapters: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,18 +148,18 @@ class KnnRouter:
         self.override: float | None = None  # a threshold fitted on the user's data (router calibrate)
 
     # ------------------------------------------------------------ embeddings
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """Unit-norm embeddings; recent ones are cached per base, so routers sharing inputs
-        (kNN, the learned gate, an evaluation of both) embed each text once."""
+    def embed(self, texts: list[str], layers: int = EMBED_LAYERS) -> np.ndarray:
+        """Unit-norm embeddings after the base's first `layers` layers; recent ones are cached
+        per base, so routers sharing inputs (kNN, an evaluation of several) embed each text once."""
         base = self.runtime.base
-        cache = _EMBED_CACHE.setdefault((base.fingerprint, str(base.dtype)), {})
+        cache = _EMBED_CACHE.setdefault((base.fingerprint, str(base.dtype), layers), {})
         todo = list(dict.fromkeys(t for t in texts if t not in cache))
         if todo:
             ids = [base.tokenizer(t, add_special_tokens=False)["input_ids"][:256] or [base.eos_token_id] for t in todo]
             runner = getattr(self.runtime.generator, "runner", None)
             if runner is None:
                 raise NotImplementedError("kNN routing needs the engine (a Llama-family base)")
-            e = runner.embed(ids, EMBED_LAYERS).float().numpy()
+            e = runner.embed(ids, layers).float().numpy()
             e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-8)
             if len(cache) + len(todo) > EMBED_CACHE_SIZE:
                 cache.clear()

@@ -112,7 +112,7 @@ class LearnedRouter:
         self.runtime = runtime
         self.top_k, self.top_p, self.false_route = int(top_k), float(top_p), float(false_route)
         self.knn = KnnRouter(runtime, false_route=false_route)  # same embeddings, signatures and description fallback
-        self.features = GateFeatures(self.knn, default_encoder() if sentence else None)
+        self.features = GateFeatures(self.knn, default_encoder(_encoder_dtype(runtime)) if sentence else None)
         self._gate: tuple[list[str], np.ndarray, np.ndarray, np.ndarray, Calibration] | None = None
         self.override: float | None = None  # a threshold fitted on the user's data (router calibrate)
 
@@ -208,9 +208,9 @@ class LearnedRouter:
             return self.knn.route(texts, false_route=rate)
         names, W, b, mean, _ = self._load()
         probs = softmax(_unit(self.features.embed(texts) - mean) @ W + b)
-        q = self.knn.query(texts)
-        generic_best = self.knn.generic_best(q)
         per = (time.perf_counter() - t0) / len(texts)
+        fallback = bool(self.knn.index().fallback)
+        q = generic_best = None
         out = []
         _, confs = gate_confidence(probs)
         for p, conf in zip(probs, confs):
@@ -236,11 +236,20 @@ class LearnedRouter:
             scores = {n: round(float(v), 4) for n, v in zip(names, pa) if v >= 1e-4}
             decision = RouteDecision(route, scores, not confident, per, signal="gate", candidate=names[int(order[0])],
                                      confidence=round(best_p, 4), threshold=round(shown, 4))
-            if decision.abstained:
+            if decision.abstained and fallback:
+                if q is None:  # kNN's embedding only when an example-less adapter may take an abstained input
+                    q = self.knn.query(texts)
+                    generic_best = self.knn.generic_best(q)
                 self.knn.apply_fallback(decision, q[len(out)], float(generic_best[len(out)]), rate)
             out.append(decision)
         self.knn.apply_arrow(out, texts, rate)
         return out
+
+
+def _encoder_dtype(runtime: "Runtime") -> torch.dtype:
+    """MiniLM runs in the base's dtype when that is bfloat16 (see `routing.sentence`), else float32."""
+    dtype = getattr(runtime.base, "dtype", torch.float32)
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 @register("learned")

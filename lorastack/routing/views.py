@@ -7,11 +7,24 @@ title-case adapter's held-out paraphrases reached it; most went to sort_words). 
 re-frame each example without inventing task knowledge:
 
 - the example is split into its constant *instruction* (the word prefix or suffix shared by
-  many of the adapter's examples) and its varying *payload* (the rest);
+  many of the adapter's examples) and its varying *payload* (the rest). A one-word label in
+  front of the data ("Words: a, b, c. List them from last to first.") stays with the
+  payload, so the sentence after it is still found as the instruction;
 - generic frames, written here and never taken from any task's templates, put the
-  instruction after the payload, on its own line, in a polite request, or wrap the whole
-  example in conversational filler. Only examples whose instruction sits cleanly at one end
-  (ending in ':' or '?', or on its own line) are re-ordered; the others are only wrapped.
+  instruction after the payload (on its own line or in the same line), before it, in a
+  polite request (imperatives only: "Please which order ...?" is not a request), or wrap the
+  whole example in conversational filler. Only examples whose instruction sits cleanly at one
+  end (ending in ':' or '?', or a sentence of its own) are re-ordered; the others are only
+  wrapped;
+- a payload that is a plain list of words is also written with the other separator (spaces
+  or commas), in half of its re-ordered views: a list is the same list either way, and the
+  held-out phrasings of word-list tasks use both. Measured offline it is a wash (two-phrasing
+  reverse_words and sort_words adapters: -5 to +1 points of their paraphrases, the
+  8-adapter library's paraphrase top-1 98.6% with it, 99.0% without). The label rule and the
+  inline and request frames moved those four narrowed cases from 67/77/67/64% to
+  71/80/67/65% of their paraphrases (same features, `routing.gate_features`). What they
+  still lose goes to each other on phrasings whose meaning MiniLM does not catch ("from A
+  to Z" sits nearer "reverse the order" than "alphabetically").
 
 Wrappers say nothing about the task, so `generic_views` wraps the generic "no expert"
 prompts the same way: a "Thanks!" must not pull a request towards an adapter.
@@ -26,17 +39,27 @@ import json
 import random
 import re
 from collections import Counter
+from dataclasses import dataclass
 
-# Frames over (instruction, payload): the instruction moved after the data, alone on a line, asked politely.
-REORDER_FRAMES = (
+# Frames over (instruction, payload) for any instruction: after the data, before it, labelled.
+# {instruction} ends in its own mark ('.' or '?'); {instruction_core} has none.
+PLACE_FRAMES = (
     "{payload}\n{instruction}",
     "{instruction}\n\n{payload}",
     "{payload}\n\n{instruction}",
+    "{payload}. {instruction}",
+    "Task: {instruction}\nInput: {payload}",
+    "Input: {payload}\n{instruction}",
+)
+# Frames that turn an imperative instruction into a request.
+REQUEST_FRAMES = (
     "Please {instruction_lc}: {payload}",
     "Would you {instruction_lc}? {payload}",
-    "I need help. {instruction}: {payload}",
-    "Task: {instruction}\nInput: {payload}",
+    "I need help. {instruction_core}: {payload}",
+    "{payload}. Please {instruction_lc}.",
+    "Given {payload}, {instruction_lc}.",
 )
+REORDER_FRAMES = PLACE_FRAMES + REQUEST_FRAMES
 # Frames over a whole request (an example or a generic prompt): conversational filler only.
 WRAP_FRAMES = (
     "Please help me with this. {text}",
@@ -47,9 +70,23 @@ WRAP_FRAMES = (
 MIN_SHARE = 0.1  # an instruction is a word prefix/suffix shared by at least this share of the examples
 MIN_INSTRUCTION_WORDS = 2
 VIEWS_PER_EXAMPLE = 2  # 3 measured the same
-# Part of the stored views' key: stored views are recomputed whenever the frames change.
-VIEWS_VERSION = hashlib.sha256(json.dumps([REORDER_FRAMES, WRAP_FRAMES, MIN_SHARE, MIN_INSTRUCTION_WORDS,
-                                           VIEWS_PER_EXAMPLE]).encode()).hexdigest()[:8]
+# Part of the stored views' key: stored views are recomputed whenever the frames change (the
+# last item names the splitting rules: bump it when `instruction_parts`/`other_separator` change).
+VIEWS_VERSION = hashlib.sha256(json.dumps([PLACE_FRAMES, REQUEST_FRAMES, WRAP_FRAMES, MIN_SHARE, MIN_INSTRUCTION_WORDS,
+                                           VIEWS_PER_EXAMPLE, "label+list2"]).encode()).hexdigest()[:8]
+_WORD = r"[A-Za-z][A-Za-z'-]*"
+_SPACED = re.compile(rf"{_WORD}(?: {_WORD}){{2,}}")
+_COMMAS = re.compile(rf"{_WORD}(?:, {_WORD}){{2,}}")
+_LABEL = re.compile(r"[A-Za-z]+: ")
+
+
+@dataclass(frozen=True)
+class Parts:
+    """An example cut into its instruction (without its end mark) and its payload."""
+
+    instruction: str
+    payload: str
+    question: bool
 
 
 def _words(text: str) -> list[tuple[str, str]]:
@@ -89,18 +126,51 @@ def split_instruction(examples: list[str], min_share: float = MIN_SHARE) -> list
     return out
 
 
-def _instruction(text: str, prefix: str, payload: str, suffix: str) -> str | None:
-    """The instruction when it sits cleanly at one end of the example, else None."""
-    if prefix and not suffix:
-        sep_newline = "\n" in text[len(prefix):len(text) - len(payload)]
-        clean = prefix.rstrip()[-1:] in (":", "?") or sep_newline
-    elif suffix and not prefix:
-        sep_newline = "\n" in text[len(payload):len(text) - len(suffix)]
-        clean = payload.rstrip()[-1:] in (".", "?", "!") or sep_newline
+def _ends_sentence(text: str) -> bool:
+    return text.rstrip()[-1:] in (".", "?", "!")
+
+
+def instruction_parts(text: str, prefix: str, payload: str, suffix: str) -> Parts | None:
+    """The instruction and payload when the instruction sits cleanly at one end of the example, else None."""
+    if prefix and suffix:
+        # A one-word label before the data ("Words: ...") belongs to the payload.
+        if len(prefix.split()) < MIN_INSTRUCTION_WORDS and prefix.rstrip().endswith(":"):
+            return instruction_parts(text, "", prefix + text[len(prefix):len(text) - len(suffix)], suffix)
+        return None
+    if prefix:
+        clean = prefix.rstrip()[-1:] in (":", "?") or "\n" in text[len(prefix):len(text) - len(payload)]
+        ins = prefix
+    elif suffix:
+        clean = _ends_sentence(payload) or "\n" in text[len(payload):len(text) - len(suffix)]
+        ins = suffix
     else:
         return None
-    ins = (prefix or suffix).strip().rstrip(":").strip()
-    return ins if clean and len(ins.split()) >= MIN_INSTRUCTION_WORDS and payload.strip() else None
+    ins = ins.strip()
+    question = ins.endswith("?")
+    core = ins.rstrip(":.!? ").strip()
+    data = payload.strip()
+    data = data[:-1].rstrip() if data[-1:] in (".", ",", ";") else data
+    if not clean or len(core.split()) < MIN_INSTRUCTION_WORDS or not data:
+        return None
+    return Parts(core, data, question)
+
+
+def other_separator(payload: str) -> str | None:
+    """A plain word list (after an optional one-word label) written with the other separator
+    ("a b c" <-> "a, b, c"), else None."""
+    label, _, rest = payload.rpartition(": ") if _LABEL.match(payload) else ("", "", payload)
+    label = label + ": " if label else ""
+    if _SPACED.fullmatch(rest):
+        return label + rest.replace(" ", ", ")
+    if _COMMAS.fullmatch(rest):
+        return label + rest.replace(", ", " ")
+    return None
+
+
+def _reframe(frame: str, parts: Parts, payload: str) -> str:
+    ins = parts.instruction
+    return frame.format(instruction=ins + ("?" if parts.question else "."), instruction_core=ins,
+                        instruction_lc=ins[0].lower() + ins[1:], payload=payload)
 
 
 def example_views(examples: list[str], per: int = VIEWS_PER_EXAMPLE, seed: int = 0) -> list[tuple[int, str]]:
@@ -108,13 +178,19 @@ def example_views(examples: list[str], per: int = VIEWS_PER_EXAMPLE, seed: int =
     rng = random.Random(seed)
     out = []
     for i, (text, (p, pay, s)) in enumerate(zip(examples, split_instruction(examples))):
-        ins = _instruction(text, p, pay, s)
-        frames = [("wrap", f) for f in WRAP_FRAMES] + ([("reorder", f) for f in REORDER_FRAMES] if ins else [])
+        parts = instruction_parts(text, p, pay, s)
+        frames = [("wrap", f) for f in WRAP_FRAMES]
+        if parts is not None:
+            frames += [("reorder", f) for f in (PLACE_FRAMES if parts.question else REORDER_FRAMES)]
         for kind, frame in rng.sample(frames, min(per, len(frames))):
             if kind == "wrap":
                 out.append((i, frame.format(text=text)))
-            else:
-                out.append((i, frame.format(instruction=ins, instruction_lc=ins[0].lower() + ins[1:], payload=pay.strip())))
+                continue
+            payload = parts.payload
+            other = other_separator(payload)
+            if other is not None and rng.random() < 0.5:
+                payload = other
+            out.append((i, _reframe(frame, parts, payload)))
     return out
 
 
