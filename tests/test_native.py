@@ -163,7 +163,7 @@ def write_tiny_gguf(model: torch.nn.Module, path: Path) -> None:
     writer.close()
 
 
-@pytest.mark.parametrize("kind,m", [("Q4_1", 9), ("Q4_1", 19), ("Q8_0", 32), ("Q4_1", 40)])
+@pytest.mark.parametrize("kind,m", [("Q4_1", 9), ("Q4_1", 19), ("Q8_0", 32), ("Q4_1", 40), ("Q4_1", 64)])
 def test_block_gemv_above_eight_rows_is_bit_identical_row_by_row(kernels, kind, m):
     """The tiled path for larger decode batches gives every row exactly the few-row kernel's
     output: a row's logits do not depend on what else is in the batch."""
@@ -203,7 +203,7 @@ def test_engine_decodes_from_gguf_blocks_with_identical_logits(tiny_base, lib_wi
     assert runs[True][1] == runs[False][1]
 
 
-@pytest.mark.parametrize("blocks,speculate,rows", [(True, 0, 4), (False, 0, 4), (True, 7, 4), (True, 0, 12)])
+@pytest.mark.parametrize("blocks,speculate,rows", [(True, 0, 4), (False, 0, 4), (True, 7, 4), (True, 0, 12), (True, 0, 20)])
 def test_compiled_layer_loop_gives_the_python_glue_loops_logits_bit_for_bit(tiny_base, lib_with_adapters, tmp_path,
                                                                             blocks, speculate, rows):  # noqa: F811
     """The whole decode step in one compiled call (LlamaRunner._layer_table) runs the same
@@ -211,7 +211,7 @@ def test_compiled_layer_loop_gives_the_python_glue_loops_logits_bit_for_bit(tiny
     a mixed batch with a base row, adapters and a mixture, from GGUF blocks or bf16 weights,
     with and without speculative verify passes."""
     base = tiny_gguf_base(tiny_base, tmp_path)
-    specs = (["base", "a", "b", "a:0.5+b:0.5"] * 3)[:rows]  # 12 rows: the blocks' tiled path, still in the loop
+    specs = (["base", "a", "b", "a:0.5+b:0.5"] * 5)[:rows]  # 12, 20 rows: the blocks' tiled path, still in the loop
     prompts = [[{"role": "user", "content": f"Repeat: w{i} v{i} w{i} v{i} w{i}"}] for i in range(len(specs))]
     runs, tables = {}, {}
     for loop in (True, False):

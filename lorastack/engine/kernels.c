@@ -106,7 +106,13 @@ void lorastack_gemv_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int 
  * Phase 1 computes the rank-space activations t [n, K, P*R] in fp32; phase 2 adds t @ B
  * into y. A phase-2 job is one row's part (split in column ranges only when there are too
  * few jobs for the threads), so it streams B_p[s] (R x out contiguous) front to back and
- * accumulates every entry of the row before one rounding. */
+ * accumulates every entry of the row before one rounding. Its memory order matters more than
+ * its arithmetic: with rows on different adapters these bytes come from DRAM, and each slot's
+ * A and B are read front to back, which the hardware prefetcher follows. A form with 16 rank
+ * rows' chains at once (transpose + tree reduction), register-blocked columns and rows on one
+ * adapter sharing B loads was bit-identical and 1.3x faster from cache, but read 16 interleaved
+ * short streams and ran 1.4x slower from cold memory; made sequential again it measured
+ * 0.99-1.13x this loop, so this loop stays. */
 void lorastack_lora_bf16(const uint16_t *x, uint16_t *y, const uint16_t *A, const int64_t *B, const int32_t *outs,
                          int P, int R, int in, int n, const int64_t *slots, const float *weights, int K, int threads) {
     int PR = P * R;
@@ -278,20 +284,48 @@ static inline __attribute__((always_inline)) void block_rows(int kind, const int
         for (int r = 0; r < m; r++) y[(int64_t)r * out + o0 + j] = f32_to_bf16(_mm512_reduce_add_ps(acc[j][r]));
 }
 
+/* Memory to pull into cache while a GEMM computes: the LoRA bytes its projection reads next.
+ * Why: with rows on different adapters the LoRA kernel streams every row's own A and B (~330 KB
+ * a token per layer for rank-16 all-linear adapters on the embedded base, 157 MB a step at 16
+ * rows) and waits on memory, while the block GEMM before it is bound by compute and leaves the
+ * memory bus idle. Job j of J of the GEMM's parallel loop touches bytes [j/J, (j+1)/J) of the
+ * regions, so the prefetches spread over the GEMM; the lines land in L2 and, evicted, in L3. */
+typedef struct {
+    int n;                 /* regions */
+    const char **ptr;
+    const int64_t *end;    /* cumulative byte offsets: region i covers [end[i-1], end[i]) */
+} Prefetch;
+
+static inline void prefetch_share(const Prefetch *pf, int64_t job, int64_t jobs) {
+    if (!pf || !pf->n) return;
+    int64_t total = pf->end[pf->n - 1], lo = total * job / jobs, hi = total * (job + 1) / jobs;
+    int i = 0;
+    while (i < pf->n && pf->end[i] <= lo) i++;
+    for (int64_t at = lo & ~(int64_t)63; at < hi && i < pf->n; at += 64) {
+        while (i < pf->n && pf->end[i] <= at) i++;
+        if (i == pf->n) break;
+        int64_t start = i ? pf->end[i - 1] : 0;
+        _mm_prefetch(pf->ptr[i] + (at - start), _MM_HINT_T1);
+    }
+}
+
 /* y[m, out] = x[m, in] @ W^T with W [out] rows of in/32 blocks of `kind`, m <= MAX_ROWS.
  * Specialised per m (and output rows per job) so the accumulators live in registers. */
 #define BLOCK_LOOP(OB, M)                                                                      \
     do {                                                                                       \
         int groups = out / (OB);                                                               \
-        _Pragma("omp for schedule(static)") for (int g = 0; g < groups; g++)                   \
+        _Pragma("omp for schedule(static)") for (int g = 0; g < groups; g++) {                 \
             block_rows(kind, OB, M, x, W, y, in, out, g * (OB));                               \
+            prefetch_share(pf, g, groups);                                                     \
+        }                                                                                      \
         _Pragma("omp for schedule(static)") for (int o = groups * (OB); o < out; o++)          \
             block_rows(kind, 1, M, x, W, y, in, out, o);                                       \
     } while (0)
 
 /* ---------------------------------------------------------------- larger decode batches
- * 9-16 rows (one thread, embedded base's layers: 1.6x torch's bf16 GEMM at 16 rows, 1.07x
- * at 32, 0.87x at 64; llama.py's BLOCK_TILE_ROWS says where the engine stops). Per tile of 16 output rows the
+ * 9-64 rows (llama.py's BLOCK_TILE_ROWS and LOOP_TILE_ROWS say where the engine uses it;
+ * with tile_block's 8-row reuse, one thread, embedded base's layers, a loaded machine: 1.1-1.3x
+ * the previous 2-row form and about torch's bf16 GEMM at 16-64 rows). Per tile of 16 output rows the
  * blocks are decoded once and transposed so that a vector holds one weight pair of each of
  * the 16 outputs; each input row then runs 16 accumulators, one per lane of the few-row
  * kernel's single accumulator, fed the same pairs in the same order, and sums them with the
@@ -337,30 +371,44 @@ static inline void store16(uint16_t *y, __m512 v) {
     for (int j = 0; j < 16; j++) y[j] = f32_to_bf16(f[j]);
 }
 
-/* m rows against 16 outputs whose weights are packed P[pair][16 outputs] (uint32 pairs). */
-static inline void tile_rows(const uint32_t *P, const uint16_t *x, uint16_t *y, int m, int in, int out, int o0) {
-    int np = in / 2, r = 0;
-    for (; r + 2 <= m; r += 2) {
-        __m512 a0[16], a1[16];
-        for (int l = 0; l < 16; l++) a0[l] = a1[l] = _mm512_setzero_ps();
-        const uint32_t *x0 = (const uint32_t *)(x + (int64_t)r * in), *x1 = (const uint32_t *)(x + (int64_t)(r + 1) * in);
-        for (int i = 0; i < np; i += 16)
-            for (int l = 0; l < 16; l++) {
-                __m512bh w = (__m512bh)_mm512_loadu_si512(P + (int64_t)(i + l) * 16);
-                a0[l] = _mm512_dpbf16_ps(a0[l], w, (__m512bh)_mm512_set1_epi32(x0[i + l]));
-                a1[l] = _mm512_dpbf16_ps(a1[l], w, (__m512bh)_mm512_set1_epi32(x1[i + l]));
-            }
-        store16(y + (int64_t)r * out + o0, tree16(a0));
-        store16(y + (int64_t)(r + 1) * out + o0, tree16(a1));
+/* RB input rows (a compile-time constant) against 16 outputs whose weights are packed
+ * P[pair][16 outputs] (uint32 pairs). Row r's output is tree16 over 16 lane-class sums, class l
+ * summing pairs l, l+16, l+32, ... in order: the few-row kernel's lanes, so the same bits. The
+ * classes run one after another, each packed weight vector loaded once for RB rows' chains
+ * (RB = 8: 8 independent accumulators in registers). The earlier form ran two rows with all 16
+ * classes live (32 accumulators: every register) and loaded each weight vector once per two rows;
+ * measured 1.4-1.9x slower at 32-64 rows (bench/kernels.py shapes, one thread). */
+static inline __attribute__((always_inline)) void tile_block(const int RB, const uint32_t *P, const uint16_t *x, uint16_t *y,
+                                                             int in, int out, int o0, int r0) {
+    int np = in / 2;
+    __m512 sums[8][16];
+    const uint32_t *xr[8];
+    for (int r = 0; r < RB; r++) xr[r] = (const uint32_t *)(x + (int64_t)(r0 + r) * in);
+    for (int l = 0; l < 16; l++) {
+        __m512 acc[8];
+        for (int r = 0; r < RB; r++) acc[r] = _mm512_setzero_ps();
+        for (int i = l; i < np; i += 16) {
+            __m512bh w = (__m512bh)_mm512_loadu_si512(P + (int64_t)i * 16);
+            for (int r = 0; r < RB; r++) acc[r] = _mm512_dpbf16_ps(acc[r], w, (__m512bh)_mm512_set1_epi32(xr[r][i]));
+        }
+        for (int r = 0; r < RB; r++) sums[r][l] = acc[r];
     }
-    for (; r < m; r++) {
-        __m512 a0[16];
-        for (int l = 0; l < 16; l++) a0[l] = _mm512_setzero_ps();
-        const uint32_t *x0 = (const uint32_t *)(x + (int64_t)r * in);
-        for (int i = 0; i < np; i += 16)
-            for (int l = 0; l < 16; l++)
-                a0[l] = _mm512_dpbf16_ps(a0[l], (__m512bh)_mm512_loadu_si512(P + (int64_t)(i + l) * 16), (__m512bh)_mm512_set1_epi32(x0[i + l]));
-        store16(y + (int64_t)r * out + o0, tree16(a0));
+    for (int r = 0; r < RB; r++) store16(y + (int64_t)(r0 + r) * out + o0, tree16(sums[r]));
+}
+
+/* m rows against one packed tile, 8 rows at a time. */
+static inline void tile_rows(const uint32_t *P, const uint16_t *x, uint16_t *y, int m, int in, int out, int o0) {
+    int r = 0;
+    for (; r + 8 <= m; r += 8) tile_block(8, P, x, y, in, out, o0, r);
+    switch (m - r) {
+    case 1: tile_block(1, P, x, y, in, out, o0, r); break;
+    case 2: tile_block(2, P, x, y, in, out, o0, r); break;
+    case 3: tile_block(3, P, x, y, in, out, o0, r); break;
+    case 4: tile_block(4, P, x, y, in, out, o0, r); break;
+    case 5: tile_block(5, P, x, y, in, out, o0, r); break;
+    case 6: tile_block(6, P, x, y, in, out, o0, r); break;
+    case 7: tile_block(7, P, x, y, in, out, o0, r); break;
+    default: break;
     }
 }
 
@@ -393,7 +441,7 @@ static inline void tile_decode(int kind, const uint8_t *W, int nb, int o0, uint3
 
 /* m > MAX_ROWS rows, out a multiple of 16 (llama.py checks): tiles of 16 outputs. */
 static inline __attribute__((always_inline)) void tiles_blocks(int kind, const uint16_t *x, const uint8_t *W, uint16_t *y,
-                                                               int m, int in, int out, int threads) {
+                                                               int m, int in, int out, int threads, const Prefetch *pf) {
     int nb = in / 32;
 #pragma omp parallel num_threads(threads)
     {
@@ -403,6 +451,7 @@ static inline __attribute__((always_inline)) void tiles_blocks(int kind, const u
         for (int t = 0; t < out / 16; t++) {
             tile_decode(kind, W, nb, t * 16, P, ds, ms);
             tile_rows(P, x, y, m, in, out, t * 16);
+            prefetch_share(pf, t, out / 16);
         }
         free(P);
         free(ds);
@@ -414,13 +463,17 @@ static inline __attribute__((always_inline)) void tiles_blocks(int kind, const u
  * helper taking `kind` would share one outlined OpenMP body in which `kind` is a runtime value
  * (branches in the inner loop; measured 3x slower on Q8_0). */
 #define GEMV_BLOCKS(NAME, KIND, OB1, OB2)                                                                    \
-    void NAME(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads) {    \
+    static void NAME##_pf(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads,   \
+                          const Prefetch *pf) {                                                          \
         const int kind = KIND;                                                                           \
         if (m > MAX_ROWS) {                                                                              \
-            tiles_blocks(KIND, x, W, y, m, in, out, threads);                                            \
+            tiles_blocks(KIND, x, W, y, m, in, out, threads, pf);                                        \
             return;                                                                                      \
         }                                                                                                \
         _Pragma("omp parallel num_threads(threads)") PER_ROWS(BLOCK_LOOP, OB1, OB2)                       \
+    }                                                                                                    \
+    void NAME(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads) {    \
+        NAME##_pf(x, W, y, m, in, out, threads, NULL);                                                   \
     }
 
 /* Output rows per job at 1 and 2 input rows, measured (python bench/kernels.py; best of 7, one
@@ -581,7 +634,8 @@ void lorastack_rope_attend_bf16(const uint16_t *qkv, const uint16_t *cos, const 
 }
 
 /* ---------------------------------------------------------------- the layer loop
- * A whole decode step's layers in one call, for up to MAX_ROWS token rows. It runs exactly the
+ * A whole decode step's layers in one call, for up to MAX_ROWS token rows (more through the
+ * blocks' tiled path, up to llama.py's LOOP_TILE_ROWS). It runs exactly the
  * kernels above in the order LlamaRunner._glued calls them from Python (so the output is the
  * same, bit for bit); what it removes is the ~13 Python-level calls a layer (ctypes argument
  * conversion, tensor allocation, dispatch), measured with py-spy at ~25% of a batch-1 step
@@ -601,12 +655,28 @@ typedef struct {
     const uint16_t *norm_in, *norm_post;
 } DecodeLayer;
 
+#define PREFETCH_MAX_BYTES (4 << 20)
 static void decode_proj(const DecodeProj *p, const uint16_t *x, uint16_t *y, int n, int rank, const int64_t *slots,
-                        const float *weights, int K, int threads) {
-    if (p->kind == BLOCK_Q4_1) lorastack_gemv_q4_1(x, (const uint8_t *)p->w, y, n, p->in, p->out, threads);
-    else if (p->kind == BLOCK_Q8_0) lorastack_gemv_q8_0(x, (const uint8_t *)p->w, y, n, p->in, p->out, threads);
+                        const float *weights, int K, int threads, const int64_t *used, int nused) {
+    /* With LoRA rows: this projection's A and B of every slot in use, prefetched during the GEMM. */
+    int lora = slots && p->P, nr = lora ? nused * (1 + p->P) : 0, PR = p->P * rank;
+    const char *ptr[nr > 0 ? nr : 1];
+    int64_t end[nr > 0 ? nr : 1], at = 0;
+    for (int u = 0, i = 0; u < (lora ? nused : 0); u++) {
+        ptr[i] = (const char *)(p->A + used[u] * PR * (int64_t)p->in);
+        end[i++] = at += (int64_t)PR * p->in * 2;
+        for (int q = 0; q < p->P; q++) {
+            ptr[i] = (const char *)((const uint16_t *)(intptr_t)p->B[q] + used[u] * (int64_t)rank * p->outs[q]);
+            end[i++] = at += (int64_t)rank * p->outs[q] * 2;
+        }
+    }
+    /* Beyond a few MB (64 rows on 64 adapters: 2-9 MB a projection) the lines would be evicted
+     * before the LoRA kernel reads them: measured 2% slower at 64 rows, 3-4% faster at 4 and 16. */
+    Prefetch pf = {at <= PREFETCH_MAX_BYTES ? nr : 0, ptr, end};
+    if (p->kind == BLOCK_Q4_1) lorastack_gemv_q4_1_pf(x, (const uint8_t *)p->w, y, n, p->in, p->out, threads, &pf);
+    else if (p->kind == BLOCK_Q8_0) lorastack_gemv_q8_0_pf(x, (const uint8_t *)p->w, y, n, p->in, p->out, threads, &pf);
     else lorastack_gemv_bf16(x, (const uint16_t *)p->w, y, n, p->in, p->out, threads);
-    if (slots && p->P) lorastack_lora_bf16(x, y, p->A, p->B, p->outs, p->P, rank, p->in, n, slots, weights, K, threads);
+    if (lora) lorastack_lora_bf16(x, y, p->A, p->B, p->outs, p->P, rank, p->in, n, slots, weights, K, threads);
 }
 
 /* h [n, d]: the embedded tokens, updated in place (the residual stream); xout [n, d]: the
@@ -623,20 +693,29 @@ void lorastack_decode_layers(const DecodeLayer *layers, int nl, const uint16_t *
     uint16_t *dlt = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)n * d);
     uint16_t *gu = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)n * gu_out);
     uint16_t *act = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)n * (gu_out / 2));
+    /* The distinct slots the rows use (weight != 0), for decode_proj's prefetches. */
+    int64_t *used = (int64_t *)malloc(sizeof(int64_t) * (size_t)(slots ? n * K_entries : 1));
+    int nused = 0;
+    for (int64_t e = 0; slots && e < (int64_t)n * K_entries; e++) {
+        int seen = weights[e] == 0.0f;
+        for (int u = 0; u < nused && !seen; u++) seen = used[u] == slots[e];
+        if (!seen) used[nused++] = slots[e];
+    }
     uint16_t *x = xout;
     lorastack_rmsnorm_bf16(h, NULL, layers[0].norm_in, x, n, d, eps);
     for (int li = 0; li < nl; li++) {
         const DecodeLayer *L = layers + li;
-        decode_proj(&L->p[0], x, qkv, n, rank, slots, weights, K_entries, threads);
+        decode_proj(&L->p[0], x, qkv, n, rank, slots, weights, K_entries, threads, used, nused);
         lorastack_rope_attend_bf16(qkv, cos, sin, (uint16_t *)(intptr_t)K[li], (uint16_t *)(intptr_t)V[li], rows, pos, n,
                                    heads, kv, hd, row_stride, head_stride, scale, maxlen, att, threads);
-        decode_proj(&L->p[1], att, dlt, n, rank, slots, weights, K_entries, threads);
+        decode_proj(&L->p[1], att, dlt, n, rank, slots, weights, K_entries, threads, used, nused);
         lorastack_rmsnorm_bf16(h, dlt, L->norm_post, x, n, d, eps);
-        decode_proj(&L->p[2], x, gu, n, rank, slots, weights, K_entries, threads);
+        decode_proj(&L->p[2], x, gu, n, rank, slots, weights, K_entries, threads, used, nused);
         lorastack_silu_mul_bf16(gu, act, n, gu_out / 2);
-        decode_proj(&L->p[3], act, dlt, n, rank, slots, weights, K_entries, threads);
+        decode_proj(&L->p[3], act, dlt, n, rank, slots, weights, K_entries, threads, used, nused);
         lorastack_rmsnorm_bf16(h, dlt, li + 1 < nl ? layers[li + 1].norm_in : final_norm, x, n, d, eps);
     }
+    free(used);
     free(qkv);
     free(att);
     free(dlt);

@@ -27,6 +27,12 @@ SUPPORTED = {"llama", "mistral", "qwen2"}
 # engine 1.11x at 16 mixed rows but 0.97-1.02x at 32, so 16. The LM head stays on torch above
 # MAX_ROWS (the tiled Q8_0 head measured 0.7x torch at 16 rows).
 BLOCK_TILE_ROWS = 16
+# Decode passes (the glue path: plain steps and speculative verify passes) take the tiled path up to
+# this many rows, through the compiled layer loop: with each packed weight vector reused for 8 rows
+# (kernels.c's tile_block) the tiles match torch's bf16 GEMM at 64 rows, and the loop removes the
+# per-layer Python calls and prefetches the rows' LoRA weights during the GEMMs (bench/engine.py).
+# Prefills keep BLOCK_TILE_ROWS, so their bits do not change.
+LOOP_TILE_ROWS = 64
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -101,7 +107,8 @@ class LlamaRunner:
         self.q8: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.blocks: dict[int, Blocks] = self._match_blocks(blocks) if blocks and self.native else {}
         self.head = model.lm_head.weight
-        self.tile_rows = BLOCK_TILE_ROWS  # bench/engine.py sets 0 to measure torch's GEMM instead
+        self.tile_rows = BLOCK_TILE_ROWS
+        self.loop_rows = LOOP_TILE_ROWS
         # The compiled glue (kernels.c: norms, rotary, K/V append, attention, SiLU*up) for decode
         # steps: measured at batch 1 on the embedded base, the ~45 torch ops a layer between the
         # matmuls cost more than the matmuls themselves (torch.profiler: ~16 ms a token).
@@ -116,7 +123,7 @@ class LlamaRunner:
         # until tried, False where some projection cannot run there. bench/engine.py can turn it off.
         self.layer_loop: bool | None = None if self.glue else False
         self._table: tuple | None = None
-        self._tiles_all = True  # every projection on GGUF blocks (the loop can then take up to tile_rows rows)
+        self._tiles_all = True  # every projection on GGUF blocks (the loop can then take up to loop_rows rows)
         if self.int8_rows:
             for mods in self.fused:
                 for weight, *_ in mods.values():
@@ -147,18 +154,20 @@ class LlamaRunner:
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype)
 
-    def _linear(self, layer: int, name: str, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+    def _linear(self, layer: int, name: str, x: torch.Tensor, lora: LoraBatch, tiles: int | None = None) -> torch.Tensor:
         weight, bias, group, _ = self.fused[layer][name]
-        return lora.add_delta(group, x, self._matmul(x, weight, bias))
+        return lora.add_delta(group, x, self._matmul(x, weight, bias, tiles))
 
-    def _matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles: int | None = None) -> torch.Tensor:
+        """`x @ weight^T + bias`; GGUF blocks' tiled path up to `tiles` rows (default `tile_rows`)."""
         rows = x.numel() // x.shape[-1]
+        tiles = self.tile_rows if tiles is None else tiles
         if rows <= self.int8_rows:
             w8, scales = self.q8[id(weight)]
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), w8, scales).view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
         if x.dtype == torch.bfloat16 and id(weight) in self.blocks and (
-                rows <= self.native_rows or (rows <= self.tile_rows and weight.shape[0] % 16 == 0 and weight is not self.head)):
+                rows <= self.native_rows or (rows <= tiles and weight.shape[0] % 16 == 0 and weight is not self.head)):
             b = self.blocks[id(weight)]
             y = self.native.gemv_blocks(x.reshape(rows, -1).contiguous(), b.kind, b.data).view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
@@ -375,24 +384,25 @@ class LlamaRunner:
                                   self.n_heads, self.layers[0].self_attn.scaling, eps, self.bank.rank if self.bank else 0, rows_arg)
             return self._matmul(x, head.weight, head.bias).float()
         x = nat.rmsnorm(h, self.layers[0].input_layernorm.weight, eps)
+        t = self.loop_rows  # the same kernels as the compiled loop's, so the same bits
         for li, layer in enumerate(self.layers):
-            qkv = self._linear(li, "qkv_proj", x, lora)
+            qkv = self._linear(li, "qkv_proj", x, lora, t)
             a = nat.rope_attend(qkv, cos, sin, cache.k[li], cache.v[li], rows, pos, self.n_heads, layer.self_attn.scaling)
-            x = nat.rmsnorm(h, layer.post_attention_layernorm.weight, eps, delta=self._linear(li, "o_proj", a, lora))
-            down = self._linear(li, "down_proj", nat.silu_mul(self._linear(li, "gate_up_proj", x, lora)), lora)
+            x = nat.rmsnorm(h, layer.post_attention_layernorm.weight, eps, delta=self._linear(li, "o_proj", a, lora, t))
+            down = self._linear(li, "down_proj", nat.silu_mul(self._linear(li, "gate_up_proj", x, lora, t)), lora, t)
             after = self.layers[li + 1].input_layernorm.weight if li + 1 < len(self.layers) else self.inner.norm.weight
             x = nat.rmsnorm(h, after, eps, delta=down)
         return self._matmul(x, head.weight, head.bias).float()
 
     def _layer_table(self, h: torch.Tensor, lora: LoraBatch) -> "ctypes.Array[DecodeLayer] | None":
         """The layers as kernels.c's `lorastack_decode_layers` reads them, when this pass can run
-        there: at most MAX_ROWS tokens (up to `tile_rows` when every projection reads GGUF
+        there: at most MAX_ROWS tokens (up to `loop_rows` when every projection reads GGUF
         blocks, through their tiled path), every projection on a compiled kernel without bias, no
         int8 path, and the batch's LoRA (if any) on the native kernel. Rebuilt when the LoRA
         bank is reallocated (a larger rank); None means the per-layer Python loop."""
         if h.shape[0] <= self.int8_rows or self.layer_loop is False:
             return None
-        if h.shape[0] > self.native_rows and not (h.shape[0] <= self.tile_rows and self._tiles_all):
+        if h.shape[0] > self.native_rows and not (h.shape[0] <= self.loop_rows and self._tiles_all):
             return None  # above MAX_ROWS only the block kernels' tiled path can run every projection
         if lora.used and not lora._use_native(h):
             return None

@@ -185,8 +185,9 @@ class Kernels:
                       k_ptrs: torch.Tensor, v_ptrs: torch.Tensor, k0: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
                       cos: torch.Tensor, sin: torch.Tensor, heads: int, scale: float, eps: float, rank: int,
                       lora_rows: tuple | None) -> torch.Tensor:
-        """Every layer of a decode step for `h [n, d]` (<= MAX_ROWS token rows; updated in place,
-        the residual stream) in one call; returns the final-normed rows `[n, d]` for the LM head.
+        """Every layer of a decode step for `h [n, d]` (<= MAX_ROWS token rows, or more when every
+        projection reads GGUF blocks: their tiled path; updated in place, the residual stream) in
+        one call; returns the final-normed rows `[n, d]` for the LM head.
         `k_ptrs`/`v_ptrs`: each layer's cache tensor address (int64), `k0` one of them (shape
         and strides); `lora_rows`: `rows_args` of the batch's LoRA rows, or None for no LoRA."""
         n, d = h.shape
