@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--l1", type=float, default=0.05)
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--subtract", default=None, help="merge rows also with this general adapter subtracted (GenKnowSub); "
+                    "built by self-distillation (lorastack compose general) if the library lacks it")
+    ap.add_argument("--methods", default=None, help="comma-separated merge methods (default: all)")
     ap.add_argument("--skip-merge", action="store_true")
     ap.add_argument("--skip-fewshot", action="store_true")
     ap.add_argument("--held-out", default=",".join(HELD_OUT))
@@ -135,21 +138,32 @@ def main() -> None:
             m["own"], m["auto"] = dict(zip(MERGE_TASKS, own)), dict(zip(MERGE_TASKS, auto))
             print("own adapter:", m["own"], "\nauto (default router):", m["auto"], flush=True)
             save()
-        for method in METHODS:
-            if method in m["methods"]:
-                continue
-            name = f"merge_{method}"
+        general = args.subtract
+        if general and general not in lib.names():
+            from lorastack.compose.general import train_general
+
             t0 = time.perf_counter()
-            merged = merge(lib, MERGE_TASKS, name, method=method, overwrite=True)
+            train_general(trainer(), rt, general, TrainConfig(steps=100, seed=args.seed, eval_generate=0), progress=False)
+            res.setdefault("general", {})[general] = {"seconds": round(time.perf_counter() - t0, 1), **lib.get(general).card.data}
+            print(f"built general adapter {general}: {res['general'][general]}", flush=True)
+            save()
+        methods = args.methods.split(",") if args.methods else list(METHODS)
+        for method, subtract in [(mt, None) for mt in methods] + ([(mt, general) for mt in methods] if general else []):
+            key = f"{method}-minus-{subtract}" if subtract else method
+            if key in m["methods"]:
+                continue
+            name = f"merge_{key}"
+            t0 = time.perf_counter()
+            merged = merge(lib, MERGE_TASKS, name, method=method, subtract=subtract, overwrite=True)
             secs = time.perf_counter() - t0
             rt.refresh(name)
             accs = dict(zip(MERGE_TASKS, evals([EvalJob(t, parse_spec(name), tests[t], get_task(t).score) for t in MERGE_TASKS])))
             ret = {t: (accs[t] / m["own"][t] if m["own"][t] else None) for t in MERGE_TASKS}
             vals = [v for v in ret.values() if v is not None]
-            m["methods"][method] = {"seconds": round(secs, 2), "rank": merged.card.rank, "acc": accs, "retention": ret,
-                                    "mean_retention": sum(vals) / len(vals) if vals else None}
-            print(f"merge {method:15s} {secs:5.1f}s rank {merged.card.rank:3d} acc {accs} mean retention "
-                  f"{m['methods'][method]['mean_retention']}", flush=True)
+            m["methods"][key] = {"seconds": round(secs, 2), "rank": merged.card.rank, "acc": accs, "retention": ret,
+                                 "mean_retention": sum(vals) / len(vals) if vals else None}
+            print(f"merge {key:15s} {secs:5.1f}s rank {merged.card.rank:3d} acc {accs} mean retention "
+                  f"{m['methods'][key]['mean_retention']}", flush=True)
             save()
 
     # 3. few-shot composition on held-out families

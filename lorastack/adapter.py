@@ -13,10 +13,12 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .atomic import READ_ATTEMPTS, dir_identity
 from .errors import IncompatibleError, LorastackError
 
 if TYPE_CHECKING:
@@ -56,6 +58,9 @@ class AdapterCard(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     signatures: dict[str, Any] = Field(default_factory=dict)
+    # False keeps `auto` from ever choosing the adapter (a general adapter made for
+    # `--subtract`); it is still served by name.
+    routable: bool = True
     card_version: int = CARD_VERSION
 
 
@@ -435,6 +440,34 @@ class LoraPairs:
     def load(cls, adapter: Adapter, dtype: "torch.dtype | None" = None) -> "LoraPairs":
         """Read an adapter's A/B pairs with scaling folded into B (float32 unless `dtype`)."""
         return read_lora_pairs(adapter, dtype)
+
+
+T = TypeVar("T")
+
+
+def read_while_replaced(open_adapter: Callable[[], Adapter], read: Callable[[Adapter], T],
+                        gone: Callable[[], Exception]) -> T:
+    """`read(open_adapter())`, done again on the new copy when the adapter's directory was
+    replaced while it was read, and `gone()` raised when it was removed meanwhile.
+
+    A library overwrite renames a new directory in and a delete renames the old one aside,
+    so a reader caught in between sees files vanish: that says nothing about the adapter,
+    and a server must not fail the request with 'missing adapter_config.json'. A failure
+    on a directory that did not change is a real defect and is raised as it is.
+    """
+    for attempt in range(READ_ATTEMPTS):
+        adapter = open_adapter()
+        before = dir_identity(adapter.path)
+        try:
+            return read(adapter)
+        except AdapterError:
+            after = dir_identity(adapter.path)
+            if after is None:
+                raise gone() from None
+            if after != before and attempt + 1 < READ_ATTEMPTS:
+                continue
+            raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def read_lora_pairs(adapter: Adapter, dtype: "torch.dtype | None" = None) -> LoraPairs:

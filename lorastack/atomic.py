@@ -133,6 +133,25 @@ def _exchange(a: Path, b: Path) -> bool:
 _renameat2 = None  # resolved on first use
 
 
+# A read that fails because its directory was replaced meanwhile is tried again on the new
+# copy; a replace loop faster than a read cannot keep a reader spinning past this many tries.
+READ_ATTEMPTS = 3
+
+
+def dir_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the directory at `path`, or None when nothing is there.
+
+    A reader compares this before and after a failed read: a different identity means the
+    directory was replaced (an overwrite publishes a new inode) or removed (`remove` renames
+    it aside) while it was being read, so the failure says nothing about the adapter.
+    """
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def sweep_tmp(parent: Path, prefix: str = TMP_PREFIX) -> list[Path]:
     """Delete leftovers of interrupted writes whose owner is gone; returns what was removed."""
     removed = []

@@ -937,6 +937,48 @@ def compose_merge(
                + (f" minus {subtract}" if subtract else "") + f", rank {adapter.card.rank}, {time.perf_counter() - t0:.1f}s")
 
 
+@compose_app.command("general")
+def compose_general(
+    name: str = typer.Option("general", "--name", help="Name of the general adapter."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSONL {prompt|messages} of your own generic requests (default: built-in ones)."),
+    n: int = typer.Option(256, "--n", help="Built-in generic prompts to answer (without --prompts)."),
+    max_tokens: int = typer.Option(128, "--max-tokens", help="Longest answer kept; answers still running are dropped."),
+    steps: int = typer.Option(100, "--steps", help="Training steps."),
+    rank: int = typer.Option(16, "--rank", help="LoRA rank."),
+    seed: int = typer.Option(0, "--seed", help="Training seed."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing adapter of that name."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Train a general adapter for --subtract by self-distillation: generic requests answered by the base itself."""
+    from .base import Base
+    from .compose.general import train_general
+    from .data import prompt_text, read_jsonl
+    from .names import validate_name
+    from .train import TrainConfig
+
+    validate_name(name)
+    texts = [prompt_text(r) for r in read_jsonl(prompts, require_completion=False)] if prompts else None
+    cfg = TrainConfig(rank=rank, alpha=2.0 * rank, steps=steps, seed=seed, eval_generate=0)
+    cfg.validate()
+    if not force and name in _library().names():  # before any model loads
+        raise LorastackError(f"adapter {name!r} already exists in the library; use --force to replace it")
+    rt = _runtime()
+    base = Base.load(OPTS.base, dtype="float32")
+    try:
+        adapter = train_general(base, rt, name, cfg, prompts=texts, n=n, max_tokens=max_tokens,
+                                source=f"prompts of {prompts.name}" if prompts else "built-in generic prompts",
+                                overwrite=force, progress=not as_json, log=lambda msg: typer.echo(msg, err=True))
+    except KeyboardInterrupt:
+        typer.echo("interrupted; the library is unchanged", err=True)
+        raise typer.Exit(130)
+    if as_json:
+        _print_json({"adapter": adapter.name, "data": adapter.card.data, "training": adapter.card.training,
+                     "metrics": adapter.card.metrics, "routable": adapter.card.routable})
+        return
+    typer.echo(f"added {adapter.name} ({adapter.card.data['records']} self-distilled answers, {adapter.card.training['steps']} steps); "
+               f"not routable; use it with --subtract {adapter.name}")
+
+
 @compose_app.command("fewshot")
 def compose_fewshot(
     data: Path = typer.Option(..., "--data", help="JSONL few-shot examples {prompt|messages, completion} (5-20 is typical)."),

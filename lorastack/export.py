@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .adapter import CARD_FILE, CONFIG_FILE, EXAMPLES_FILE, PLOT_FILE, WEIGHTS_FILE, LoraPairs, read_lora_pairs, write_peft_dir
+from .adapter import CARD_FILE, CONFIG_FILE, EXAMPLES_FILE, PLOT_FILE, WEIGHTS_FILE, LoraPairs, write_peft_dir
 from .atomic import publish_dir, staging_dir, sweep_tmp
 from .errors import IncompatibleError, LorastackError
 from .route import AutoSpec, Route, StackRef, parse_spec
@@ -68,7 +68,7 @@ def mixture_pairs(library: "Library", route: Route) -> LoraPairs:
     mixture): per module, the A factors stacked and each B scaled by its weight."""
     modules: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for name, weight in route.entries:
-        for module, (a, b) in read_lora_pairs(library.get(name)).modules.items():
+        for module, (a, b) in library.pairs(name).modules.items():
             As, Bs = modules.setdefault(module, ([], []))
             As.append(a)
             Bs.append(b * weight)

@@ -31,19 +31,24 @@ from .adapter import (
     Adapter,
     AdapterCard,
     AdapterError,
+    LoraPairs,
     check_card_values,
     check_compatible,
     check_finite,
     read_json,
+    read_lora_pairs,
+    read_while_replaced,
     weights_path,
 )
 from pydantic import ValidationError
-from .atomic import TMP_PREFIX, locked, publish_dir, staging_dir, sweep_tmp
+from .atomic import READ_ATTEMPTS, TMP_PREFIX, dir_identity, locked, publish_dir, staging_dir, sweep_tmp
 from .errors import LorastackError, NotFoundError, unknown_name_message
 from .names import validate_name
 from .paths import default_library_dir
 
 if TYPE_CHECKING:
+    import torch
+
     from .base import Base
 
 INDEX_FILE = "index.sqlite"
@@ -214,14 +219,26 @@ class Library:
 
     def get(self, name: str) -> Adapter:
         path = self._path(name)
-        if not path.is_dir():
-            raise NotFoundError(unknown_name_message("adapter", name, self.names()))
-        try:
-            return Adapter.open(path)
-        except AdapterError:
-            if not path.is_dir():  # removed by another thread or process while we opened it
-                raise NotFoundError(unknown_name_message("adapter", name, self.names())) from None
-            raise
+        for attempt in range(READ_ATTEMPTS):
+            before = dir_identity(path) if path.is_dir() else None
+            if before is None:
+                raise NotFoundError(unknown_name_message("adapter", name, self.names()))
+            try:
+                return Adapter.open(path)
+            except AdapterError:
+                after = dir_identity(path)
+                if after is None:  # removed by another thread or process while we opened it
+                    raise NotFoundError(unknown_name_message("adapter", name, self.names())) from None
+                if after != before and attempt + 1 < READ_ATTEMPTS:
+                    continue  # replaced meanwhile: read the new one
+                raise
+        raise AssertionError("unreachable")
+
+    def pairs(self, name: str, dtype: "torch.dtype | None" = None) -> LoraPairs:
+        """Adapter `name`'s LoRA pairs, read again on the new copy if it is replaced while
+        read (a concurrent import with overwrite) and NotFoundError if it is removed meanwhile."""
+        return read_while_replaced(lambda: self.get(name), lambda a: read_lora_pairs(a, dtype),
+                                   lambda: NotFoundError(unknown_name_message("adapter", name, self.names())))
 
     def list(self) -> list[Adapter]:
         with self._db() as con:

@@ -78,10 +78,10 @@ class Runtime:
         return adapter
 
     def fits(self, name: str) -> bool:
-        """Whether adapter `name` exists and was made for this base (routers skip others)."""
+        """Whether routers may choose adapter `name`: it exists, was made for this base and its
+        card does not say `routable: false`."""
         try:
-            self._adapter(name)
-            return True
+            return self._adapter(name).card.routable
         except LorastackError:
             return False
 

@@ -376,8 +376,11 @@ def train_to_library(
     resume: bool = False,
     on_step: StepHook | None = None,
     log: Callable[[str], None] | None = None,
+    card: dict[str, Any] | None = None,
 ) -> "Adapter":
     """Train and add to the library in one step; nothing reaches the library unless all succeed.
+
+    `card` adds fields to the new adapter's card (e.g. `routable: False`) in the same write.
 
     The name is checked before training so a typo costs seconds, not a training run.
     Checkpoints go to `checkpoint_for(library, name)` (outside the library); a run that
@@ -400,7 +403,7 @@ def train_to_library(
             on_step=on_step, log=log,
         )
         adapter = library.add(
-            Path(tmp), name, base=base, card_updates=result.card,
+            Path(tmp), name, base=base, card_updates={**result.card, **(card or {})},
             examples=sample_prompts(records, n_examples, config.seed), overwrite=overwrite,
         )
     ckpt.discard(checkpoint)

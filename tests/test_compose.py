@@ -251,6 +251,9 @@ def test_fewshot_interrupted_leaves_library_unchanged(runtime, lib):
     (["fewshot", "--data", "EMPTY", "--name", "m"], "no records"),
     (["fewshot", "--data", "BAD", "--name", "m"], "invalid JSON"),
     (["fewshot", "--data", "MISSING", "--name", "m"], "no such file"),
+    (["general", "--name", "a"], "already exists"),
+    (["general", "--prompts", "MISSING"], "no such file"),
+    (["general", "--name", "../x"], "name"),
 ])
 def test_bad_input_is_one_line_and_library_unchanged(lib, tmp_path, capsys, args, message):
     from lorastack.cli import main
@@ -311,3 +314,52 @@ def test_cli_merge_and_fewshot_then_generate_with_the_new_adapter(lib, tiny_base
     assert out["adapter"] == "fs" and out["candidates"] == ["a", "b", "c"] and out["evaluations"] <= 6
     main([*common, "generate", "Reverse the order of these words: x y", "--model", "fs", "--max-tokens", "3"])
     assert capsys.readouterr().out.strip()  # the composed adapter serves like any other
+
+
+class _Finished:
+    """A handle whose answer counts as finished: a random tiny model almost never emits EOS."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def result(self):
+        from dataclasses import replace
+
+        return replace(self.handle.result(), finish_reason="stop")
+
+
+def test_general_adapter_is_distilled_from_the_bases_own_answers_and_never_routed(lib, tiny_base, monkeypatch):
+    from lorastack.compose.general import train_general
+    from lorastack.runtime import Runtime
+    from lorastack.train import TrainConfig
+
+    with torch.no_grad():  # the random tiny model answers only newlines, which are dropped: make it say words
+        blank = [i for i in range(len(tiny_base.tokenizer)) if not tiny_base.tokenizer.decode([i]).strip()]
+        tiny_base.model.lm_head.weight[blank] = 0
+    runtime = Runtime(tiny_base, lib)
+    prompts = ["What is the capital of Peru?", "Write a short poem about rain.", "Explain how a lock works."]
+    want = [runtime.generate(p, sampling=Sampling(max_tokens=6)).text for p in prompts]
+    real_start = runtime.start
+    monkeypatch.setattr(runtime, "start", lambda *a, **k: _Finished(real_start(*a, **k)))
+    adapter = train_general(tiny_base, runtime, "general", TrainConfig(steps=2, batch_size=2, eval_n=0, eval_generate=0,
+                                                                       checkpoint_every=0),
+                            prompts=prompts, max_tokens=6, progress=False)
+    assert adapter.card.routable is False and adapter.card.data["records"] == 3
+    assert not adapter.examples()  # nothing for kNN to match either
+    assert not runtime.fits("general") and runtime.fits("a")  # every router skips it; it is still served by name
+    assert runtime.generate("x", model="general", sampling=Sampling(max_tokens=2)).text is not None
+    merged = merge(lib, ["a", "b"], "ab_minus_general", method="linear", subtract="general")
+    assert merged.card.model_dump()["composition"]["subtract"] == "general"
+    # The records were the base's greedy answers: a record is (prompt, what the bare base said).
+    from lorastack.compose.general import self_distilled_records
+
+    records, dropped = self_distilled_records(runtime, prompts, max_tokens=6)
+    assert [r["completion"] for r in records] == want and dropped == 0
+
+
+def test_general_adapter_refuses_when_answers_do_not_end(runtime):
+    from lorastack.compose.general import self_distilled_records
+    from lorastack.errors import LorastackError
+
+    with pytest.raises(LorastackError, match="answers ended within 3 tokens; raise --max-tokens"):
+        self_distilled_records(runtime, ["What is the capital of Peru?", "Tell me a joke."], max_tokens=3)

@@ -88,6 +88,67 @@ def test_adapter_with_nan_weights_behind_the_librarys_back_fails_its_requests_on
         assert_still_serving(c)
 
 
+# ------------------------------------------------------------------ replaced while read
+def _replace_during_read(monkeypatch, owner, attr, replace) -> list[int]:
+    """Make the first read through `owner.attr` run `replace` and then fail the way a read
+    of a directory renamed away mid-read fails (a file of it is missing)."""
+    from lorastack.adapter import AdapterError
+
+    real = getattr(owner, attr)
+    calls = [0]
+
+    def flaky(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 1:
+            replace()
+            raise AdapterError("hot: missing adapter_config.json (PEFT adapter config)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attr, flaky)
+    return calls
+
+
+@pytest.mark.parametrize("where", ["library", "pairs", "engine"])
+def test_an_adapter_replaced_while_it_is_read_is_read_again_and_one_removed_is_not_found(runtime, tiny_base, tmp_path,
+                                                                                       monkeypatch, where):
+    """A concurrent overwrite renames a new copy in, a delete renames the old one aside: a
+    read caught in between must load the new copy (or report the name unknown, which lets
+    `auto` route again), never fail the request with a 'missing file' error."""
+    from lorastack.adapter import Adapter, AdapterError, LoraPairs
+    from lorastack.errors import NotFoundError
+
+    lib = runtime.library
+    first = make_peft_adapter(tiny_base, tmp_path / "v1", seed=1)
+    second = make_peft_adapter(tiny_base, tmp_path / "v2", seed=2)
+    lib.add(first, "hot", base=tiny_base)
+    owner, attr = {"library": (Adapter, "open"), "pairs": (Adapter, "weights"), "engine": (LoraPairs, "load")}[where]
+
+    def read():
+        if where == "library":
+            return lib.get("hot")
+        return lib.pairs("hot") if where == "pairs" else runtime.generator.bank._weights("hot")
+
+    calls = _replace_during_read(monkeypatch, owner, attr, lambda: lib.add(second, "hot", base=tiny_base, overwrite=True))
+    got = read()
+    assert calls[0] >= 2
+    if where != "library":
+        expected = LoraPairs.load(lib.get("hot"))
+        name, (a, _) = next(iter(expected.modules.items()))
+        assert torch.equal(got.modules[name][0].float(), a.float())  # the new copy's weights
+    monkeypatch.undo()
+    runtime.generator.bank.forget("hot")
+
+    _replace_during_read(monkeypatch, owner, attr, lambda: lib.remove("hot"))
+    with pytest.raises(NotFoundError):
+        read()
+    monkeypatch.undo()
+
+    lib.add(first, "hot", base=tiny_base)  # a real defect, nothing changed on disk: the error stands
+    _replace_during_read(monkeypatch, owner, attr, lambda: None)
+    with pytest.raises(AdapterError, match="missing adapter_config"):
+        read()
+
+
 # ------------------------------------------------------------------ names and specs
 @pytest.mark.parametrize("model", ["reverse_words\n", "auto:", "base\n", "reverse_words\t", "a:0.5\n+b:0.5"])
 def test_model_specs_with_control_characters_or_empty_router_are_4xx(runtime, model):

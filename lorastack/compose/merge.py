@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..adapter import Adapter, LoraPairs, read_lora_pairs, write_peft_dir
+from ..adapter import Adapter, LoraPairs, write_peft_dir
 from ..errors import IncompatibleError, LorastackError
 
 if TYPE_CHECKING:
@@ -238,7 +238,7 @@ def load_parents(library: "Library", names: Sequence[str]) -> tuple[list[Adapter
     if len(fps) > 1:
         by = {a.name: a.card.base_fingerprint for a in adapters}
         raise IncompatibleError(f"adapters were trained for different bases: {by}")
-    return adapters, [read_lora_pairs(a) for a in adapters]
+    return adapters, [library.pairs(a.name) for a in adapters]
 
 
 def add_composed(library: "Library", pairs: LoraPairs, name: str, parents: Sequence[Adapter], composition: dict[str, Any],

@@ -6,9 +6,8 @@ several times over. GenKnowSub trains one adapter on general data and subtracts 
 update from each task adapter, so composition combines task skills only.
 
 Where the general adapter comes from is the user's choice: any library adapter can be
-named (`--subtract NAME`). Offline, one way is self-distillation: `lorastack tasks make`
-any mix of built-in tasks, or generic prompts answered by the base itself, trained with
-`lorastack train`. Subtraction is exact: `T - G` is the LoRA with stacked factors
+named (`--subtract NAME`); `lorastack compose general` makes one offline by
+self-distillation (generic prompts answered by the base itself, see general.py). Subtraction is exact: `T - G` is the LoRA with stacked factors
 `[A_T; A_G]`, `[B_T, -B_G]` (rank r_T + r_G).
 """
 

@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..adapter import Adapter, AdapterError, LoraPairs
+from ..adapter import Adapter, LoraPairs, read_while_replaced
 from ..errors import LorastackError, NotFoundError
 from ..route import Route
 from .native import Kernels
@@ -95,13 +95,8 @@ class LoraBank:
         import time
 
         t0 = time.perf_counter()
-        adapter = self.resolve(name)
-        try:
-            w = AdapterWeights.load(adapter, self.dtype)
-        except AdapterError:
-            if not adapter.path.exists():  # removed from the library while we read it
-                raise NotFoundError(f"unknown adapter {name!r} (it was just removed)") from None
-            raise
+        w = read_while_replaced(lambda: self.resolve(name), lambda a: AdapterWeights.load(a, self.dtype),
+                                lambda: NotFoundError(f"unknown adapter {name!r} (it was just removed)"))
         unknown = [m for m in w.modules if m not in self.part_of]
         if unknown:
             raise LorastackError(f"adapter {name!r} targets {unknown[0]!r}, which the base does not have")

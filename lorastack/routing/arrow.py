@@ -113,7 +113,7 @@ class ArrowRouter:
                 meta, blob = stored[name]
                 p = np.frombuffer(blob, dtype=np.float16).reshape(meta["shape"]).astype(np.float32)
             else:
-                p = prototypes(LoraPairs.load(lib.get(name), torch.float32), n_layers, rt.base.model.config.hidden_size)
+                p = prototypes(lib.pairs(name, torch.float32), n_layers, rt.base.model.config.hidden_size)
                 lib.put_signature(name, self._kind(), p.astype(np.float16).tobytes(), {"shape": list(p.shape)})
             protos.append(p)
         stacked = np.stack(protos) if protos else np.zeros((0,))
