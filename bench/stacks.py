@@ -15,8 +15,9 @@ Per composite task, every row on the same test inputs (held out by prompt hash) 
   trained stack    the library stack's decomposition with one adapter per model stage, trained
                    from the same records, --steps steps each (teacher-forced: each stage learns
                    from the reference intermediate outputs); model-free stages (regex, JSON
-                   field, list reversal, splitting a phrase into letters) are transforms; caesar_title's
-                   model decodes one letter per map item
+                   field, splitting a phrase into letters, joining) are transforms; caesar_title's
+                   model decodes one letter per map item; sort_desc's writes the first letters
+                   present from z to a, then per letter (a map item) that letter's words, last first
 Prints exact match, completion tokens and wall time per answer; writes stacks.json and stacks.png.
 """
 

@@ -437,15 +437,21 @@ def test_stage_records_are_teacher_forced_and_missing_targets_are_named():
         stage_records(spec_of(SMALLEST), recs)
 
 
-def test_stack_train_makes_one_adapter_per_stage_and_the_stack_runs(runtime):
+def _train_composite_stack(runtime, name: str, prefix: str):
+    """A composite task's trained stack, two steps per adapter on the tiny model: (task, spec, adapters)."""
     from lorastack.stacks.composite import get_composite
     from lorastack.stacks.train import train_stack
     from lorastack.train import TrainConfig
 
-    task = get_composite("caesar_title")
-    spec = parse_stack(task.trained_stack(prefix="ct"))
+    task = get_composite(name)
+    spec = parse_stack(task.trained_stack(prefix=prefix))
     adapters = train_stack(runtime.base, runtime.library, spec, task.generate(16, "train", seed=0),
                            TrainConfig(rank=2, alpha=4, steps=2, batch_size=4, eval_generate=0), progress=False)
+    return task, spec, adapters
+
+
+def test_stack_train_makes_one_adapter_per_stage_and_the_stack_runs(runtime):
+    task, spec, adapters = _train_composite_stack(runtime, "caesar_title", "ct")
     assert [a.name for a in adapters] == ["ct-letter", "ct-title"]
     assert adapters[1].card.data["stage"] == "title"
     record = task.generate(1, "long", seed=0)[0]
@@ -455,6 +461,24 @@ def test_stack_train_makes_one_adapter_per_stage_and_the_stack_runs(runtime):
     assert res.trace[2].route == ["ct-letter"] * len(plain)  # the map decodes letter by letter ("_" for a space)
     assert res.trace[2].input[0] == f"Decode this Caesar cipher letter (shift 1; _ stays _): {record['prompt'].split(': ')[1][0]}"
     assert res.trace[4].route == "ct-title"
+
+
+def test_sort_desc_stack_trains_two_adapters_and_maps_its_bucket_stage_over_the_letters_it_wrote(runtime):
+    task, spec, adapters = _train_composite_stack(runtime, "sort_desc", "sd")
+    assert [a.name for a in adapters] == ["sd-letters", "sd-bucket"]
+    record = task.generate(1, "long", seed=0)[0]
+    words = record["prompt"].split(": ")[1].split()
+    res = StackRunner(runtime).run(spec, record["prompt"])
+    trace = {t.stage: t for t in res.trace}
+    assert res.error is None and sorted(trace) == sorted(["words", "initials", "tagged", "letters", "bucket", "desc"])
+    assert trace["initials"].output == " ".join(w[0] for w in words)  # extraction only, input order kept
+    assert trace["tagged"].output == ", ".join(f"{w[0]}: {w}" for w in words)
+    letters = trace["letters"].output.split()  # the (tiny, untrained) model's letters drive the map
+    assert trace["bucket"].route == ["sd-bucket"] * len(letters)
+    assert trace["bucket"].input == [f"{trace['tagged'].output}. Write the words marked {c}, last in the alphabet first."
+                                     for c in letters]
+    lines = [line.strip() for raw in trace["bucket"].raw or [] for line in raw.strip().split("\n") if line.strip()]
+    assert trace["desc"].output == " ".join(lines)  # the buckets' answers, joined in order
 
 
 def test_stages_naming_one_adapter_train_it_once_on_all_their_records(runtime):
@@ -493,12 +517,28 @@ def test_designed_stage_records_compute_transforms_and_split_map_targets_per_ite
     # The title stage reads the join transform's output over the reference letters: the decoded phrase.
     assert [x["prompt"] for x in per["title"]] == [f"Convert to title case: {r['stages']['decode']}" for r in recs]
     sort = get_composite("sort_desc")
-    recs = sort.generate(4, "train", seed=1)
+    recs = sort.generate(16, "train", seed=1)
     spec = parse_stack(sort.trained_stack())
-    assert list(stage_records(spec, recs)) == ["sort"]
-    # The model-free last stage turns the sorted list into the answer.
-    rev = spec.stage("reverse")
-    assert all(rev.finish(rev.prompt.render(r["prompt"], {"sort": r["stages"]["sort"]})) == r["completion"] for r in recs)
+    per = stage_records(spec, recs)
+    assert list(per) == ["letters", "bucket"]
+    # The letters stage reads the words' first letters (a transform: extraction, in input
+    # order, repeats kept) beside the alphabet from z to a, and must write the ones present, in that order.
+    words = [r["prompt"].split(": ")[1].split() for r in recs]
+    za = " ".join("zyxwvutsrqponmlkjihgfedcba")
+    assert [x["prompt"] for x in per["letters"]] == \
+        [f"Go through {za} and write each letter that is in '{' '.join(w[0] for w in ws)}'" for ws in words]
+    assert [x["completion"] for x in per["letters"]] == [" ".join(sorted({w[0] for w in ws}, reverse=True)) for ws in words]
+    # One bucket record per letter: the list with each word tagged by its first letter in,
+    # the words with that letter out, last in the alphabet first.
+    assert len(per["bucket"]) == sum(len({w[0] for w in ws}) for ws in words)
+    first, top = per["bucket"][0], max(words[0])
+    tagged = ", ".join(f"{w[0]}: {w}" for w in words[0])
+    assert first["prompt"] == f"{tagged}. Write the words marked {top[0]}, last in the alphabet first."
+    assert first["completion"] == " ".join(sorted((w for w in words[0] if w[0] == top[0]), reverse=True))
+    assert any(" " in x["completion"] for x in per["bucket"])  # some buckets hold two words: a small sort
+    # The model-free last stage only joins the buckets' lines: the reference buckets give the answer.
+    desc = spec.stage("desc")
+    assert all(desc.finish(desc.prompt.render(r["prompt"], {"bucket": r["stages"]["bucket"]})) == r["completion"] for r in recs)
 
 
 def test_hostile_specs_alias_bombs_and_backtracking_regexes_are_refused(tmp_path):
