@@ -953,15 +953,12 @@ def compose_general(
     from .base import Base
     from .compose.general import train_general
     from .data import prompt_text, read_jsonl
-    from .names import validate_name
     from .train import TrainConfig
 
-    validate_name(name)
+    _library().check_new(name, force)  # before any model loads
     texts = [prompt_text(r) for r in read_jsonl(prompts, require_completion=False)] if prompts else None
     cfg = TrainConfig(rank=rank, alpha=2.0 * rank, steps=steps, seed=seed, eval_generate=0)
     cfg.validate()
-    if not force and name in _library().names():  # before any model loads
-        raise LorastackError(f"adapter {name!r} already exists in the library; use --force to replace it")
     rt = _runtime()
     base = Base.load(OPTS.base, dtype="float32")
     try:

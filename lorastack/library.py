@@ -319,8 +319,16 @@ class Library:
         return adapter
 
     @staticmethod
-    def _exists(name: str) -> LorastackError:
-        return LorastackError(f"adapter {name!r} already exists in the library; use --force to replace it")
+    def _exists(name: str, error: type[LorastackError] = LorastackError) -> LorastackError:
+        return error(f"adapter {name!r} already exists in the library; use --force to replace it")
+
+    def check_new(self, name: str, overwrite: bool = False, error: type[LorastackError] = LorastackError) -> None:
+        """Refuse a bad name, or one already in the library unless `overwrite`, before any
+        work: a typo or a forgotten --force costs seconds, not a training run or a search.
+        `add` checks again when it publishes (another process may add the name meanwhile)."""
+        validate_name(name)
+        if not overwrite and name in self.names():
+            raise self._exists(name, error)
 
     def import_dir(self, src: str | Path, name: str | None = None, *, base: "Base", overwrite: bool = False,
                    roots: tuple[Path, ...] | None = None) -> Adapter:

@@ -386,11 +386,7 @@ def train_to_library(
     Checkpoints go to `checkpoint_for(library, name)` (outside the library); a run that
     fails or is killed leaves its last one there for `resume`, a finished run removes it.
     """
-    from .names import validate_name
-
-    validate_name(name)
-    if not overwrite and name in library.names():
-        raise LorastackError(f"adapter {name!r} already exists in the library; use --force to replace it")
+    library.check_new(name, overwrite)
     # The scratch directory is locked by this process; runs that were killed (SIGKILL skips
     # every cleanup) leave theirs unlocked, and the next run sweeps them.
     scratch_root = Path(tempfile.gettempdir())

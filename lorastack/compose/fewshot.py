@@ -283,11 +283,7 @@ def fewshot(runtime: "Runtime", records: Sequence[Record], name: str, *, candida
     The name is checked before the search, so a clash costs nothing; an interrupt during
     the search or the write leaves the library unchanged (Library.add is atomic).
     """
-    from ..names import validate_name
-
-    validate_name(name)
-    if not overwrite and name in runtime.library.names():
-        raise ComposeError(f"adapter {name!r} already exists in the library; use --force to replace it")
+    runtime.library.check_new(name, overwrite, ComposeError)
     if candidates is not None and name in candidates:
         raise ComposeError(f"the new adapter cannot replace its own candidate {name!r}")
     result = fewshot_search(runtime, records, candidates=candidates, top=top, search=search, budget=budget, l1=l1,

@@ -70,12 +70,9 @@ def train_general(base: "Base", runtime: "Runtime", name: str, config: "TrainCon
 
     `base` is the float32 copy training needs; `runtime` (same base, any dtype) answers the prompts.
     """
-    from ..names import validate_name
     from ..train import train_to_library
 
-    validate_name(name)
-    if not overwrite and name in runtime.library.names():  # before minutes of generation
-        raise LorastackError(f"adapter {name!r} already exists in the library; use --force to replace it")
+    runtime.library.check_new(name, overwrite)  # before minutes of generation
     records, dropped = self_distilled_records(runtime, prompts, n, max_tokens)
     if log is not None:
         log(f"distilled {len(records)} answers of the base ({dropped} dropped: still running at {max_tokens} tokens)")

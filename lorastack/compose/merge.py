@@ -245,11 +245,7 @@ def add_composed(library: "Library", pairs: LoraPairs, name: str, parents: Seque
                  description: str, *, overwrite: bool = False, examples: list[str] | None = None) -> Adapter:
     """Write `pairs` as a PEFT directory and add it to the library atomically (Library.add):
     an error or an interrupt before the add leaves the library as it was."""
-    from ..names import validate_name
-
-    validate_name(name)
-    if not overwrite and name in library.names():
-        raise ComposeError(f"adapter {name!r} already exists in the library; use --force to replace it")
+    library.check_new(name, overwrite, ComposeError)
     fp = next((a.card.base_fingerprint for a in parents if a.card.base_fingerprint), None)
     base_name = next((a.card.base_name for a in parents if a.card.base_name), "")
     if examples is None:
