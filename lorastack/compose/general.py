@@ -36,8 +36,7 @@ MIN_KEPT_SHARE = 0.25
 
 
 def self_distilled_records(runtime: "Runtime", prompts: list[str] | None = None, n: int = DEFAULT_PROMPTS,
-                           max_tokens: int = DEFAULT_MAX_TOKENS,
-                           progress: Callable[[int, int], None] | None = None) -> tuple[list["Record"], int]:
+                           max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[list["Record"], int]:
     """(records {prompt, completion}, answers dropped for running past max_tokens): `prompts`
     (default: `n` built-in generic requests) answered greedily by the bare base, all at once
     so the engine batches them."""
@@ -48,14 +47,12 @@ def self_distilled_records(runtime: "Runtime", prompts: list[str] | None = None,
     handles = [runtime.start("base", p, sampling) for p in prompts]
     records: list[Record] = []
     dropped = 0
-    for i, (prompt, handle) in enumerate(zip(prompts, handles), start=1):
+    for prompt, handle in zip(prompts, handles):
         g = handle.result()
         if g.finish_reason == "length" or not g.text.strip():
             dropped += 1
         else:
             records.append({"prompt": prompt, "completion": g.text})
-        if progress is not None:
-            progress(i, len(prompts))
     if len(records) < max(1, MIN_KEPT_SHARE * len(prompts)):
         raise LorastackError(f"only {len(records)} of {len(prompts)} answers ended within {max_tokens} tokens; "
                              f"raise --max-tokens")
