@@ -323,6 +323,30 @@ def adapters_edit(
         typer.echo(f"updated {a.name}: description {a.card.description!r}")
 
 
+@adapters_app.command("examples")
+def adapters_examples(
+    name: str = typer.Argument(..., help="Adapter name."),
+    add: Optional[Path] = typer.Option(None, "--add", help="JSONL of requests {prompt|messages} this adapter should answer, worded your way."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Show how many routing examples an adapter stores, or --add your own wordings (routers learn them; weights untouched)."""
+    lib = _library()
+    if add is None:
+        texts = lib.get(name).examples()
+        if as_json:
+            _print_json({"adapter": name, "examples": texts})
+        else:
+            typer.echo(f"{name}: {len(texts)} stored examples" + "".join(f"\n  {t[:100]!r}" for t in texts[:5]))
+        return
+    from .data import prompt_text, read_jsonl
+
+    added, total = lib.add_examples(name, [prompt_text(r) for r in read_jsonl(add, require_completion=False)])
+    if as_json:
+        _print_json({"adapter": name, "added": added, "stored": total})
+    else:
+        typer.echo(f"{name}: added {added} examples ({total} stored); the routers refit on next use")
+
+
 @adapters_app.command("import")
 def adapters_import(
     src: Path = typer.Argument(..., help="A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)."),

@@ -11,6 +11,7 @@ publishes it with one `rename`, so readers see the old adapter or the new one, n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -41,7 +42,7 @@ from .adapter import (
     weights_path,
 )
 from pydantic import ValidationError
-from .atomic import READ_ATTEMPTS, TMP_PREFIX, dir_identity, locked, publish_dir, staging_dir, sweep_tmp
+from .atomic import READ_ATTEMPTS, TMP_PREFIX, dir_identity, locked, publish_dir, staging_dir, sweep_tmp, write_text_atomic
 from .errors import LorastackError, NotFoundError, unknown_name_message
 from .names import validate_name
 from .paths import default_library_dir
@@ -83,6 +84,10 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+# Routing examples an adapter may hold (training stores 64) and the length of one: more
+# would slow every refit of the routers and could not fit the examples file's read cap.
+MAX_STORED_EXAMPLES = 2000
+MAX_EXAMPLE_CHARS = 4000
 SNAPSHOT_LIMITS = {WEIGHTS_FILE: 4 << 30, EXAMPLES_FILE: 16 << 20}  # other files: 1 MiB
 
 
@@ -371,6 +376,46 @@ class Library:
             with self._db() as con:
                 self._index(con, adapter)
         return adapter
+
+    def add_examples(self, name: str, texts: list[str]) -> tuple[int, int]:
+        """Add requests to the routing examples stored with adapter `name` (its weights do not
+        change); returns (added, now stored). Why: a router only knows an adapter through these
+        examples, and one trained on a wording or two can miss requests worded the user's way,
+        which a few of them, shown here, teach it without retraining. Texts already stored are
+        skipped; the file is replaced atomically and the adapter's routing signatures are
+        dropped, so every router recomputes them (and the learned gate refits) on next use."""
+        clean = []
+        for i, t in enumerate(texts, start=1):
+            t = t.strip() if isinstance(t, str) else ""
+            if not t:
+                raise LorastackError(f"example {i} is empty")
+            if len(t) > MAX_EXAMPLE_CHARS:
+                raise LorastackError(f"example {i} is {len(t)} characters; at most {MAX_EXAMPLE_CHARS}")
+            clean.append(t)
+        with self._writing():
+            adapter = self.get(name)
+            have = adapter.examples()
+            seen = set(have)
+            new = [t for t in dict.fromkeys(clean) if t not in seen]
+            if len(have) + len(new) > MAX_STORED_EXAMPLES:
+                raise LorastackError(f"{name}: {len(have)} stored examples + {len(new)} new would exceed {MAX_STORED_EXAMPLES}")
+            if new:
+                write_text_atomic(adapter.path / EXAMPLES_FILE, "".join(json.dumps({"text": t}) + "\n" for t in have + new))
+                with self._db() as con:
+                    con.execute("DELETE FROM signatures WHERE adapter = ?", (name,))
+        return len(new), len(have) + len(new)
+
+    def examples_stamp(self, names: list[str]) -> str:
+        """A cheap fingerprint of these adapters' stored examples (each file's size, mtime and
+        inode: a stat, no read), so a router fitted on them can tell when they changed."""
+        parts = []
+        for name in names:
+            try:
+                st = (self._path(name) / EXAMPLES_FILE).stat()
+                parts.append([name, st.st_size, st.st_mtime_ns, st.st_ino])
+            except OSError:
+                parts.append([name, None])
+        return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
 
     def remove(self, name: str) -> None:
         """Delete an adapter: renamed aside first, so a crash leaves it either whole or gone."""

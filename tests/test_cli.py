@@ -252,3 +252,25 @@ def test_edit_refuses_what_the_card_reader_would_refuse_and_keeps_the_card(tiny_
     assert Library(tmp_path / "lib").get("a").card.description == "old"
     r = run("--library", str(tmp_path / "lib"), "adapters", "edit", "a")
     assert r.returncode == 2 and "give --description" in r.stderr
+
+
+def test_adapters_examples_shows_and_adds_wordings(tiny_base, tmp_path):
+    from lorastack.library import Library
+    from test_library import make_peft_adapter
+
+    lib = Library(tmp_path / "lib")
+    lib.add(make_peft_adapter(tiny_base, tmp_path / "a"), "a", base=tiny_base, examples=["Reverse: a b"])
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"prompt": "say b a backwards"}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "flip: x y"}]}) + "\n")
+    common = ("--library", str(tmp_path / "lib"), "adapters", "examples", "a")
+    r = run(*common, "--add", str(mine), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"adapter": "a", "added": 2, "stored": 3}, r.stderr
+    r = run(*common)
+    assert r.returncode == 0 and "a: 3 stored examples" in r.stdout and "'flip: x y'" in r.stdout
+    mine.write_text("{not json\n")
+    r = run(*common, "--add", str(mine))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    r = run(*common, "--add", str(tmp_path / "missing.jsonl"))
+    assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
+    assert Library(tmp_path / "lib").get("a").examples() == ["Reverse: a b", "say b a backwards", "flip: x y"]

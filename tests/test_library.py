@@ -219,3 +219,27 @@ def test_signature_of_an_adapter_removed_meanwhile_is_not_found(tiny_base, tmp_p
     lib.remove("a")
     with pytest.raises(NotFoundError, match="unknown adapter 'a'"):
         lib.put_signature("a", "knn:x", b"\x00")
+
+
+def test_add_examples_appends_new_wordings_and_drops_the_signatures(tiny_base, tmp_path, monkeypatch):
+    lib = Library(tmp_path / "lib")
+    lib.add(make_peft_adapter(tiny_base, tmp_path / "a"), "a", base=tiny_base, examples=["one", "two"])
+    lib.put_signature("a", "knn:x", b"\x00")
+    weights = (lib.get("a").path / "adapter_model.safetensors").read_bytes()
+    stamp = lib.examples_stamp(["a"])
+    assert lib.add_examples("a", ["two", " three ", "three", "four"]) == (2, 4)  # stored and repeated texts are skipped
+    assert Library(tmp_path / "lib").get("a").examples() == ["one", "two", "three", "four"]
+    assert lib.signatures("knn:x") == {}  # every router recomputes this adapter's signatures
+    assert lib.examples_stamp(["a"]) != stamp and (lib.get("a").path / "adapter_model.safetensors").read_bytes() == weights
+    assert lib.add_examples("a", ["one"]) == (0, 4) and lib.examples_stamp(["a"]) == lib.examples_stamp(["a"])
+    for bad, message in ((["ok", "  "], "example 2 is empty"), (["x" * 4001], "example 1 is 4001 characters")):
+        with pytest.raises(LorastackError, match=message):
+            lib.add_examples("a", bad)
+    monkeypatch.setattr("lorastack.library.MAX_STORED_EXAMPLES", 5)
+    with pytest.raises(LorastackError, match="4 stored examples \\+ 2 new would exceed 5"):
+        lib.add_examples("a", ["five", "six"])
+    assert lib.get("a").examples() == ["one", "two", "three", "four"]  # a refused call changes nothing
+    with pytest.raises(NotFoundError, match="unknown adapter 'b'"):
+        lib.add_examples("b", ["x"])
+    with pytest.raises(LorastackError):
+        lib.add_examples("../a", ["x"])

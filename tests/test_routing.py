@@ -225,6 +225,26 @@ def test_learned_router_fits_itself_and_refits_when_the_library_changes(routed_r
     assert info["adapters"] == 4 and info["generic"] > 100 and info["train_accuracy"] > 0.9
 
 
+def test_taught_wordings_are_learned_without_retraining(routed_runtime):
+    """`adapters examples NAME --add`: requests worded a new way, added to an adapter's stored
+    examples, refit the learned gate on next use and are routed to that adapter."""
+    rt = routed_runtime
+    router = rt.router("learned")
+    wording = "~~ please handle #{i}: quokka zephyr xylophone {i} ~~"
+    probe = [wording.format(i=i) for i in range(100, 106)]
+    before = router.route(probe)
+    # Teach the wording to an adapter the gate does not already pick for it. (The tiny random
+    # model's thresholds sit near 1, so, as in the tests above, the candidate is what is checked.)
+    target = next(t for t in TASKS if sum(d.candidate == t for d in before) == 0)
+    fitted = router.path.stat().st_mtime_ns
+    rt.library.add_examples(target, [wording.format(i=i) for i in range(12)])
+    after = router.route(probe)
+    assert router.path.stat().st_mtime_ns != fitted  # refitted on the new examples by itself
+    assert sum(d.candidate == target for d in after) >= 5, [(target, d.candidate, d.confidence) for d in after]
+    prompts, expect = _task_inputs("test", 5, seed=2)
+    assert _top1(router.route(prompts), expect) >= 0.9  # the other requests still go where they did
+
+
 def test_example_less_adapter_is_routed_by_its_description(routed_runtime, tiny_base, tmp_path):
     """An adapter imported without examples has no kNN signature; its card's description is the
     fallback signal, with a threshold fitted on the same negatives."""

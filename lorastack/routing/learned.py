@@ -7,8 +7,8 @@ same requests re-framed, so an adapter trained on one or two phrasings is not le
 one sentence) plus one extra class, "none", made of the generic chat prompts the kNN
 router calibrates on and their wrapped views (so the gate learns to say "no expert"
 instead of always naming one). Fitting takes 1-2 s from the stored rows (0.5 s before views
-and MiniLM), so the gate refits itself whenever the library's routable adapters differ from
-the ones it was fitted on (`lorastack router fit` does the same explicitly). It keeps the
+and MiniLM), so the gate refits itself whenever the library's routable adapters (or their stored
+examples) differ from the ones it was fitted on (`lorastack router fit` does the same explicitly). It keeps the
 adapters whose probabilities make up `top_p` of the mass (at most `top_k`) as a weighted
 mixture.
 
@@ -114,6 +114,7 @@ class LearnedRouter:
         self.knn = KnnRouter(runtime, false_route=false_route)  # same embeddings, signatures and description fallback
         self.features = GateFeatures(self.knn, default_encoder(_encoder_dtype(runtime)) if sentence else None)
         self._gate: tuple[list[str], np.ndarray, np.ndarray, np.ndarray, Calibration] | None = None
+        self._stamp = ""  # the stored examples the loaded gate was fitted on (Library.examples_stamp)
         self.override: float | None = None  # a threshold fitted on the user's data (router calibrate)
 
     @property
@@ -155,7 +156,7 @@ class LearnedRouter:
                    "neg": cal.false_margins.astype(np.float32), "neg_owner": cal.false_owners.astype(np.int64),
                    "pos": cal.positive_margins.astype(np.float32)}, str(tmp),
                   metadata={"names": json.dumps(idx.names[:n]), "base": self.runtime.base.fingerprint, "n_neg": str(cal.n_neg),
-                           "features": self.features.kind})
+                           "features": self.features.kind, "examples": self.runtime.library.examples_stamp(idx.names[:n])})
         tmp.replace(self.path)
         self._gate = None
         return {"adapters": n, "examples": int(len(owners)), "views": int(len(ya)), "generic": int(len(generic.real)),
@@ -171,17 +172,19 @@ class LearnedRouter:
         from safetensors import safe_open
 
         current = self._current()
-        if self._gate is not None and self._gate[0] == current:
+        stamp = self.runtime.library.examples_stamp(current)  # examples added to an adapter refit the gate too
+        if self._gate is not None and self._gate[0] == current and self._stamp == stamp:
             return self._gate
         for attempt in range(2):
             if self.path.exists():
                 with safe_open(str(self.path), framework="numpy") as f:
                     meta = f.metadata()
                     if (meta.get("base") == self.runtime.base.fingerprint and json.loads(meta["names"]) == current
-                            and meta.get("features") == self.features.kind):
+                            and meta.get("features") == self.features.kind and meta.get("examples") == stamp):
                         cal = Calibration(f.get_tensor("neg").astype(np.float64), int(meta["n_neg"]), f.get_tensor("pos"),
                                           f.get_tensor("neg_owner") if "neg_owner" in f.keys() else None)
                         self._gate = (current, f.get_tensor("W"), f.get_tensor("b"), f.get_tensor("mean"), cal)
+                        self._stamp = stamp
                         self.override = load_override(self.runtime.library.root, self.name, self.runtime.base.fingerprint, current)
                         return self._gate
             if attempt == 0:
