@@ -176,6 +176,22 @@ def test_block_gemv_above_eight_rows_is_bit_identical_row_by_row(kernels, kind, 
     assert torch.equal(kernels.gemv_blocks(x, kind, data), rows)
 
 
+@pytest.mark.parametrize("m", [9, 27, 64])
+def test_bf16_gemv_above_eight_rows_is_bit_identical_row_by_row_and_to_the_blocks(kernels, m):
+    """Prefills of up to 64 rows take the tiled path on bf16 weights too, with the few-row
+    kernel's bits, so a GGUF base and its bf16 copy still prefill alike."""
+    torch.manual_seed(m)
+    blocks, deq = _quantize(torch.randn(48, 96) * 0.1, "Q4_1")
+    w = deq.to(torch.bfloat16).contiguous()
+    x = torch.randn(m, 96, dtype=torch.bfloat16)
+    tiled = kernels.gemv(x, w)
+    assert torch.equal(tiled, torch.cat([kernels.gemv(x[i : i + 1], w) for i in range(m)]))
+    assert torch.equal(tiled, kernels.gemv_blocks(x, "Q4_1", torch.from_numpy(blocks)))
+    assert (tiled.float() - x.float() @ w.float().t()).abs().max().item() <= _rounding(x.float() @ w.float().t())
+    with pytest.raises(ValueError, match="in % 32 == 0 and out % 16 == 0"):
+        kernels.gemv(torch.randn(m, 80, dtype=torch.bfloat16), torch.randn(48, 80, dtype=torch.bfloat16))
+
+
 def tiny_gguf_base(tiny_base, tmp_path: Path):
     """The tiny model in bf16 as a GGUF base: its weights are exactly the file's blocks dequantized."""
     from lorastack.base import Base

@@ -94,7 +94,13 @@ static inline __attribute__((always_inline)) void bf16_rows(const int OB, const 
             bf16_rows(1, M, x, W, y, in, out, o);                                              \
     } while (0)
 
+static void tiles_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int m, int in, int out, int threads);
+/* Above MAX_ROWS rows (in a multiple of 32, out of 16: native.py checks) the tiled path. */
 void lorastack_gemv_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int m, int in, int out, int threads) {
+    if (m > MAX_ROWS) {
+        tiles_bf16(x, W, y, m, in, out, threads);
+        return;
+    }
 #pragma omp parallel num_threads(threads)
     PER_ROWS(BF16_LOOP, BF16_OB1, BF16_OB2);
 }
@@ -456,6 +462,32 @@ static inline __attribute__((always_inline)) void tiles_blocks(int kind, const u
         free(P);
         free(ds);
         free(ms);
+    }
+}
+
+/* bf16 weights W [out, in] (in a multiple of 32, out of 16) packed per tile exactly as
+ * tile_decode packs decoded blocks, for the same tiled rows: a prefill of up to 64 rows on a bf16
+ * base (or on the bf16 copy of a GGUF base) then gets the few-row kernel's bits, as the GGUF
+ * blocks do, so the two paths stay bit-identical (tests/test_native.py). */
+static inline void tile_pack_bf16(const uint16_t *W, int in, int o0, uint32_t *P) {
+    for (int b = 0; b < in / 32; b++) {
+        __m512i r[16];
+        for (int j = 0; j < 16; j++) r[j] = _mm512_loadu_si512(W + (int64_t)(o0 + j) * in + b * 32);
+        transpose16(r);
+        for (int l = 0; l < 16; l++) _mm512_storeu_si512(P + ((int64_t)b * 16 + l) * 16, r[l]);
+    }
+}
+
+static void tiles_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int m, int in, int out, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        uint32_t *P = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * (size_t)(in / 2) * 16);
+#pragma omp for schedule(static)
+        for (int t = 0; t < out / 16; t++) {
+            tile_pack_bf16(W, in, t * 16, P);
+            tile_rows(P, x, y, m, in, out, t * 16);
+        }
+        free(P);
     }
 }
 

@@ -18,20 +18,23 @@ import torch.nn.functional as F
 from .cache import KVCache
 from .gguf_blocks import Blocks, fuse, matches
 from .lora import LoraBank, LoraBatch
-from .native import BLOCK_KIND_IDS, MAX_ROWS, DecodeLayer, Kernels, kernels
+from .native import BLOCK_KIND_IDS, MAX_ROWS, DecodeLayer, Kernels, kernels, tiles_fit
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
-# Up to this many decode rows, layer projections read the GGUF blocks (kernels.c's tiled path
-# above MAX_ROWS, bit-identical per row); measured against torch's bf16 GEMM at one thread on
-# the embedded base: 1.6x at 16 rows, 1.07x at 32, 0.87x at 64 (kernel alone), and in the
-# engine 1.11x at 16 mixed rows but 0.97-1.02x at 32, so 16. The LM head stays on torch above
-# MAX_ROWS (the tiled Q8_0 head measured 0.7x torch at 16 rows).
-BLOCK_TILE_ROWS = 16
+# Up to this many rows, a prefill's layer projections take kernels.c's tiled path instead of
+# torch's bf16 GEMM: from the GGUF blocks, or from bf16 weights (in % 32, out % 16) packed the same
+# way, both with the few-row kernel's bits, so a GGUF base and its bf16 copy still prefill alike.
+# It was 16 while the tiles reused each decoded weight vector for 2 rows (then 1.6x torch at 16
+# rows, 0.87x at 64). With the 8-row reuse, a one-prompt prefill on the embedded base (best of
+# 4 x 2, two threads) at 20 / 40 / 64 / 100 tokens: GGUF blocks 33.8 / 46.9 / 61.8 / 95.6 ms vs
+# torch above 8 rows 41.6 / 54.7 / 70.0 / 94.0; bf16 weights 36.3 / 50.0 / 65.5 / 94.8 vs
+# 40.9 / 53.8 / 71.5 / 96.4. So 64, where they meet. The LM head stays on torch above MAX_ROWS
+# (the tiled Q8_0 head measured 0.7x torch at 16 rows).
+BLOCK_TILE_ROWS = 64
 # Decode passes (the glue path: plain steps and speculative verify passes) take the tiled path up to
 # this many rows, through the compiled layer loop: with each packed weight vector reused for 8 rows
 # (kernels.c's tile_block) the tiles match torch's bf16 GEMM at 64 rows, and the loop removes the
 # per-layer Python calls and prefetches the rows' LoRA weights during the GEMMs (bench/engine.py).
-# Prefills keep BLOCK_TILE_ROWS, so their bits do not change.
 LOOP_TILE_ROWS = 64
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -171,7 +174,8 @@ class LlamaRunner:
             b = self.blocks[id(weight)]
             y = self.native.gemv_blocks(x.reshape(rows, -1).contiguous(), b.kind, b.data).view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
-        if rows <= self.native_rows and weight.is_contiguous() and weight.dtype == x.dtype == torch.bfloat16:
+        if weight.is_contiguous() and weight.dtype == x.dtype == torch.bfloat16 and (rows <= self.native_rows or (
+                rows <= tiles and tiles_fit(weight) and weight is not self.head and self.native is not None)):
             y = self.native.gemv(x.reshape(rows, -1).contiguous(), weight).view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
         return F.linear(x, weight, bias)

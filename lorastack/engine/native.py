@@ -132,8 +132,11 @@ class Kernels:
         self.path = path
 
     def gemv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """`x [m, in] @ weight[out, in]^T` for m <= MAX_ROWS."""
+        """`x [m, in] @ weight[out, in]^T`; above MAX_ROWS rows through the tiled path, which
+        needs `in` a multiple of 32 and `out` of 16 (`tiles_fit`)."""
         m, k = x.shape
+        if m > MAX_ROWS and not tiles_fit(weight):
+            raise ValueError(f"the tiled bf16 path needs in % 32 == 0 and out % 16 == 0, got {tuple(weight.shape)}")
         y = torch.empty(m, weight.shape[0], dtype=torch.bfloat16)
         self._gemv(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, k, weight.shape[0], torch.get_num_threads())
         return y
@@ -235,3 +238,8 @@ def kernels() -> Kernels | None:
     except OSError as e:  # unwritable cache, loader failure: never fatal, just slower
         log.warning("native kernels unavailable, using torch: %s", e)
         return None
+
+
+def tiles_fit(weight: torch.Tensor) -> bool:
+    """Whether a bf16 weight `[out, in]` can take the tiled path above MAX_ROWS rows."""
+    return weight.shape[1] % 32 == 0 and weight.shape[0] % 16 == 0
