@@ -7,10 +7,10 @@ same requests re-framed, so an adapter trained on one or two phrasings is not le
 one sentence) plus one extra class, "none", made of the generic chat prompts the kNN
 router calibrates on and their wrapped views (so the gate learns to say "no expert"
 instead of always naming one). Fitting takes 1-2 s from the stored rows (0.5 s before views
-and MiniLM), so the gate refits itself whenever the library's routable adapters (or their stored
-examples) differ from the ones it was fitted on (`lorastack router fit` does the same explicitly). It keeps the
-adapters whose probabilities make up `top_p` of the mass (at most `top_k`) as a weighted
-mixture.
+and MiniLM), so the gate refits itself whenever the library's routable adapters, or their
+stored examples (`lorastack adapters examples NAME --add`), differ from the ones it was
+fitted on (`lorastack router fit` does the same explicitly). It keeps the adapters whose
+probabilities make up `top_p` of the mass (at most `top_k`) as a weighted mixture.
 
 Abstention: route only when the best adapter is more probable than "no expert" and its
 probability reaches a threshold fitted on negatives at the router's false-route rate (a
