@@ -109,6 +109,44 @@ def test_a_row_whose_drafts_keep_missing_backs_off(tiny_base, lib_with_adapters,
     assert stats["accepted"] == 0 and 0 < stats["drafted"] <= 8, stats
 
 
+def test_a_route_whose_drafts_do_not_pay_stops_drafting_for_new_requests(tiny_base, lib_with_adapters, monkeypatch):  # noqa: F811
+    """Across requests: once a route has drafted enough tokens with too few accepted, its new
+    requests skip drafting except every SPECULATE_PROBE-th; other routes keep drafting, and the
+    outputs stay identical."""
+    from lorastack.engine import engine as engine_mod
+
+    prompts = [p for p, _, _ in _jobs(2, seed=5)[:2]]
+    jobs = {spec: (p, spec, Sampling(max_tokens=12, ignore_eos=True)) for spec, p in zip(("a", "b"), prompts)}
+    refs = {spec: _run(tiny_base, lib_with_adapters, [job], speculate=0)[0][0][0] for spec, job in jobs.items()}
+    never = next(t for t in range(tiny_base.tokenizer.vocab_size - 1, 0, -1) if all(t not in r for r in refs.values()))
+    eng = Engine(tiny_base, resolve=lib_with_adapters.get, speculate=7)
+    real = engine_mod.PromptLookup.propose
+
+    def propose(self, k):  # route a's drafts (its prompt) always miss; route b's are the real ones
+        return [never] * k if self.ctx[: len(marker)] == marker else real(self, k)
+
+    monkeypatch.setattr(engine_mod.PromptLookup, "propose", propose)
+    marker = eng.submit(prompts[0], parse_spec("a"), Sampling(max_tokens=1)).prompt_ids
+    drafted_on_a = []
+    for _ in range(2 * engine_mod.SPECULATE_PROBE + 8):
+        before = eng.stats["drafted"]
+        req = eng.submit(jobs["a"][0], parse_spec("a"), jobs["a"][2])
+        while not req.done:
+            eng.step()
+        assert req.tokens == refs["a"]
+        drafted_on_a.append(eng.stats["drafted"] - before)
+    assert drafted_on_a[0] > 0
+    learned = next(i for i, d in enumerate(drafted_on_a) if d == 0)
+    later = drafted_on_a[learned:]
+    probes = [d for d in later if d]
+    assert 1 <= len(probes) <= 1 + len(later) // engine_mod.SPECULATE_PROBE, drafted_on_a  # only the probes draft
+    before = eng.stats["drafted"]
+    req = eng.submit(jobs["b"][0], parse_spec("b"), jobs["b"][2])
+    while not req.done:
+        eng.step()
+    assert req.tokens == refs["b"] and eng.stats["drafted"] > before, drafted_on_a  # route b still drafts
+
+
 def test_failed_verify_pass_fails_its_rows_and_the_engine_goes_on(tiny_base, lib_with_adapters):  # noqa: F811
     jobs = [(p, spec, Sampling(max_tokens=12, ignore_eos=True)) for p, spec, _ in _jobs(1, seed=4)]
     expected, _ = _run(tiny_base, lib_with_adapters, jobs, speculate=0)

@@ -53,6 +53,18 @@ SPECULATE_TOKENS = 8
 SPECULATE_MISSES = 2
 SPECULATE_BACKOFF = 8
 SPECULATE_BACKOFF_MAX = 64
+# Across requests, per route (adapter or mixture): once a route's drafts have yielded fewer than
+# SPECULATE_MIN_YIELD accepted tokens per drafted one over at least SPECULATE_EVIDENCE drafted
+# tokens, its new requests do not draft, except every SPECULATE_PROBE-th, which keeps the
+# evidence fresh. Why: answers are often a handful of tokens, too short for a request's own
+# backoff to learn anything, and a route whose answers are not copies (reverse_words: 2 of 42
+# drafted tokens accepted) paid for its drafts on every request (0.84x decode speed, measured
+# with bench/engine.py --lookup-only). The history decays (halved past SPECULATE_HISTORY drafted
+# tokens), so a route whose inputs change is judged on what it does now.
+SPECULATE_MIN_YIELD = 0.15
+SPECULATE_EVIDENCE = 24
+SPECULATE_PROBE = 8
+SPECULATE_HISTORY = 256
 log = logging.getLogger("lorastack.engine")
 
 
@@ -92,6 +104,7 @@ class Request:
     _draft_len: int = 0  # this row's current draft length (adaptive; 0 = not started)
     _misses: int = 0  # consecutive drafts with no token accepted
     _draft_after: int = 0  # no drafts until the row has this many tokens (backoff after misses)
+    _spec_key: str = ""  # the route its drafts are counted under (Engine._spec_yield)
     _pieces: Pieces = field(init=False, repr=False)  # the answer's text pieces, to stream() and on_event
 
     def __post_init__(self) -> None:
@@ -184,6 +197,7 @@ class Engine:
         self.failure: BaseException | None = None  # what ended the last loop thread, if anything did
         self._grammars: Grammars | None = None  # built at the first constrained request
         self._grammars_lock = threading.Lock()
+        self._spec_yield: dict[str, tuple[int, float, int]] = {}  # route -> (drafted, accepted, requests skipped)
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "requests": 0, "batch_rows_sum": 0,
                       "failed_steps": 0, "failed_rows": 0, "restarts": 0, "drafted": 0, "accepted": 0}
 
@@ -475,6 +489,11 @@ class Engine:
                 continue
             if req._lookup is None:
                 req._lookup = PromptLookup(req.prompt_ids)
+                req._spec_key = str(req.route)
+                if not self._route_drafts(req._spec_key):
+                    req._draft_after = req.sampling.max_tokens  # this request does not draft
+                    drafts.append([])
+                    continue
             req._lookup.extend(req.tokens[req._looked :])
             req._looked = len(req.tokens)
             left = req.sampling.max_tokens - len(req.tokens) - 1  # the pass always adds one token more
@@ -483,6 +502,25 @@ class Engine:
             budget -= len(draft)
             drafts.append(draft)
         return drafts
+
+    def _route_drafts(self, key: str) -> bool:
+        """Whether a new request on route `key` drafts: yes until its route's drafts have been
+        shown not to pay (SPECULATE_MIN_YIELD), then only every SPECULATE_PROBE-th request."""
+        drafted, accepted, skipped = self._spec_yield.get(key, (0, 0, 0))
+        if drafted < SPECULATE_EVIDENCE or accepted >= SPECULATE_MIN_YIELD * drafted or skipped + 1 >= SPECULATE_PROBE:
+            self._spec_yield[key] = (drafted, accepted, 0)
+            return True
+        self._spec_yield[key] = (drafted, accepted, skipped + 1)
+        return False
+
+    def _count_drafts(self, key: str, drafted: int, accepted: int) -> None:
+        d, a, skipped = self._spec_yield.get(key, (0, 0, 0))
+        d, a = d + drafted, a + accepted
+        if d > SPECULATE_HISTORY:
+            d, a = d // 2, a / 2
+        self._spec_yield[key] = (d, a, skipped)
+        if len(self._spec_yield) > 4096:  # routes come and go; forget the oldest
+            self._spec_yield.pop(next(iter(self._spec_yield)))
 
     def _decode_speculative(self, drafts: list[list[int]]) -> None:
         """One verify pass for every running row (rows without a draft feed one token), then
@@ -518,6 +556,7 @@ class Engine:
         self.stats["accepted"] += sum(accepted.values())
         for req, draft in zip(reqs, drafts):
             if draft:
+                self._count_drafts(req._spec_key, len(draft), accepted[req])
                 full = accepted[req] == len(draft)
                 req._draft_len = min(self.speculate, req._draft_len + 2) if full else max(1, req._draft_len - 1)
                 req._misses = req._misses + 1 if accepted[req] == 0 else 0
