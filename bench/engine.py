@@ -87,7 +87,7 @@ def engine_tps_split(engine: Engine, ids: list[int], routes: list, tokens: int) 
     s = Sampling(max_tokens=tokens, ignore_eos=True)
     t0 = time.perf_counter()
     reqs = [engine.submit_ids(ids, r, s) for r in routes]
-    t1 = None
+    t1, first = None, 0  # when every request had its first token, and how many tokens there were then
     while not all(r.done for r in reqs):
         engine.step()
         if t1 is None and all(r.tokens for r in reqs):
@@ -95,7 +95,7 @@ def engine_tps_split(engine: Engine, ids: list[int], routes: list, tokens: int) 
     t2 = time.perf_counter()
     assert all(len(r.tokens) == tokens for r in reqs)
     total = len(routes) * tokens
-    decode = (total - first) / (t2 - t1) if t2 > t1 and total > first else float("nan")
+    decode = (total - first) / (t2 - t1) if t1 is not None and t2 > t1 and total > first else float("nan")
     return total / (t2 - t0), decode
 
 

@@ -43,6 +43,7 @@ from .adapter import (
 )
 from pydantic import ValidationError
 from .atomic import READ_ATTEMPTS, TMP_PREFIX, dir_identity, locked, publish_dir, staging_dir, sweep_tmp, write_text_atomic
+from .data import check_text
 from .errors import LorastackError, NotFoundError, unknown_name_message
 from .names import validate_name
 from .paths import default_library_dir
@@ -386,12 +387,12 @@ class Library:
         dropped, so every router recomputes them (and the learned gate refits) on next use."""
         clean = []
         for i, t in enumerate(texts, start=1):
-            t = t.strip() if isinstance(t, str) else ""
+            t = t.strip()
             if not t:
                 raise LorastackError(f"example {i} is empty")
             if len(t) > MAX_EXAMPLE_CHARS:
                 raise LorastackError(f"example {i} is {len(t)} characters; at most {MAX_EXAMPLE_CHARS}")
-            clean.append(t)
+            clean.append(check_text(t, f"example {i}"))  # what the routers' tokenizers could not encode
         with self._writing():
             adapter = self.get(name)
             have = adapter.examples()

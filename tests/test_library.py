@@ -232,7 +232,8 @@ def test_add_examples_appends_new_wordings_and_drops_the_signatures(tiny_base, t
     assert lib.signatures("knn:x") == {}  # every router recomputes this adapter's signatures
     assert lib.examples_stamp(["a"]) != stamp and (lib.get("a").path / "adapter_model.safetensors").read_bytes() == weights
     assert lib.add_examples("a", ["one"]) == (0, 4) and lib.examples_stamp(["a"]) == lib.examples_stamp(["a"])
-    for bad, message in ((["ok", "  "], "example 2 is empty"), (["x" * 4001], "example 1 is 4001 characters")):
+    for bad, message in ((["ok", "  "], "example 2 is empty"), (["x" * 4001], "example 1 is 4001 characters"),
+                         (["ok", "a\ud800b"], "example 2: not valid Unicode text")):
         with pytest.raises(LorastackError, match=message):
             lib.add_examples("a", bad)
     monkeypatch.setattr("lorastack.library.MAX_STORED_EXAMPLES", 5)

@@ -507,18 +507,20 @@ class Engine:
         """Whether a new request on route `key` drafts: yes until its route's drafts have been
         shown not to pay (SPECULATE_MIN_YIELD), then only every SPECULATE_PROBE-th request."""
         drafted, accepted, skipped = self._spec_yield.get(key, (0, 0, 0))
-        if drafted < SPECULATE_EVIDENCE or accepted >= SPECULATE_MIN_YIELD * drafted or skipped + 1 >= SPECULATE_PROBE:
-            self._spec_yield[key] = (drafted, accepted, 0)
-            return True
-        self._spec_yield[key] = (drafted, accepted, skipped + 1)
-        return False
+        drafts = drafted < SPECULATE_EVIDENCE or accepted >= SPECULATE_MIN_YIELD * drafted or skipped + 1 >= SPECULATE_PROBE
+        self._set_yield(key, drafted, accepted, 0 if drafts else skipped + 1)
+        return drafts
 
     def _count_drafts(self, key: str, drafted: int, accepted: int) -> None:
         d, a, skipped = self._spec_yield.get(key, (0, 0, 0))
         d, a = d + drafted, a + accepted
         if d > SPECULATE_HISTORY:
             d, a = d // 2, a / 2
-        self._spec_yield[key] = (d, a, skipped)
+        self._set_yield(key, d, a, skipped)
+
+    def _set_yield(self, key: str, drafted: int, accepted: float, skipped: int) -> None:
+        """The one writer of `_spec_yield`, so its bound holds whichever path adds a route."""
+        self._spec_yield[key] = (drafted, accepted, skipped)
         if len(self._spec_yield) > 4096:  # routes come and go; forget the oldest
             self._spec_yield.pop(next(iter(self._spec_yield)))
 
