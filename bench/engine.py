@@ -26,6 +26,8 @@ outputs must be identical, the ratio is the speed-up.
 Engine and HF rows are the best of --repeats runs (the machine is shared and noisy).
 Rows a-c are also printed decode only (the steps after every request's first token), next to
 the end-to-end figure, which also pays the N prompts' prefill.
+Prefill rows (--prefill-only runs just these): one prompt of 20-100 tokens through the tiled kernel
+vs torch's GEMM, from the GGUF blocks and from the bf16 weights.
 Also: time to first token for a 256-token prompt, peak RSS, memory bandwidth and the
 batch-1 roofline. Prints a table and ratios; writes engine.json and engine.png.
 """
@@ -49,6 +51,7 @@ import torch  # noqa: E402
 from lorastack.atomic import scratch_dir  # noqa: E402
 from lorastack.base import Base, embedded_gguf_path  # noqa: E402
 from lorastack.engine.engine import Engine  # noqa: E402
+from lorastack.engine.native import MAX_ROWS  # noqa: E402
 from lorastack.engine.sampling import Sampling  # noqa: E402
 from lorastack.library import Library  # noqa: E402
 from lorastack.route import BASE_ROUTE, parse_spec  # noqa: E402
@@ -100,6 +103,35 @@ def engine_tps_split(engine: Engine, ids: list[int], routes: list, tokens: int) 
 
 
 LOOKUP_TASKS = ("reverse_words", "json_field", "date_format")
+PREFILL_LENGTHS = (20, 40, 64, 100)
+
+
+def prefill_rows(base: Base, repeats: int) -> dict[str, dict[int, float]]:
+    """One prompt's prefill (time to first token, ms, best of 4 x `repeats`) at PREFILL_LENGTHS
+    tokens, up to 64 rows through kernels.c's tiled path (llama.py's BLOCK_TILE_ROWS) and with
+    torch's GEMM above 8 rows instead, from the GGUF blocks and from the bf16 weights."""
+    words = "harbor tiger fancy quick vast kind apple river stone cloud".split()
+    out: dict[str, dict[int, float]] = {}
+    for weights, blocks in (("blocks", True), ("bf16", False)):
+        engine = Engine(base, resolve=lambda n: None, prefix_cache=0, speculate=0, gguf_blocks=blocks)
+        tiled = engine.runner.tile_rows
+        for length in PREFILL_LENGTHS:
+            text = "Reverse the order of these words: " + " ".join((words * 20)[: max(1, length - 12)])
+            ids = base.chat_ids([{"role": "user", "content": text}])[:length]
+            for label, rows in (("tiled", tiled), ("torch", MAX_ROWS)):
+                engine.runner.tile_rows = rows
+                best = float("inf")
+                for _ in range(4 * repeats):
+                    t0 = time.perf_counter()
+                    req = engine.submit_ids(ids, BASE_ROUTE, Sampling(max_tokens=1))
+                    while not req.done:
+                        engine.step()
+                    best = min(best, (req.first_token_at - t0) * 1000)
+                out.setdefault(f"{weights} {label}", {})[len(ids)] = best
+            engine.runner.tile_rows = tiled
+    for key, row in out.items():
+        print(f"prefill {key:13}" + "".join(f"  {n} tok {ms:6.1f} ms" for n, ms in row.items()), flush=True)
+    return out
 
 
 def prompt_lookup_rows(base: Base, resolve, adapter: str, n: int, repeats: int,
@@ -185,11 +217,15 @@ def main() -> None:
                     help="a library with trained reverse_words/json_field/date_format adapters: the prompt-lookup rows "
                     "use them (real answers, real draft acceptance) instead of a random adapter")
     ap.add_argument("--lookup-only", action="store_true", help="run only the prompt-lookup rows")
+    ap.add_argument("--prefill-only", action="store_true", help="run only the prefill rows (tiled kernel vs torch's GEMM)")
     args = ap.parse_args()
     ns = sorted({1, *(int(x) for x in args.n.split(","))})  # batch 1 always runs: the summary compares it
     torch.manual_seed(0)
 
     base = Base.load("embedded", dtype=args.dtype)
+    if args.prefill_only:
+        prefill_rows(base, args.repeats)
+        return
     with scratch_dir("lorastack-bench-") as tmp:  # 2+ GB of adapters and GGUF exports, removed however the run ends
         lib = Library(tmp / "lib")
         names = make_adapters(base, lib, 1 if args.lookup_only else max(ns), tmp)
@@ -281,6 +317,7 @@ def main() -> None:
             g_note = n_note = "llama-cpp-python not installed (pip install lorastack[bench])"
 
         lookup = prompt_lookup_rows(base, lib.get, names[0], args.lookup_prompts, args.repeats, trained)
+        prefill = prefill_rows(base, args.repeats)
 
         # Time to first token for a 256-token prompt, alone on an idle engine.
         long_ids = (ids * 20)[:256]
@@ -359,7 +396,7 @@ def main() -> None:
                   "native": bool(engine.runner.native), "repeats": args.repeats,
                   "bandwidth_gbs": bw, "weight_bytes": weight_bytes, "roofline_tok_s": roofline,
                   "gguf_block_bytes": block_bytes, "roofline_blocks_tok_s": roofline_blocks, "prompt_lookup": lookup,
-                  "ttft_ms": {"base": ttft[0] * 1000, "adapter": ttft[1] * 1000}, "adapter_load_ms": [x * 1000 for x in load_s],
+                  "ttft_ms": {"base": ttft[0] * 1000, "adapter": ttft[1] * 1000}, "prefill_ms": prefill, "adapter_load_ms": [x * 1000 for x in load_s],
                   "peak_rss_mb": peak_rss_mb}
         (args.out / "engine.json").write_text(json.dumps(result, indent=2))
         import matplotlib

@@ -25,10 +25,10 @@ SUPPORTED = {"llama", "mistral", "qwen2"}
 # torch's bf16 GEMM: from the GGUF blocks, or from bf16 weights (in % 32, out % 16) packed the same
 # way, both with the few-row kernel's bits, so a GGUF base and its bf16 copy still prefill alike.
 # It was 16 while the tiles reused each decoded weight vector for 2 rows (then 1.6x torch at 16
-# rows, 0.87x at 64). With the 8-row reuse, a one-prompt prefill on the embedded base (best of
-# 4 x 2, two threads) at 20 / 40 / 64 / 100 tokens: GGUF blocks 33.8 / 46.9 / 61.8 / 95.6 ms vs
-# torch above 8 rows 41.6 / 54.7 / 70.0 / 94.0; bf16 weights 36.3 / 50.0 / 65.5 / 94.8 vs
-# 40.9 / 53.8 / 71.5 / 96.4. So 64, where they meet. The LM head stays on torch above MAX_ROWS
+# rows, 0.87x at 64). With the 8-row reuse, a one-prompt prefill on the embedded base at 20 / 40 /
+# 64 / 100 tokens (`python bench/engine.py --prefill-only --repeats 2`, two threads): GGUF blocks
+# 33.5 / 46.5 / 62.2 / 96.0 ms vs torch above 8 rows 41.1 / 53.6 / 71.2 / 97.7; bf16 weights
+# 35.7 / 49.1 / 65.3 / 95.4 vs 40.4 / 53.5 / 70.4 / 92.0. So 64, about where they meet. The LM head stays on torch above MAX_ROWS
 # (the tiled Q8_0 head measured 0.7x torch at 16 rows).
 BLOCK_TILE_ROWS = 64
 # Decode passes (the glue path: plain steps and speculative verify passes) take the tiled path up to
