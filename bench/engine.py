@@ -12,7 +12,11 @@ decode from the GGUF's Q4_1/Q8_0 blocks and without speculation unless said othe
   (n) llama.cpp with adapter (a) exported by `lorastack adapters export --gguf` (lorastack/export.py,
       written as llama.cpp's convert_lora_to_gguf.py writes one), F16 and F32 factors, the faster
   (h) HF generate on the bare base (the batch-1 reference)
-  (i) lorastack, bare base, int8 weight-only decode (--int8)
+  (i) lorastack, bare base, aten's int8 weight-only decode of <= 4 rows (Engine int8_rows=4: what
+      --int8 turns on where the compiled kernels cannot build)
+  (o) lorastack, N different adapters, int8 batches (Engine int8_batches: what --int8 turns on with the
+      compiled kernels; projections of more than 8 token rows in int8, kernels.c)
+  (p) lorastack, bare base, int8 batches
   (j) lorastack, bare base, torch kernels only (LORASTACK_NATIVE=0: what the compiled
       bf16 decode kernels of engine/native.py buy)
   (k) lorastack, bare base, compiled kernels on the dequantized bf16 weights (what decoding
@@ -28,6 +32,8 @@ Rows a-c are also printed decode only (the steps after every request's first tok
 the end-to-end figure, which also pays the N prompts' prefill.
 Prefill rows (--prefill-only runs just these): one prompt of 20-100 tokens through the tiled kernel
 vs torch's GEMM, from the GGUF blocks and from the bf16 weights.
+Int8 batches change outputs a little: the greedy tokens of rows (a) and (o) are compared at every N
+(rows whose whole output agrees, and tokens before each row's first difference).
 Also: time to first token for a 256-token prompt, peak RSS, memory bandwidth and the
 batch-1 roofline. Prints a table and ratios; writes engine.json and engine.png.
 """
@@ -100,6 +106,23 @@ def engine_tps_split(engine: Engine, ids: list[int], routes: list, tokens: int) 
     total = len(routes) * tokens
     decode = (total - first) / (t2 - t1) if t1 is not None and t2 > t1 and total > first else float("nan")
     return total / (t2 - t0), decode
+
+
+def agreement(exact: Engine, approx: Engine, base: Base, routes: list, tokens: int) -> dict[str, float]:
+    """Greedy outputs of two engines on the same requests (one different prompt per row, so that
+    the rows do not all agree or differ together): the fraction of rows whose tokens are all
+    identical, and of tokens before each row's first difference."""
+    words = "harbor tiger fancy quick vast kind amber otter lemon pilot cedar brisk".split()
+    prompts = [base.chat_ids([{"role": "user", "content": "Reverse the order of these words: "
+                               + " ".join(words[(i + j * 5) % len(words)] for j in range(6))}]) for i in range(len(routes))]
+    outs = []
+    for eng in (exact, approx):
+        reqs = [eng.submit_ids(p, r, Sampling(max_tokens=tokens, ignore_eos=True)) for p, r in zip(prompts, routes)]
+        while not all(r.done for r in reqs):
+            eng.step()
+        outs.append([r.tokens for r in reqs])
+    same = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(*outs)]
+    return {"rows": sum(s == tokens for s in same) / len(same), "tokens": sum(same) / (tokens * len(same))}
 
 
 LOOKUP_TASKS = ("reverse_words", "json_field", "date_format")
@@ -249,21 +272,23 @@ def main() -> None:
         merged = PeftModel.from_pretrained(copy.deepcopy(base.model), str(lib.get(names[0]).path)).merge_and_unload().eval()
 
         int8 = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, int8_rows=4, speculate=0)
+        i8b = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, speculate=0, int8_batches=True)
         plain = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, native=False, speculate=0)
         bf16 = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, gguf_blocks=False, speculate=0)
         before = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, gguf_blocks=False, speculate=0)
         before.runner.glue = before.runner.attention_kernel = False
         blocks_note = f"{len(engine.runner.blocks)} matrices from GGUF blocks" if engine.runner.blocks else "no GGUF blocks in use"
         native_note = "compiled kernels in use" if engine.runner.native else "compiled kernels unavailable here: torch only"
-        rows: dict[str, dict[int, float]] = {k: {} for k in "abcdefghijklmn"}
+        rows: dict[str, dict[int, float]] = {k: {} for k in "abcdefghijklmnop"}
+        agree: dict[int, dict[str, float]] = {}
 
         def best(fn, *a, **kw) -> float:
             return max(fn(*a, **kw) for _ in range(args.repeats))
 
-        decode: dict[str, dict[int, float]] = {k: {} for k in "abc"}  # decode-only tok/s of rows a-c
+        decode: dict[str, dict[int, float]] = {k: {} for k in "abcop"}  # decode-only tok/s of rows a-c, o, p
 
-        def best_split(key: str, n: int, routes: list) -> float:
-            runs = [engine_tps_split(engine, ids, routes, T) for _ in range(args.repeats)]
+        def best_split(key: str, n: int, routes: list, eng: Engine = engine) -> float:
+            runs = [engine_tps_split(eng, ids, routes, T) for _ in range(args.repeats)]
             decode[key][n] = max(r[1] for r in runs)
             return max(r[0] for r in runs)
 
@@ -271,6 +296,9 @@ def main() -> None:
             rows["a"][n] = best_split("a", n, [parse_spec(names[i]) for i in range(n)])
             rows["b"][n] = best_split("b", n, [parse_spec(names[0])] * n)
             rows["c"][n] = best_split("c", n, [BASE_ROUTE] * n)
+            rows["o"][n] = best_split("o", n, [parse_spec(names[i]) for i in range(n)], i8b)
+            rows["p"][n] = best_split("p", n, [BASE_ROUTE] * n, i8b)
+            agree[n] = agreement(engine, i8b, base, [parse_spec(names[i]) for i in range(n)], T)
             rows["d"][n] = best(hf_tps, merged, ids, n, T)
             rows["h"][n] = best(hf_tps, base.model, ids, n, T)
             rows["j"][n] = best(engine_tps, plain, ids, [BASE_ROUTE] * n, T)
@@ -341,7 +369,8 @@ def main() -> None:
             "a": "lorastack, N different adapters", "b": "lorastack, one adapter", "c": "lorastack, bare base",
             "d": "HF generate, merged adapter", "e": "PEFT mixed adapter_names", "f": "PEFT sequential set_adapter",
             "g": f"llama.cpp ({g_note})", "h": "HF generate, bare base",
-            "i": "lorastack, bare base, --int8 decode", "j": "lorastack, bare base, torch only",
+            "i": "lorastack, bare base, aten int8 decode", "o": "lorastack, N adapters, int8 batches",
+            "p": "lorastack, bare base, int8 batches", "j": "lorastack, bare base, torch only",
             "k": "lorastack, bare base, bf16 weights", "l": "lorastack, one adapter, bf16 weights",
             "m": "lorastack, bare base, as before (bf16, torch glue)", "n": f"llama.cpp + LoRA ({n_note})",
         }
@@ -351,8 +380,10 @@ def main() -> None:
         for k, label in labels.items():
             print(f"({k}) {label:32}" + "".join(f"{rows[k].get(n, float('nan')):>10.1f}" for n in ns))
         print("decode only, after every request's first token (rows a-c; the end-to-end rows above also pay the prefills):")
-        for k in "abc":
+        for k in "abcop":
             print(f"({k}) {labels[k]:32}" + "".join(f"{decode[k].get(n, float('nan')):>10.1f}" for n in ns))
+        print("int8 batches vs exact, greedy, N different adapters (a vs o): " + "  ".join(
+            f"N={n} {a['rows']:.0%} rows identical, {a['tokens']:.0%} tokens before divergence" for n, a in agree.items()))
         ratios = {}
         for n in ns:
             r = {"a/c": rows["a"][n] / rows["c"][n], "a/d": rows["a"][n] / rows["d"][n]}
@@ -374,7 +405,9 @@ def main() -> None:
                 target = {16: " (target 600)", 64: " (target 900)"}.get(n, "")
                 print(f"N={n} on {n} different adapters: {rows['a'][n]:.0f} tok/s{target}, "
                       f"{rows['a'][n] / rows['c'][n]:.2f}x bare base (target >= 0.9x); decode only "
-                      f"{decode['a'][n]:.0f} tok/s, {decode['a'][n] / decode['c'][n]:.2f}x bare base")
+                      f"{decode['a'][n]:.0f} tok/s, {decode['a'][n] / decode['c'][n]:.2f}x bare base; with int8 batches "
+                      f"{rows['o'][n]:.0f} tok/s ({rows['o'][n] / rows['a'][n]:.2f}x exact), {rows['o'][n] / rows['p'][n]:.2f}x "
+                      f"bare base with int8 batches; decode only {decode['o'][n]:.0f}")
         print(f"batch-1 decode with --int8: {rows['i'].get(1, float('nan')):.1f} tok/s -> {b1_int8:.2f}x HF generate (bf16)")
         print(f"batch-1 decode from GGUF blocks vs bf16 weights: base {rows['c'][1] / rows['k'][1]:.2f}x (c/k), "
               f"one adapter {rows['b'][1] / rows['l'][1]:.2f}x (b/l); blocks + compiled glue vs as before: "
@@ -392,7 +425,7 @@ def main() -> None:
 
         args.out.mkdir(parents=True, exist_ok=True)
         result = {"dtype": args.dtype, "tokens": T, "threads": torch.get_num_threads(), "labels": labels,
-                  "tokens_per_s": {k: v for k, v in rows.items() if v}, "decode_only_tokens_per_s": decode, "ratios": ratios, "batch1_vs_hf": b1, "batch1_int8_vs_hf": b1_int8,
+                  "tokens_per_s": {k: v for k, v in rows.items() if v}, "decode_only_tokens_per_s": decode, "ratios": ratios, "int8_agreement": agree, "batch1_vs_hf": b1, "batch1_int8_vs_hf": b1_int8,
                   "native": bool(engine.runner.native), "repeats": args.repeats,
                   "bandwidth_gbs": bw, "weight_bytes": weight_bytes, "roofline_tok_s": roofline,
                   "gguf_block_bytes": block_bytes, "roofline_blocks_tok_s": roofline_blocks, "prompt_lookup": lookup,

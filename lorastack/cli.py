@@ -70,7 +70,9 @@ def _global(
     library: Optional[Path] = typer.Option(None, "--library", help="Library directory (default: $LORASTACK_HOME/library)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 or bfloat16 (default bfloat16; training always keeps float32 weights)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
-    int8: bool = typer.Option(False, "--int8", help="int8 weight-only matmuls for decode batches of <= 4 rows (bf16 only; ~1.6x batch-1 decode)."),
+    int8: bool = typer.Option(False, "--int8", help="int8 arithmetic where it is faster (bf16 only; outputs change slightly): "
+                              "batches and prefills above 8 rows with the compiled kernels (~1.3x at 16-64 rows), "
+                              "weight-only decode of <= 4 rows without them."),
 ) -> None:
     OPTS.base, OPTS.library, OPTS.dtype, OPTS.debug, OPTS.int8 = base, library, dtype, debug, int8
 
@@ -88,10 +90,20 @@ def _library():
     return Library(OPTS.library)
 
 
+def _int8() -> dict[str, Any]:
+    """What `--int8` turns on: with the compiled kernels, int8 batches (aten's weight-only
+    int8 GEMV is slower than those kernels at 1-4 rows: README, "--int8"); without them, that GEMV."""
+    if not OPTS.int8:
+        return {}
+    from .engine.native import kernels
+
+    return {"int8_batches": True} if kernels() is not None else {"int8_rows": 4}
+
+
 def _runtime(dtype: Optional[str] = None):
     from .runtime import Runtime
 
-    rt = Runtime.open(OPTS.base, OPTS.library, dtype=dtype or OPTS.dtype, int8_rows=4 if OPTS.int8 else 0)
+    rt = Runtime.open(OPTS.base, OPTS.library, dtype=dtype or OPTS.dtype, **_int8())
     # Runtime.start runs the engine's loop thread: stop it before the interpreter tears down
     # native libraries it may still touch (a daemon thread inside C++ code at exit aborts).
     stop = getattr(rt.generator, "stop", None)
@@ -732,7 +744,7 @@ def demo(
     from .demo import run_demo
 
     run_demo([t.strip() for t in tasks.split(",") if t.strip()], n_test=n_test, out_dir=out, retrain=retrain,
-             base_source=OPTS.base, library_dir=OPTS.library, dtype=OPTS.dtype)
+             base_source=OPTS.base, library_dir=OPTS.library, dtype=OPTS.dtype, **_int8())
 
 
 @app.command()
@@ -773,7 +785,7 @@ def serve(
         sock.close()
         raise LorastackError(f"cannot listen on {host}:{port}: {e.strerror} (pick another --port or --host)") from None
     base = Base.load(OPTS.base, dtype=OPTS.dtype)
-    rt = Runtime(base, _library(), max_batch=max_batch, max_resident=max_resident, int8_rows=4 if OPTS.int8 else 0)
+    rt = Runtime(base, _library(), max_batch=max_batch, max_resident=max_resident, **_int8())
     web = create_app(rt, settings)
     url = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
     auth, key_note = "", ""

@@ -36,6 +36,7 @@ class Runtime:
     max_batch: int = 32
     max_resident: int = 16
     int8_rows: int = 0  # see Engine: int8 weight-only decode for batches of at most this many rows
+    int8_batches: bool = False  # see Engine: int8 arithmetic for batches and prefills above 8 rows
     generator: Engine | Generator = field(init=False)
     _checked: set[str] = field(default_factory=set, init=False, repr=False)
     _routers: dict = field(default_factory=dict, init=False, repr=False)
@@ -48,7 +49,8 @@ class Runtime:
         # The engine serves every Llama-family base; anything else takes the PEFT reference path.
         if supports(self.base.model):
             self.generator = Engine(self.base, resolve=self._adapter, max_batch=self.max_batch,
-                                    max_resident=self.max_resident, int8_rows=self.int8_rows)
+                                    max_resident=self.max_resident, int8_rows=self.int8_rows,
+                                    int8_batches=self.int8_batches)
         else:
             self.generator = Generator(self.base, resolve=self._adapter_path, max_resident=self.max_resident)
 
@@ -58,8 +60,9 @@ class Runtime:
 
     @classmethod
     def open(cls, base: str = EMBEDDED, library: str | Path | None = None, dtype: str | None = None,
-             int8_rows: int = 0) -> "Runtime":
-        return cls(Base.load(base, dtype=dtype), Library(Path(library) if library else None), int8_rows=int8_rows)
+             int8_rows: int = 0, int8_batches: bool = False) -> "Runtime":
+        return cls(Base.load(base, dtype=dtype), Library(Path(library) if library else None), int8_rows=int8_rows,
+                   int8_batches=int8_batches)
 
     def _adapter_path(self, name: str) -> str:
         return str(self._adapter(name).path)

@@ -274,3 +274,18 @@ def test_adapters_examples_shows_and_adds_wordings(tiny_base, tmp_path):
     r = run(*common, "--add", str(tmp_path / "missing.jsonl"))
     assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
     assert Library(tmp_path / "lib").get("a").examples() == ["Reverse: a b", "say b a backwards", "flip: x y"]
+
+
+def test_int8_option_picks_the_int8_path_that_is_faster_here(monkeypatch):
+    """`--int8`: int8 batches where the compiled kernels run (aten's weight-only GEMV is slower
+    than them at 1-4 rows), that GEMV where they do not; nothing without the flag."""
+    from lorastack import cli
+    from lorastack.engine import native
+
+    monkeypatch.setattr(cli.OPTS, "int8", False)
+    assert cli._int8() == {}
+    monkeypatch.setattr(cli.OPTS, "int8", True)
+    monkeypatch.setattr(native, "kernels", lambda: object())
+    assert cli._int8() == {"int8_batches": True}
+    monkeypatch.setattr(native, "kernels", lambda: None)
+    assert cli._int8() == {"int8_rows": 4}

@@ -219,19 +219,23 @@ def test_engine_decodes_from_gguf_blocks_with_identical_logits(tiny_base, lib_wi
     assert runs[True][1] == runs[False][1]
 
 
-@pytest.mark.parametrize("blocks,speculate,rows", [(True, 0, 4), (False, 0, 4), (True, 7, 4), (True, 0, 12), (True, 0, 20)])
+@pytest.mark.parametrize("blocks,speculate,rows,int8", [(True, 0, 4, False), (False, 0, 4, False), (True, 7, 4, False),
+                                                        (True, 0, 12, False), (True, 0, 20, False), (False, 0, 12, True),
+                                                        (True, 7, 20, True)])
 def test_compiled_layer_loop_gives_the_python_glue_loops_logits_bit_for_bit(tiny_base, lib_with_adapters, tmp_path,
-                                                                            blocks, speculate, rows):  # noqa: F811
+                                                                            blocks, speculate, rows, int8):  # noqa: F811
     """The whole decode step in one compiled call (LlamaRunner._layer_table) runs the same
     kernels in the same order as the per-layer Python loop: identical logits at every step, for
     a mixed batch with a base row, adapters and a mixture, from GGUF blocks or bf16 weights,
-    with and without speculative verify passes."""
+    with and without speculative verify passes, with and without int8 batches (which also let
+    a bf16 base's batches above 8 rows into the loop)."""
     base = tiny_gguf_base(tiny_base, tmp_path)
     specs = (["base", "a", "b", "a:0.5+b:0.5"] * 5)[:rows]  # 12, 20 rows: the blocks' tiled path, still in the loop
     prompts = [[{"role": "user", "content": f"Repeat: w{i} v{i} w{i} v{i} w{i}"}] for i in range(len(specs))]
     runs, tables = {}, {}
     for loop in (True, False):
-        eng = Engine(base, resolve=lib_with_adapters.get, gguf_blocks=blocks, speculate=speculate)
+        eng = Engine(base, resolve=lib_with_adapters.get, gguf_blocks=blocks, speculate=speculate, int8_batches=int8)
+        assert bool(eng.runner.i8) == int8
         if not loop:
             eng.runner.layer_loop = False
         runs[loop] = record(eng, [(p, s, Sampling(max_tokens=8)) for p, s in zip(prompts, specs)])
@@ -240,6 +244,57 @@ def test_compiled_layer_loop_gives_the_python_glue_loops_logits_bit_for_bit(tiny
     assert len(runs[True][0]) == len(runs[False][0])
     assert all(torch.equal(a, b) for a, b in zip(runs[True][0], runs[False][0]))
     assert runs[True][1] == runs[False][1]
+
+
+def _int8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What kernels.c's int8 batch path computes, in torch: weights symmetric int8 per output
+    channel, rows per 64-value block, integer products, fp32 sums."""
+    wf, xf = w.float(), x.float()
+    sw = wf.abs().amax(1) / 127
+    wq = torch.round(wf * torch.where(sw > 0, 1 / sw, 0)[:, None]).clamp(-127, 127)
+    blocks = xf.view(x.shape[0], -1, 64)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    xq = torch.round(blocks * torch.where(amax > 0, 127 / amax, 0)).view_as(xf)
+    da = (amax / 127).squeeze(-1)  # [m, blocks]
+    isum = torch.einsum("mbk,nbk->mnb", xq.view(*blocks.shape).double(), wq.view(w.shape[0], -1, 64).double())
+    return ((isum * da[:, None, :].double()).sum(-1) * sw[None, :].double()).float()
+
+
+@pytest.mark.parametrize("m,k,n", [(9, 64, 16), (16, 576, 960), (37, 1536, 576), (64, 128, 48)])
+def test_int8_gemm_computes_the_int8_math_and_stays_near_fp32(kernels, m, k, n):
+    """The int8 batch path (kernels.c, "int8 batches") is exactly its quantized math up to
+    bf16 output rounding, and that math stays within a few percent of fp32: not the bf16
+    kernel (its error is larger than bf16 rounding), not something else."""
+    torch.manual_seed(m)
+    x, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+    x[0, 5] = 40.0  # an outlier only spoils its own 64-value block's scale
+    assert native.i8_fits(w) and not native.i8_fits(w[:, :48].contiguous()) and not native.i8_fits(w[:15])
+    y = kernels.gemm_i8(x, *kernels.i8_pack(w)).float()
+    ref, fp32 = _int8_reference(x, w), x.float() @ w.float().t()
+    assert (y - ref).abs().max().item() <= _rounding(ref) + 1e-4 * ref.abs().max().item()
+    scale = fp32.abs().max().item()
+    assert 0 < (y - fp32).abs().max().item() <= 0.03 * scale
+    assert (y - fp32).abs().max().item() > _rounding(fp32)
+
+
+def test_int8_batches_leave_small_passes_exact_and_stay_close_above(tiny_base, lib_with_adapters, tmp_path):  # noqa: F811
+    """With int8 batches on, a projection of up to 8 token rows is computed exactly as without
+    (bit for bit); above, in int8. End to end, a 12-row batch's logits move, but by little next
+    to their spread."""
+    base = tiny_gguf_base(tiny_base, tmp_path)
+    plain = Engine(base, resolve=lib_with_adapters.get, speculate=0)
+    int8 = Engine(base, resolve=lib_with_adapters.get, speculate=0, int8_batches=True)
+    w, w8 = plain.runner.fused[0]["gate_up_proj"][0], int8.runner.fused[0]["gate_up_proj"][0]
+    assert torch.equal(w, w8) and id(w8) in int8.runner.i8 and not plain.runner.i8
+    torch.manual_seed(0)
+    x = torch.randn(12, w.shape[1], dtype=torch.bfloat16)
+    assert torch.equal(plain.runner._matmul(x[:8], w, None), int8.runner._matmul(x[:8], w8, None))
+    assert not torch.equal(plain.runner._matmul(x, w, None), int8.runner._matmul(x, w8, None))
+    specs = ["base", "a", "b", "a:0.5+b:0.5"] * 3
+    jobs = [([{"role": "user", "content": f"w{i} v{i}"}], s, Sampling(max_tokens=2, ignore_eos=True)) for i, s in enumerate(specs)]
+    first = [record(eng, jobs)[0][0] for eng in (plain, int8)]
+    gap = (first[0] - first[1]).abs().max().item()
+    assert 0 < gap <= 0.1 * first[0].std().item()
 
 
 def test_blocks_that_do_not_match_the_weights_are_not_used(tiny_base, tmp_path):

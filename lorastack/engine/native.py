@@ -32,7 +32,8 @@ from ..paths import cache_dir
 log = logging.getLogger("lorastack.native")
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_ROWS = 8  # must match kernels.c
-_NEEDED = ("avx512f", "avx512bw", "avx512_bf16", "f16c")
+_NEEDED = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "f16c")
+I8_BLOCK = 64  # kernels.c's activation block for the int8 batch path
 # -ffp-contract=off: the GGUF block kernels must round d*q and +m separately, as gguf-py does.
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 BLOCK_KINDS = ("Q4_1", "Q8_0")  # GGUF block types kernels.c reads directly
@@ -83,7 +84,8 @@ class DecodeProj(ctypes.Structure):
     """One projection for `lorastack_decode_layers` (kernels.c's DecodeProj)."""
 
     _fields_ = [("w", ctypes.c_void_p), ("kind", ctypes.c_int32), ("in_", ctypes.c_int32), ("out", ctypes.c_int32),
-                ("P", ctypes.c_int32), ("A", ctypes.c_void_p), ("B", ctypes.c_void_p), ("outs", ctypes.c_void_p)]
+                ("P", ctypes.c_int32), ("A", ctypes.c_void_p), ("B", ctypes.c_void_p), ("outs", ctypes.c_void_p),
+                ("i8", ctypes.c_void_p), ("i8_scale", ctypes.c_void_p)]
 
 
 class DecodeLayer(ctypes.Structure):
@@ -123,6 +125,12 @@ class Kernels:
         self._layers.argtypes = [p, i, p, p, p, i, i, p, p, p, p, p, p, i, i, i, ctypes.c_int64, ctypes.c_int64,
                                  ctypes.c_float, i, ctypes.c_float, i, p, p, i, i]
         self._layers.restype = None
+        self._i8_pack = lib.lorastack_i8_pack
+        self._i8_pack.argtypes = [p, i, i, p, p, i]
+        self._i8_pack.restype = None
+        self._gemm_i8 = lib.lorastack_gemm_i8
+        self._gemm_i8.argtypes = [p, p, p, p, i, i, i, i]
+        self._gemm_i8.restype = None
         self._gemv_blocks = {}
         for kind in BLOCK_KINDS:
             fn = getattr(lib, f"lorastack_gemv_{kind.lower()}")
@@ -148,6 +156,23 @@ class Kernels:
         m, k = x.shape
         y = torch.empty(m, blocks.shape[0], dtype=torch.bfloat16)
         self._gemv_blocks[kind](x.data_ptr(), blocks.data_ptr(), y.data_ptr(), m, k, blocks.shape[0], torch.get_num_threads())
+        return y
+
+    def i8_pack(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A bf16 weight `[out, in]` (`i8_fits`) as the int8 batch path's packed u8 tiles and
+        per-output fp32 scales (kernels.c, "int8 batches")."""
+        out, k = weight.shape
+        packed = torch.empty(out * k, dtype=torch.uint8)
+        scale = torch.empty(out, dtype=torch.float32)
+        self._i8_pack(weight.data_ptr(), out, k, packed.data_ptr(), scale.data_ptr(), torch.get_num_threads())
+        return packed, scale
+
+    def gemm_i8(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """`x [m, in] @ W^T` in int8 arithmetic from `i8_pack`'s output (approximate: the rows
+        are quantized per 64-value block)."""
+        m, k = x.shape
+        y = torch.empty(m, scale.shape[0], dtype=torch.bfloat16)
+        self._gemm_i8(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), y.data_ptr(), m, k, scale.shape[0], torch.get_num_threads())
         return y
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
@@ -238,6 +263,11 @@ def kernels() -> Kernels | None:
     except OSError as e:  # unwritable cache, loader failure: never fatal, just slower
         log.warning("native kernels unavailable, using torch: %s", e)
         return None
+
+
+def i8_fits(weight: torch.Tensor) -> bool:
+    """Whether a bf16 weight `[out, in]` can take the int8 batch path."""
+    return weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.shape[1] % I8_BLOCK == 0 and weight.shape[0] % 16 == 0
 
 
 def tiles_fit(weight: torch.Tensor) -> bool:
