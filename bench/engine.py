@@ -14,7 +14,7 @@ decode from the GGUF's Q4_1/Q8_0 blocks and without speculation unless said othe
   (h) HF generate on the bare base (the batch-1 reference)
   (i) lorastack, bare base, aten's int8 weight-only decode of <= 4 rows (Engine int8_rows=4: what
       --int8 turns on where the compiled kernels cannot build)
-  (o) lorastack, N different adapters, int8 batches (Engine int8_batches: what --int8 turns on with the
+  (o) lorastack, N different adapters, int8 batches (Engine int8_layers: what --int8 turns on with the
       compiled kernels; projections of more than 8 token rows in int8, kernels.c)
   (p) lorastack, bare base, int8 batches
   (j) lorastack, bare base, torch kernels only (LORASTACK_NATIVE=0: what the compiled
@@ -272,7 +272,7 @@ def main() -> None:
         merged = PeftModel.from_pretrained(copy.deepcopy(base.model), str(lib.get(names[0]).path)).merge_and_unload().eval()
 
         int8 = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, int8_rows=4, speculate=0)
-        i8b = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, speculate=0, int8_batches=True)
+        i8b = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, speculate=0, int8_layers=True)
         plain = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, native=False, speculate=0)
         bf16 = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, gguf_blocks=False, speculate=0)
         before = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, gguf_blocks=False, speculate=0)

@@ -514,16 +514,19 @@ static void tiles_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int m,
 GEMV_BLOCKS(lorastack_gemv_q4_1, BLOCK_Q4_1, 4, 4)
 GEMV_BLOCKS(lorastack_gemv_q8_0, BLOCK_Q8_0, 1, 1)
 
-/* ---------------------------------------------------------------- int8 batches (opt-in)
+/* ---------------------------------------------------------------- int8 layers (opt-in)
  * Above MAX_ROWS rows the bf16 tiles are bound by compute, not bytes: `vdpbf16ps` does 32
  * multiply-adds an instruction and the tiled kernel runs it at about the rate a loop of
- * independent ones reaches on this CPU. `vpdpbusd` does 64 (u8 x s8 into int32). So for
- * batches the engine can multiply in int8 instead: weights requantized once per output
- * channel (symmetric, stored +128 as u8), activations quantized per row and 64-value block
- * (s8 and an fp32 scale), every block's int32 sum scaled into an fp32 accumulator. Measured
- * on the embedded base's layer shapes (two threads): 1.9x the bf16 tiles at 16 rows, 1.7x at
- * 64, quantizing the rows included. Not bit-identical to anything: outputs then depend on
- * whether a row ran in a batch above MAX_ROWS, which is why it is opt-in (Engine int8_batches).
+ * independent ones reaches on this CPU. `vpdpbusd` does 64 (u8 x s8 into int32). So the engine
+ * can multiply in int8 instead: weights requantized once per output channel (symmetric, stored
+ * +128 as u8: 1 byte a weight), activations quantized per row and 64-value block (s8 and an
+ * fp32 scale), every block's int32 sum scaled into an fp32 accumulator. Measured on the
+ * embedded base's 30 layers (two threads, rows' quantization included): 1.3x the Q4_1 block
+ * kernel at 1 row (fewer instructions a weight than decoding a block, though more bytes),
+ * 1.8x at 8-16 rows, 1.7-1.9x the bf16 tiles at 16-64 rows. Each row is computed alone and in
+ * the same order whatever the batch, so this path is batch-invariant too (speculative verify
+ * passes stay exact); it is not bit-identical to the bf16 path, which is why it is opt-in
+ * (Engine int8_layers).
  * Packed weights P: per tile of 16 outputs, [in / 4][16 outputs][4 consecutive inputs], the
  * operand order of vpdpbusd, so one 64-byte load feeds 16 outputs' 4 products. */
 #define I8_BLOCK 64
@@ -805,7 +808,7 @@ typedef struct {
     const uint16_t *A;    /* LoRA bank, see lorastack_lora_bf16 */
     const int64_t *B;
     const int32_t *outs;
-    const uint8_t *i8;    /* lorastack_i8_pack's weights, or NULL: used above MAX_ROWS rows */
+    const uint8_t *i8;    /* lorastack_i8_pack's weights, or NULL (int8 layers off) */
     const float *i8_scale;
 } DecodeProj;
 
@@ -832,7 +835,7 @@ static void decode_proj(const DecodeProj *p, const uint16_t *x, uint16_t *y, int
     /* Beyond a few MB (64 rows on 64 adapters: 2-9 MB a projection) the lines would be evicted
      * before the LoRA kernel reads them: measured 2% slower at 64 rows, 3-4% faster at 4 and 16. */
     Prefetch pf = {at <= PREFETCH_MAX_BYTES ? nr : 0, ptr, end};
-    if (p->i8 && n > MAX_ROWS) i8_gemm_pf(x, p->i8, p->i8_scale, y, n, p->in, p->out, threads, &pf);
+    if (p->i8) i8_gemm_pf(x, p->i8, p->i8_scale, y, n, p->in, p->out, threads, &pf);
     else if (p->kind == BLOCK_Q4_1) lorastack_gemv_q4_1_pf(x, (const uint8_t *)p->w, y, n, p->in, p->out, threads, &pf);
     else if (p->kind == BLOCK_Q8_0) lorastack_gemv_q8_0_pf(x, (const uint8_t *)p->w, y, n, p->in, p->out, threads, &pf);
     else lorastack_gemv_bf16(x, (const uint16_t *)p->w, y, n, p->in, p->out, threads);

@@ -58,12 +58,12 @@ FUSED = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")), ("self_attn"
 
 class LlamaRunner:
     def __init__(self, model: torch.nn.Module, bank: LoraBank | None = None, int8_rows: int = 0, native: bool = True,
-                 blocks: dict[str, Blocks] | None = None, int8_batches: bool = False) -> None:
+                 blocks: dict[str, Blocks] | None = None, int8_layers: bool = False) -> None:
         """`blocks` (a GGUF base's quantized matrices by parameter name, engine/gguf_blocks.py)
         lets decode GEMVs read those instead of the bf16 weights, with the same output.
-        `int8_batches`: layer projections of more than MAX_ROWS rows (decode batches, verify
-        passes, prefills) multiply in int8 (kernels.c, "int8 batches"), ~1.7-1.9x faster GEMMs,
-        no longer bit-identical to the bf16 path; needs the compiled kernels."""
+        `int8_layers`: every layer projection multiplies in int8 (kernels.c, "int8 layers"):
+        1.3x the GGUF block kernel at 1 row, ~1.8x the block and bf16 kernels at 8-64 rows,
+        still batch-invariant, no longer bit-identical to the bf16 path; needs the compiled kernels."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self.model = model
@@ -130,10 +130,10 @@ class LlamaRunner:
         self.layer_loop: bool | None = None if self.glue else False
         self._table: tuple | None = None
         self._tiles_all = True  # every projection on GGUF blocks (the loop can then take up to loop_rows rows)
-        # Packed int8 copies (kernels.c's layout) of the layer weights for the int8 batch path;
+        # Packed int8 copies (kernels.c's layout) of the layer weights for int8 layers;
         # the LM head stays as it is (its logits feed sampling and logprobs directly).
         self.i8: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        if int8_batches and self.native is not None:
+        if int8_layers and self.native is not None:
             for mods in self.fused:
                 for weight, *_ in mods.values():
                     if i8_fits(weight):
@@ -180,7 +180,7 @@ class LlamaRunner:
             w8, scales = self.q8[id(weight)]
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), w8, scales).view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
-        if rows > self.native_rows and id(weight) in self.i8 and x.dtype == torch.bfloat16:
+        if id(weight) in self.i8 and x.dtype == torch.bfloat16:
             y = self.native.gemm_i8(x.reshape(rows, -1).contiguous(), *self.i8[id(weight)]).view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
         if x.dtype == torch.bfloat16 and id(weight) in self.blocks and (
@@ -415,7 +415,7 @@ class LlamaRunner:
     def _layer_table(self, h: torch.Tensor, lora: LoraBatch) -> "ctypes.Array[DecodeLayer] | None":
         """The layers as kernels.c's `lorastack_decode_layers` reads them, when this pass can run
         there: at most MAX_ROWS tokens (up to `loop_rows` when every projection reads GGUF
-        blocks, through their tiled path, or has an int8 batch copy), every projection on a compiled kernel without bias, no
+        blocks, through their tiled path, or has an int8 copy), every projection on a compiled kernel without bias, no
         int8 path, and the batch's LoRA (if any) on the native kernel. Rebuilt when the LoRA
         bank is reallocated (a larger rank); None means the per-layer Python loop."""
         if h.shape[0] <= self.int8_rows or self.layer_loop is False:

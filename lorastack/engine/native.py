@@ -33,7 +33,7 @@ log = logging.getLogger("lorastack.native")
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_ROWS = 8  # must match kernels.c
 _NEEDED = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "f16c")
-I8_BLOCK = 64  # kernels.c's activation block for the int8 batch path
+I8_BLOCK = 64  # kernels.c's activation block for int8 layers
 # -ffp-contract=off: the GGUF block kernels must round d*q and +m separately, as gguf-py does.
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 BLOCK_KINDS = ("Q4_1", "Q8_0")  # GGUF block types kernels.c reads directly
@@ -159,8 +159,8 @@ class Kernels:
         return y
 
     def i8_pack(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A bf16 weight `[out, in]` (`i8_fits`) as the int8 batch path's packed u8 tiles and
-        per-output fp32 scales (kernels.c, "int8 batches")."""
+        """A bf16 weight `[out, in]` (`i8_fits`) as int8 layers' packed u8 tiles and
+        per-output fp32 scales (kernels.c, "int8 layers")."""
         out, k = weight.shape
         packed = torch.empty(out * k, dtype=torch.uint8)
         scale = torch.empty(out, dtype=torch.float32)
@@ -266,7 +266,7 @@ def kernels() -> Kernels | None:
 
 
 def i8_fits(weight: torch.Tensor) -> bool:
-    """Whether a bf16 weight `[out, in]` can take the int8 batch path."""
+    """Whether a bf16 weight `[out, in]` can take the int8 layers' path."""
     return weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.shape[1] % I8_BLOCK == 0 and weight.shape[0] % 16 == 0
 
 
