@@ -14,9 +14,9 @@ decode from the GGUF's Q4_1/Q8_0 blocks and without speculation unless said othe
   (h) HF generate on the bare base (the batch-1 reference)
   (i) lorastack, bare base, aten's int8 weight-only decode of <= 4 rows (Engine int8_rows=4: what
       --int8 turns on where the compiled kernels cannot build)
-  (o) lorastack, N different adapters, int8 batches (Engine int8_layers: what --int8 turns on with the
-      compiled kernels; projections of more than 8 token rows in int8, kernels.c)
-  (p) lorastack, bare base, int8 batches
+  (o) lorastack, N different adapters, int8 matmuls (Engine int8_matmuls: what --int8 turns on with the
+      compiled kernels; every layer projection in int8, kernels.c)
+  (p) lorastack, bare base, int8 matmuls
   (j) lorastack, bare base, torch kernels only (LORASTACK_NATIVE=0: what the compiled
       bf16 decode kernels of engine/native.py buy)
   (k) lorastack, bare base, compiled kernels on the dequantized bf16 weights (what decoding
@@ -32,7 +32,7 @@ Rows a-c are also printed decode only (the steps after every request's first tok
 the end-to-end figure, which also pays the N prompts' prefill.
 Prefill rows (--prefill-only runs just these): one prompt of 20-100 tokens through the tiled kernel
 vs torch's GEMM, from the GGUF blocks and from the bf16 weights.
-Int8 batches change outputs a little: the greedy tokens of rows (a) and (o) are compared at every N
+Int8 layers change outputs a little: the greedy tokens of rows (a) and (o) are compared at every N
 (rows whose whole output agrees, and tokens before each row's first difference).
 Also: time to first token for a 256-token prompt, peak RSS, memory bandwidth and the
 batch-1 roofline. Prints a table and ratios; writes engine.json and engine.png.
@@ -126,6 +126,30 @@ def agreement(exact: Engine, approx: Engine, base: Base, routes: list, tokens: i
 
 
 LOOKUP_TASKS = ("reverse_words", "json_field", "date_format")
+
+
+def task_agreement(base: Base, trained: Library, n: int = 64) -> dict[str, dict[str, float]]:
+    """Exact vs int8 matmuls on trained adapters' own test prompts (greedy, to EOS, at most 64
+    tokens, all prompts of a task in one batch): identical answers and exact-match accuracy of each."""
+    from lorastack.tasks import get_task
+
+    out = {}
+    engines = {k: Engine(base, resolve=trained.get, max_batch=n, prefix_cache=0, speculate=0, int8_matmuls=k == "int8")
+               for k in ("exact", "int8")}
+    for task in LOOKUP_TASKS:
+        if task not in trained.names():
+            continue
+        t = get_task(task)
+        records = t.generate(n, "test", seed=0)
+        answers = {}
+        for kind, eng in engines.items():
+            reqs = [eng.submit(r["prompt"], parse_spec(task), Sampling(max_tokens=64)) for r in records]
+            while not all(r.done for r in reqs):
+                eng.step()
+            answers[kind] = [base.tokenizer.decode(r.tokens, skip_special_tokens=True) for r in reqs]
+        out[task] = {"identical": sum(a == b for a, b in zip(answers["exact"], answers["int8"])) / n,
+                     **{f"accuracy_{k}": sum(t.score(a, r) for a, r in zip(v, records)) / n for k, v in answers.items()}}
+    return out
 PREFILL_LENGTHS = (20, 40, 64, 100)
 
 
@@ -272,7 +296,7 @@ def main() -> None:
         merged = PeftModel.from_pretrained(copy.deepcopy(base.model), str(lib.get(names[0]).path)).merge_and_unload().eval()
 
         int8 = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, int8_rows=4, speculate=0)
-        i8b = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, speculate=0, int8_layers=True)
+        i8b = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, speculate=0, int8_matmuls=True)
         plain = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, native=False, speculate=0)
         bf16 = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, gguf_blocks=False, speculate=0)
         before = Engine(base, resolve=lib.get, max_batch=max(ns), max_resident=max(ns), prefix_cache=0, gguf_blocks=False, speculate=0)
@@ -345,6 +369,7 @@ def main() -> None:
             g_note = n_note = "llama-cpp-python not installed (pip install lorastack[bench])"
 
         lookup = prompt_lookup_rows(base, lib.get, names[0], args.lookup_prompts, args.repeats, trained)
+        task_agree = task_agreement(base, trained) if trained is not None else {}
         prefill = prefill_rows(base, args.repeats)
 
         # Time to first token for a 256-token prompt, alone on an idle engine.
@@ -369,8 +394,8 @@ def main() -> None:
             "a": "lorastack, N different adapters", "b": "lorastack, one adapter", "c": "lorastack, bare base",
             "d": "HF generate, merged adapter", "e": "PEFT mixed adapter_names", "f": "PEFT sequential set_adapter",
             "g": f"llama.cpp ({g_note})", "h": "HF generate, bare base",
-            "i": "lorastack, bare base, aten int8 decode", "o": "lorastack, N adapters, int8 batches",
-            "p": "lorastack, bare base, int8 batches", "j": "lorastack, bare base, torch only",
+            "i": "lorastack, bare base, aten int8 decode", "o": "lorastack, N adapters, int8 matmuls",
+            "p": "lorastack, bare base, int8 matmuls", "j": "lorastack, bare base, torch only",
             "k": "lorastack, bare base, bf16 weights", "l": "lorastack, one adapter, bf16 weights",
             "m": "lorastack, bare base, as before (bf16, torch glue)", "n": f"llama.cpp + LoRA ({n_note})",
         }
@@ -382,7 +407,7 @@ def main() -> None:
         print("decode only, after every request's first token (rows a-c; the end-to-end rows above also pay the prefills):")
         for k in "abcop":
             print(f"({k}) {labels[k]:32}" + "".join(f"{decode[k].get(n, float('nan')):>10.1f}" for n in ns))
-        print("int8 batches vs exact, greedy, N different adapters (a vs o): " + "  ".join(
+        print("int8 matmuls vs exact, greedy, N different adapters (a vs o): " + "  ".join(
             f"N={n} {a['rows']:.0%} rows identical, {a['tokens']:.0%} tokens before divergence" for n, a in agree.items()))
         ratios = {}
         for n in ns:
@@ -399,15 +424,16 @@ def main() -> None:
                   f"{rows['c'][1] / rows['g'][1]:.2f}x, one adapter at {rows['b'][1] / rows['g'][1]:.2f}x of it")
         if 1 in rows["n"]:
             print(f"batch-1 with one LoRA: llama.cpp {rows['n'][1]:.1f} tok/s; lorastack {rows['b'][1]:.1f} -> "
-                  f"{rows['b'][1] / rows['n'][1]:.2f}x (target >= 1.2x)")
+                  f"{rows['b'][1] / rows['n'][1]:.2f}x (target >= 1.2x); with int8 matmuls {rows['o'][1]:.1f} -> "
+                  f"{rows['o'][1] / rows['n'][1]:.2f}x")
         for n in ns:
             if n >= 16:
                 target = {16: " (target 600)", 64: " (target 900)"}.get(n, "")
                 print(f"N={n} on {n} different adapters: {rows['a'][n]:.0f} tok/s{target}, "
                       f"{rows['a'][n] / rows['c'][n]:.2f}x bare base (target >= 0.9x); decode only "
-                      f"{decode['a'][n]:.0f} tok/s, {decode['a'][n] / decode['c'][n]:.2f}x bare base; with int8 batches "
+                      f"{decode['a'][n]:.0f} tok/s, {decode['a'][n] / decode['c'][n]:.2f}x bare base; with int8 matmuls "
                       f"{rows['o'][n]:.0f} tok/s ({rows['o'][n] / rows['a'][n]:.2f}x exact), {rows['o'][n] / rows['p'][n]:.2f}x "
-                      f"bare base with int8 batches; decode only {decode['o'][n]:.0f}")
+                      f"bare base with int8 matmuls; decode only {decode['o'][n]:.0f}")
         print(f"batch-1 decode with --int8: {rows['i'].get(1, float('nan')):.1f} tok/s -> {b1_int8:.2f}x HF generate (bf16)")
         print(f"batch-1 decode from GGUF blocks vs bf16 weights: base {rows['c'][1] / rows['k'][1]:.2f}x (c/k), "
               f"one adapter {rows['b'][1] / rows['l'][1]:.2f}x (b/l); blocks + compiled glue vs as before: "
@@ -415,6 +441,9 @@ def main() -> None:
         print(f"memory bandwidth {bw:.1f} GB/s; bf16 weights {weight_bytes / 1e6:.0f} MB/token -> batch-1 roofline {roofline:.0f} tok/s "
               f"(bf16 row k reaches {rows['k'][1] / roofline:.0%}); GGUF blocks {block_bytes / 1e6:.0f} MB/token -> roofline "
               f"{roofline_blocks:.0f} tok/s (row c reaches {rows['c'][1] / roofline_blocks:.0%})")
+        for task, r in task_agree.items():
+            print(f"int8 matmuls vs exact on {task}'s trained adapter, 64 test prompts in one batch: {r['identical']:.0%} answers "
+                  f"identical; exact match {r['accuracy_exact']:.1%} exact, {r['accuracy_int8']:.1%} int8")
         print("prompt lookup, batch 1, one adapter (tok/s without -> with drafts; end to end, then decode only):")
         for task, r in lookup.items():
             print(f"  {task:14} {r['plain']:7.1f} -> {r['lookup']:7.1f}  {r['speedup']:.2f}x;  decode {r['decode_plain']:7.1f} -> "
@@ -425,7 +454,7 @@ def main() -> None:
 
         args.out.mkdir(parents=True, exist_ok=True)
         result = {"dtype": args.dtype, "tokens": T, "threads": torch.get_num_threads(), "labels": labels,
-                  "tokens_per_s": {k: v for k, v in rows.items() if v}, "decode_only_tokens_per_s": decode, "ratios": ratios, "int8_agreement": agree, "batch1_vs_hf": b1, "batch1_int8_vs_hf": b1_int8,
+                  "tokens_per_s": {k: v for k, v in rows.items() if v}, "decode_only_tokens_per_s": decode, "ratios": ratios, "int8_agreement": agree, "int8_task_agreement": task_agree, "batch1_vs_hf": b1, "batch1_int8_vs_hf": b1_int8,
                   "native": bool(engine.runner.native), "repeats": args.repeats,
                   "bandwidth_gbs": bw, "weight_bytes": weight_bytes, "roofline_tok_s": roofline,
                   "gguf_block_bytes": block_bytes, "roofline_blocks_tok_s": roofline_blocks, "prompt_lookup": lookup,

@@ -91,13 +91,13 @@ def _library():
 
 
 def _int8() -> dict[str, Any]:
-    """What `--int8` turns on: with the compiled kernels, int8 layers (aten's weight-only
+    """What `--int8` turns on: with the compiled kernels, int8 matmuls (aten's weight-only
     int8 GEMV is slower than those kernels at 1-4 rows: README, "--int8"); without them, that GEMV."""
     if not OPTS.int8:
         return {}
     from .engine.native import kernels
 
-    return {"int8_layers": True} if kernels() is not None else {"int8_rows": 4}
+    return {"int8_matmuls": True} if kernels() is not None else {"int8_rows": 4}
 
 
 def _runtime(dtype: Optional[str] = None):

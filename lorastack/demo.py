@@ -47,13 +47,13 @@ def run_demo(
     library_dir: Path | None = None,
     dtype: str | None = None,
     int8_rows: int = 0,
-    int8_layers: bool = False,
+    int8_matmuls: bool = False,
 ) -> dict:
     console = Console(stderr=True)
     t_start = time.perf_counter()
     task_objs = [get_task(t) for t in tasks]
     library = Library(library_dir)
-    runtime = Runtime(Base.load(base_source, dtype=dtype), library, int8_rows=int8_rows, int8_layers=int8_layers)
+    runtime = Runtime(Base.load(base_source, dtype=dtype), library, int8_rows=int8_rows, int8_matmuls=int8_matmuls)
     console.print(f"base: {runtime.base.name} [{runtime.base.fingerprint}] loaded in {runtime.base.load_seconds:.1f}s")
 
     todo = [t for t in task_objs if _needs_training(library, t.name, t.name, runtime.base.fingerprint, retrain)]
@@ -102,7 +102,7 @@ def run_demo(
         "models": [label for label, _ in routes],
         "matrix": matrix,
         "n_test": n_test,
-        "int8": {"rows": int8_rows, "layers": int8_layers},
+        "int8": {"rows": int8_rows, "layers": int8_matmuls},
         "trained": [t.name for t in todo],
         "seconds": round(time.perf_counter() - t_start, 1),
         "eval_seconds": round(eval_seconds, 1),

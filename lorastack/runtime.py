@@ -36,7 +36,7 @@ class Runtime:
     max_batch: int = 32
     max_resident: int = 16
     int8_rows: int = 0  # see Engine: int8 weight-only decode for batches of at most this many rows
-    int8_layers: bool = False  # see Engine: every layer projection in int8 (compiled kernels)
+    int8_matmuls: bool = False  # see Engine: every layer projection in int8 (compiled kernels)
     generator: Engine | Generator = field(init=False)
     _checked: set[str] = field(default_factory=set, init=False, repr=False)
     _routers: dict = field(default_factory=dict, init=False, repr=False)
@@ -50,7 +50,7 @@ class Runtime:
         if supports(self.base.model):
             self.generator = Engine(self.base, resolve=self._adapter, max_batch=self.max_batch,
                                     max_resident=self.max_resident, int8_rows=self.int8_rows,
-                                    int8_layers=self.int8_layers)
+                                    int8_matmuls=self.int8_matmuls)
         else:
             self.generator = Generator(self.base, resolve=self._adapter_path, max_resident=self.max_resident)
 
@@ -60,9 +60,9 @@ class Runtime:
 
     @classmethod
     def open(cls, base: str = EMBEDDED, library: str | Path | None = None, dtype: str | None = None,
-             int8_rows: int = 0, int8_layers: bool = False) -> "Runtime":
+             int8_rows: int = 0, int8_matmuls: bool = False) -> "Runtime":
         return cls(Base.load(base, dtype=dtype), Library(Path(library) if library else None), int8_rows=int8_rows,
-                   int8_layers=int8_layers)
+                   int8_matmuls=int8_matmuls)
 
     def _adapter_path(self, name: str) -> str:
         return str(self._adapter(name).path)

@@ -277,7 +277,7 @@ def test_adapters_examples_shows_and_adds_wordings(tiny_base, tmp_path):
 
 
 def test_int8_option_picks_the_int8_path_that_is_faster_here(monkeypatch):
-    """`--int8`: int8 layers where the compiled kernels run (aten's weight-only GEMV is slower
+    """`--int8`: int8 matmuls where the compiled kernels run (aten's weight-only GEMV is slower
     than them at 1-4 rows), that GEMV where they do not; nothing without the flag."""
     from lorastack import cli
     from lorastack.engine import native
@@ -286,6 +286,6 @@ def test_int8_option_picks_the_int8_path_that_is_faster_here(monkeypatch):
     assert cli._int8() == {}
     monkeypatch.setattr(cli.OPTS, "int8", True)
     monkeypatch.setattr(native, "kernels", lambda: object())
-    assert cli._int8() == {"int8_layers": True}
+    assert cli._int8() == {"int8_matmuls": True}
     monkeypatch.setattr(native, "kernels", lambda: None)
     assert cli._int8() == {"int8_rows": 4}

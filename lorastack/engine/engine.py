@@ -147,7 +147,7 @@ class Engine:
         native: bool = True,
         speculate: int = SPECULATE,
         gguf_blocks: bool = True,
-        int8_layers: bool = False,
+        int8_matmuls: bool = False,
     ) -> None:
         """`int8_rows` > 0 decodes batches of at most that many rows with int8 weight-only
         matmuls (bf16 bases only): ~1.8x faster batch-1 decode than torch's bf16 path (bench/engine.py
@@ -157,7 +157,7 @@ class Engine:
         decode step (engine/speculative.py; outputs unchanged, fewer forward passes).
         `gguf_blocks` decodes a GGUF base from its Q4_1/Q8_0 blocks with the compiled kernels
         (engine/gguf_blocks.py; same output as its bf16 weights, fewer bytes a token).
-        `int8_layers` multiplies every layer projection in int8 with the compiled kernels
+        `int8_matmuls` multiplies every layer projection in int8 with the compiled kernels
         (LlamaRunner): faster at every batch size, outputs slightly different from the exact path."""
         if not supports(base.model):
             raise LorastackError(f"the engine supports Llama-family bases, not {getattr(base.model.config, 'model_type', '?')}")
@@ -177,7 +177,7 @@ class Engine:
                 blocks = read_blocks(base.gguf, cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
             except Exception as e:  # noqa: BLE001 - an unreadable file only costs speed
                 log.warning("cannot read GGUF blocks of %s, decoding from bf16: %s", base.gguf, e)
-        self.runner = LlamaRunner(base.model, int8_rows=int8_rows, native=native, blocks=blocks, int8_layers=int8_layers)
+        self.runner = LlamaRunner(base.model, int8_rows=int8_rows, native=native, blocks=blocks, int8_matmuls=int8_matmuls)
         self.bank = LoraBank(self.runner.groups, base.dtype, self.resolve, max_resident=max_resident, native=self.runner.native)
         self.runner.bank = self.bank
         self.cache = self.runner.new_cache()

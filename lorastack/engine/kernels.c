@@ -37,6 +37,17 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, like tor
     return (uint16_t)(u >> 16);
 }
 
+/* f32_to_bf16 on 16 lanes, bit for bit (NaNs quieted the same way, denormals kept: unlike
+ * vcvtneps2bf16, which flushes denormal inputs to zero). */
+static inline __m256i f32x16_to_bf16(__m512 f) {
+    __m512i u = _mm512_castps_si512(f);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
+}
+
 /* 32 bf16 of `p`, zero past `left` elements. */
 static inline __m512bh load32(const uint16_t *p, int left) {
     if (left >= 32) return (__m512bh)_mm512_loadu_si512(p);
@@ -514,7 +525,7 @@ static void tiles_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int m,
 GEMV_BLOCKS(lorastack_gemv_q4_1, BLOCK_Q4_1, 4, 4)
 GEMV_BLOCKS(lorastack_gemv_q8_0, BLOCK_Q8_0, 1, 1)
 
-/* ---------------------------------------------------------------- int8 layers (opt-in)
+/* ---------------------------------------------------------------- int8 matmuls (opt-in)
  * Above MAX_ROWS rows the bf16 tiles are bound by compute, not bytes: `vdpbf16ps` does 32
  * multiply-adds an instruction and the tiled kernel runs it at about the rate a loop of
  * independent ones reaches on this CPU. `vpdpbusd` does 64 (u8 x s8 into int32). So the engine
@@ -526,23 +537,25 @@ GEMV_BLOCKS(lorastack_gemv_q8_0, BLOCK_Q8_0, 1, 1)
  * 1.8x at 8-16 rows, 1.7-1.9x the bf16 tiles at 16-64 rows. Each row is computed alone and in
  * the same order whatever the batch, so this path is batch-invariant too (speculative verify
  * passes stay exact); it is not bit-identical to the bf16 path, which is why it is opt-in
- * (Engine int8_layers).
+ * (Engine int8_matmuls).
  * Packed weights P: per tile of 16 outputs, [in / 4][16 outputs][4 consecutive inputs], the
  * operand order of vpdpbusd, so one 64-byte load feeds 16 outputs' 4 products. */
 #define I8_BLOCK 64
 
-/* W bf16 [out, in] (in % I8_BLOCK == 0, out % 16 == 0) -> P and per-output scales. */
+/* W bf16 [out, in] (in % I8_BLOCK == 0) -> P and per-output scales, both padded to a whole
+ * tile of 16 outputs (zero weights, scale 0: any vocabulary size works for the LM head). */
 void lorastack_i8_pack(const uint16_t *W, int out, int in, uint8_t *P, float *scale, int threads) {
+    int padded = (out + 15) / 16 * 16;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int o = 0; o < out; o++) {
+    for (int o = 0; o < padded; o++) {
         const uint16_t *w = W + (int64_t)o * in;
         float amax = 0;
-        for (int k = 0; k < in; k++) amax = fmaxf(amax, fabsf(bf16_to_f32(w[k])));
+        for (int k = 0; o < out && k < in; k++) amax = fmaxf(amax, fabsf(bf16_to_f32(w[k])));
         float s = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
         scale[o] = s;
         uint8_t *tile = P + (int64_t)(o / 16) * in * 16 + (o % 16) * 4;
         for (int k = 0; k < in; k++) {
-            int q = (int)lrintf(bf16_to_f32(w[k]) * inv);
+            int q = o < out ? (int)lrintf(bf16_to_f32(w[k]) * inv) : 0;
             q = q > 127 ? 127 : q < -127 ? -127 : q;
             tile[(int64_t)(k / 4) * 64 + k % 4] = (uint8_t)(q + 128);
         }
@@ -551,8 +564,9 @@ void lorastack_i8_pack(const uint16_t *W, int out, int in, uint8_t *P, float *sc
 
 /* Rows x [m, in] -> aq (s8, same shape), da [m, in / I8_BLOCK] block scales, and per row
  * corr = 128 * sum_b da_b * sum(aq in b): what the +128 on the weights added to every output. */
-static void i8_quant(const uint16_t *x, int m, int in, int8_t *aq, float *da, float *corr) {
+static void i8_quant(const uint16_t *x, int m, int in, int8_t *aq, float *da, float *corr, int threads) {
     int nb = in / I8_BLOCK;
+#pragma omp parallel for num_threads(threads) schedule(static) if (m >= 16)
     for (int r = 0; r < m; r++) {
         float c = 0;
         for (int b = 0; b < nb; b++) {
@@ -601,7 +615,9 @@ static inline __attribute__((always_inline)) void i8_tile(const int RB, const ui
     __m512 s = _mm512_loadu_ps(scale + o0);
     for (int r = 0; r < RB; r++) {
         __m512 v = _mm512_mul_ps(s, _mm512_sub_ps(acc[r], _mm512_set1_ps(corr[r0 + r])));
-        _mm256_storeu_si256((__m256i *)(y + (int64_t)(r0 + r) * out + o0), (__m256i)_mm512_cvtneps_pbh(v));
+        __m256i b = (__m256i)_mm512_cvtneps_pbh(v);
+        if (o0 + 16 <= out) _mm256_storeu_si256((__m256i *)(y + (int64_t)(r0 + r) * out + o0), b);
+        else _mm256_mask_storeu_epi16(y + (int64_t)(r0 + r) * out + o0, (__mmask16)((1u << (out - o0)) - 1), b);
     }
 }
 
@@ -621,16 +637,17 @@ static void i8_rows(const uint8_t *P, const int8_t *aq, const float *da, const f
     }
 }
 
-/* y[m, out] = x[m, in] @ W^T from lorastack_i8_pack's P and scale; any m. */
+/* y[m, out] = x[m, in] @ W^T from lorastack_i8_pack's P and scale; any m, any out. */
 static void i8_gemm_pf(const uint16_t *x, const uint8_t *P, const float *scale, uint16_t *y, int m, int in, int out,
                        int threads, const Prefetch *pf) {
     int8_t *aq = (int8_t *)malloc((size_t)m * in);
     float *da = (float *)malloc(sizeof(float) * (size_t)m * (in / I8_BLOCK)), *corr = (float *)malloc(sizeof(float) * m);
-    i8_quant(x, m, in, aq, da, corr);
+    i8_quant(x, m, in, aq, da, corr, threads);
+    int tiles = (out + 15) / 16;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int t = 0; t < out / 16; t++) {
+    for (int t = 0; t < tiles; t++) {
         i8_rows(P + (int64_t)t * in * 16, aq, da, corr, scale, y, m, in, out, t * 16);
-        prefetch_share(pf, t, out / 16);
+        prefetch_share(pf, t, tiles);
     }
     free(aq);
     free(da);
@@ -749,16 +766,18 @@ void lorastack_rmsnorm_bf16(uint16_t *x, const uint16_t *delta, const uint16_t *
 
 /* y[i, j] = bf16(bf16(silu(g[i, j])) * u[i, j]) where gu[i] = [g | u], each of width `d`. */
 void lorastack_silu_mul_bf16(const uint16_t *gu, uint16_t *y, int n, int d) {
+    /* Rows in parallel from 8 rows (at 64 rows this was 6% of a decode step, one thread). */
+#pragma omp parallel for schedule(static) if (n >= 8)
     for (int i = 0; i < n; i++) {
         const uint16_t *g = gu + (int64_t)i * 2 * d, *u = g + d;
         uint16_t *yi = y + (int64_t)i * d;
         for (int c = 0; c < d; c += 16) {
             int left = d - c;
+            __mmask16 m = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
             __m512 gv = load16_bf16(g + c, left);
             __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-            float tmp[16];
-            _mm512_storeu_ps(tmp, s);
-            for (int j = 0; j < 16 && j < left; j++) yi[c + j] = f32_to_bf16(bf16_to_f32(f32_to_bf16(tmp[j])) * bf16_to_f32(u[c + j]));
+            __m512 sr = bf16x16_to_f32(f32x16_to_bf16(s)); /* silu rounded to bf16 first, as torch's bf16 silu */
+            _mm256_mask_storeu_epi16(yi + c, m, f32x16_to_bf16(_mm512_mul_ps(sr, load16_bf16(u + c, left))));
         }
     }
 }
@@ -808,7 +827,7 @@ typedef struct {
     const uint16_t *A;    /* LoRA bank, see lorastack_lora_bf16 */
     const int64_t *B;
     const int32_t *outs;
-    const uint8_t *i8;    /* lorastack_i8_pack's weights, or NULL (int8 layers off) */
+    const uint8_t *i8;    /* lorastack_i8_pack's weights, or NULL (int8 matmuls off) */
     const float *i8_scale;
 } DecodeProj;
 

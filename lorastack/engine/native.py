@@ -33,7 +33,7 @@ log = logging.getLogger("lorastack.native")
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_ROWS = 8  # must match kernels.c
 _NEEDED = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "f16c")
-I8_BLOCK = 64  # kernels.c's activation block for int8 layers
+I8_BLOCK = 64  # kernels.c's activation block for int8 matmuls
 # -ffp-contract=off: the GGUF block kernels must round d*q and +m separately, as gguf-py does.
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 BLOCK_KINDS = ("Q4_1", "Q8_0")  # GGUF block types kernels.c reads directly
@@ -158,21 +158,22 @@ class Kernels:
         self._gemv_blocks[kind](x.data_ptr(), blocks.data_ptr(), y.data_ptr(), m, k, blocks.shape[0], torch.get_num_threads())
         return y
 
-    def i8_pack(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A bf16 weight `[out, in]` (`i8_fits`) as int8 layers' packed u8 tiles and
-        per-output fp32 scales (kernels.c, "int8 layers")."""
+    def i8_pack(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A bf16 weight `[out, in]` (`i8_fits`) as int8 matmuls' packed u8 tiles and per-output
+        fp32 scales, both padded to a multiple of 16 outputs (kernels.c, "int8 matmuls"), and `out`."""
         out, k = weight.shape
-        packed = torch.empty(out * k, dtype=torch.uint8)
-        scale = torch.empty(out, dtype=torch.float32)
+        padded = (out + 15) // 16 * 16
+        packed = torch.empty(padded * k, dtype=torch.uint8)
+        scale = torch.empty(padded, dtype=torch.float32)
         self._i8_pack(weight.data_ptr(), out, k, packed.data_ptr(), scale.data_ptr(), torch.get_num_threads())
-        return packed, scale
+        return packed, scale, out
 
-    def gemm_i8(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def gemm_i8(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out: int) -> torch.Tensor:
         """`x [m, in] @ W^T` in int8 arithmetic from `i8_pack`'s output (approximate: the rows
         are quantized per 64-value block)."""
         m, k = x.shape
-        y = torch.empty(m, scale.shape[0], dtype=torch.bfloat16)
-        self._gemm_i8(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), y.data_ptr(), m, k, scale.shape[0], torch.get_num_threads())
+        y = torch.empty(m, out, dtype=torch.bfloat16)
+        self._gemm_i8(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), y.data_ptr(), m, k, out, torch.get_num_threads())
         return y
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
@@ -266,8 +267,8 @@ def kernels() -> Kernels | None:
 
 
 def i8_fits(weight: torch.Tensor) -> bool:
-    """Whether a bf16 weight `[out, in]` can take the int8 layers' path."""
-    return weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.shape[1] % I8_BLOCK == 0 and weight.shape[0] % 16 == 0
+    """Whether a bf16 weight `[out, in]` can take the int8 matmuls' path."""
+    return weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.shape[1] % I8_BLOCK == 0
 
 
 def tiles_fit(weight: torch.Tensor) -> bool:
