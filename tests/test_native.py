@@ -82,9 +82,24 @@ def test_lora_kernel_matches_reference(kernels):
     for i, entries in enumerate(rows):
         for j, (s, w) in enumerate(entries):
             slots[i, j], weights[i, j] = s, w
+    y_orig = y.clone()
     kernels.lora(x, y, a, bs, rank, slots, weights)
     assert (y.float() - ref).abs().max().item() <= _rounding(ref)
     assert torch.equal(y[1].float(), ref[1])  # the base row is left exactly as it was
+
+    # int8 banks (int8 matmuls): a scale per rank row of A and of each B. The delta stays within
+    # a few percent of its size (more than rounding: it is not the bf16 path), the base row untouched.
+    def q8(w):
+        sc = w.float().abs().amax(-1) / 127
+        return torch.round(w.float() / sc[..., None]).clamp(-127, 127).to(torch.int8), sc
+
+    (a8, a_s), b8 = q8(a), [q8(b) for b in bs]
+    y8 = y_orig.clone()
+    kernels.lora_raw(x, y8, kernels.group_args_i8(a8, a_s, [b for b, _ in b8], [sc for _, sc in b8]), rank,
+                     kernels.rows_args(slots, weights))
+    assert torch.equal(y8[1], y_orig[1])
+    err, delta = (y8.float() - ref).abs().max().item(), (ref - y_orig.float()).abs().max().item()
+    assert _rounding(ref) < err <= 0.03 * delta
 
 
 def test_engine_bf16_native_matches_torch_path(tiny_base, lib_with_adapters):  # noqa: F811
@@ -290,6 +305,7 @@ def test_int8_matmuls_are_batch_invariant_close_to_exact_and_keep_speculation_ex
     jobs = [([{"role": "user", "content": f"w{i} v{i} w{i}"}], s, Sampling(max_tokens=6, ignore_eos=True)) for i, s in enumerate(specs)]
     alone = record(int8, jobs[:1])
     assert record(int8, jobs)[1][0] == alone[1][0]
+    assert int8.bank.int8 and int8.bank.native_args and all(len(a) > 7 for a in int8.bank.native_args.values())
     w, packed = int8.runner.fused[0]["gate_up_proj"][0], int8.runner.i8[id(int8.runner.fused[0]["gate_up_proj"][0])]
     x = torch.randn(13, w.shape[1], dtype=torch.bfloat16)
     rows = int8.runner.native.gemm_i8(x, *packed)

@@ -178,7 +178,8 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - an unreadable file only costs speed
                 log.warning("cannot read GGUF blocks of %s, decoding from bf16: %s", base.gguf, e)
         self.runner = LlamaRunner(base.model, int8_rows=int8_rows, native=native, blocks=blocks, int8_matmuls=int8_matmuls)
-        self.bank = LoraBank(self.runner.groups, base.dtype, self.resolve, max_resident=max_resident, native=self.runner.native)
+        self.bank = LoraBank(self.runner.groups, base.dtype, self.resolve, max_resident=max_resident, native=self.runner.native,
+                             int8=bool(self.runner.i8))
         self.runner.bank = self.bank
         self.cache = self.runner.new_cache()
         self.speculate = max(0, speculate)

@@ -130,8 +130,25 @@ void lorastack_gemv_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int 
  * adapter sharing B loads was bit-identical and 1.3x faster from cache, but read 16 interleaved
  * short streams and ran 1.4x slower from cold memory; made sequential again it measured
  * 0.99-1.13x this loop, so this loop stays. */
-void lorastack_lora_bf16(const uint16_t *x, uint16_t *y, const uint16_t *A, const int64_t *B, const int32_t *outs,
-                         int P, int R, int in, int n, const int64_t *slots, const float *weights, int K, int threads) {
+/* 32 int8 LoRA weights as bf16 pairs (exact: |q| <= 127 fits bf16's 8-bit significand). */
+static inline __m512bh i8x32_to_bf16(const int8_t *p, int left) {
+    __mmask32 k = left >= 32 ? 0xffffffffu : (__mmask32)((1ull << left) - 1);
+    __m256i q = _mm256_maskz_loadu_epi8(k, p);
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+    return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* The LoRA delta with bf16 banks (I8 = 0: A, B as above) or int8 ones (I8 = 1, int8 matmuls:
+ * A int8 [S, P*R, in] with a scale per rank row As [S, P*R]; each part's B int8 [S, R, out_p]
+ * with a scale per rank row, the parts' scale arrays in `Bs`): with rows on different adapters
+ * this kernel streams every row's own adapter from memory, and int8 halves those bytes. */
+static inline __attribute__((always_inline)) void lora_rows(const int I8, const uint16_t *x, uint16_t *y, const void *Av,
+                                                            const float *As, const int64_t *B, const int64_t *Bs,
+                                                            const int32_t *outs, int P, int R, int in, int n,
+                                                            const int64_t *slots, const float *weights, int K, int threads) {
+    const uint16_t *A = (const uint16_t *)Av;
+    const int8_t *A8 = (const int8_t *)Av;
     int PR = P * R;
     int total_out = 0, max_out = 0;
     int part_off[16];
@@ -152,11 +169,16 @@ void lorastack_lora_bf16(const uint16_t *x, uint16_t *y, const uint16_t *A, cons
             int64_t i = job / ((int64_t)K * PR), k = (job / PR) % K, j = job % PR;
             float w = weights[i * K + k];
             if (w == 0.0f) { t[job] = 0.0f; continue; }
-            const uint16_t *a = A + (slots[i * K + k] * PR + j) * (int64_t)in;
+            int64_t row = (slots[i * K + k] * PR + j) * (int64_t)in;
             const uint16_t *xi = x + i * (int64_t)in;
             __m512 av = _mm512_setzero_ps();
-            for (int c = 0; c < in; c += 32) av = _mm512_dpbf16_ps(av, load32(a + c, in - c), load32(xi + c, in - c));
-            t[job] = w * _mm512_reduce_add_ps(av);
+            if (I8) {
+                for (int c = 0; c < in; c += 32) av = _mm512_dpbf16_ps(av, i8x32_to_bf16(A8 + row + c, in - c), load32(xi + c, in - c));
+                t[job] = w * As[slots[i * K + k] * PR + j] * _mm512_reduce_add_ps(av);
+            } else {
+                for (int c = 0; c < in; c += 32) av = _mm512_dpbf16_ps(av, load32(A + row + c, in - c), load32(xi + c, in - c));
+                t[job] = w * _mm512_reduce_add_ps(av);
+            }
         }
 #pragma omp for schedule(static)
         for (int64_t job = 0; job < jobs2; job++) {
@@ -166,22 +188,30 @@ void lorastack_lora_bf16(const uint16_t *x, uint16_t *y, const uint16_t *A, cons
             int col = sp * per, width = outs[p] - col < per ? outs[p] - col : per;
             if (width <= 0) continue;
             for (int q = 0; q < width; q++) acc[q] = 0.0f;
-            const uint16_t *Bp = (const uint16_t *)(intptr_t)B[p];
             for (int k = 0; k < K; k++) {
                 if (weights[i * K + k] == 0.0f) continue;
                 const float *ti = t + (i * K + k) * PR + (int64_t)p * R;
-                const uint16_t *b = Bp + slots[i * K + k] * (int64_t)R * outs[p] + col;
+                int64_t b = slots[i * K + k] * (int64_t)R * outs[p] + col;
                 for (int r = 0; r < R; r++) {
-                    float tv = ti[r];
+                    float tv = I8 ? ti[r] * ((const float *)(intptr_t)Bs[p])[slots[i * K + k] * R + r] : ti[r];
                     if (tv == 0.0f) continue;
-                    const uint16_t *br = b + (int64_t)r * outs[p];
                     __m512 tvv = _mm512_set1_ps(tv);
                     int q = 0;
-                    for (; q + 16 <= width; q += 16) {
-                        __m512 bv = bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)(br + q)));
-                        _mm512_storeu_ps(acc + q, _mm512_fmadd_ps(tvv, bv, _mm512_loadu_ps(acc + q)));
+                    if (I8) {
+                        const int8_t *br = (const int8_t *)(intptr_t)B[p] + b + (int64_t)r * outs[p];
+                        for (; q + 16 <= width; q += 16) {
+                            __m512 bv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(br + q))));
+                            _mm512_storeu_ps(acc + q, _mm512_fmadd_ps(tvv, bv, _mm512_loadu_ps(acc + q)));
+                        }
+                        for (; q < width; q++) acc[q] += tv * (float)br[q];
+                    } else {
+                        const uint16_t *br = (const uint16_t *)(intptr_t)B[p] + b + (int64_t)r * outs[p];
+                        for (; q + 16 <= width; q += 16) {
+                            __m512 bv = bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)(br + q)));
+                            _mm512_storeu_ps(acc + q, _mm512_fmadd_ps(tvv, bv, _mm512_loadu_ps(acc + q)));
+                        }
+                        for (; q < width; q++) acc[q] += tv * bf16_to_f32(br[q]);
                     }
-                    for (; q < width; q++) acc[q] += tv * bf16_to_f32(br[q]);
                 }
             }
             uint16_t *yi = y + i * (int64_t)total_out + part_off[p] + col;
@@ -190,6 +220,17 @@ void lorastack_lora_bf16(const uint16_t *x, uint16_t *y, const uint16_t *A, cons
         free(acc);
     }
     free(t);
+}
+
+void lorastack_lora_bf16(const uint16_t *x, uint16_t *y, const uint16_t *A, const int64_t *B, const int32_t *outs,
+                         int P, int R, int in, int n, const int64_t *slots, const float *weights, int K, int threads) {
+    lora_rows(0, x, y, A, NULL, B, NULL, outs, P, R, in, n, slots, weights, K, threads);
+}
+
+void lorastack_lora_i8(const uint16_t *x, uint16_t *y, const int8_t *A, const float *As, const int64_t *B, const int64_t *Bs,
+                       const int32_t *outs, int P, int R, int in, int n, const int64_t *slots, const float *weights, int K,
+                       int threads) {
+    lora_rows(1, x, y, A, As, B, Bs, outs, P, R, in, n, slots, weights, K, threads);
 }
 
 /* ---------------------------------------------------------------- GGUF blocks
@@ -824,9 +865,11 @@ typedef struct {
     int32_t kind;         /* -1 bf16, BLOCK_Q4_1, BLOCK_Q8_0 */
     int32_t in, out;
     int32_t P;            /* LoRA parts (0: no LoRA bank for this projection) */
-    const uint16_t *A;    /* LoRA bank, see lorastack_lora_bf16 */
+    const uint16_t *A;    /* LoRA bank, see lorastack_lora_bf16 (int8 when As is set: lorastack_lora_i8) */
     const int64_t *B;
     const int32_t *outs;
+    const float *As;      /* int8 LoRA bank's scales, or NULL */
+    const int64_t *Bs;
     const uint8_t *i8;    /* lorastack_i8_pack's weights, or NULL (int8 matmuls off) */
     const float *i8_scale;
 } DecodeProj;
@@ -840,15 +883,15 @@ typedef struct {
 static void decode_proj(const DecodeProj *p, const uint16_t *x, uint16_t *y, int n, int rank, const int64_t *slots,
                         const float *weights, int K, int threads, const int64_t *used, int nused) {
     /* With LoRA rows: this projection's A and B of every slot in use, prefetched during the GEMM. */
-    int lora = slots && p->P, nr = lora ? nused * (1 + p->P) : 0, PR = p->P * rank;
+    int lora = slots && p->P, nr = lora ? nused * (1 + p->P) : 0, PR = p->P * rank, es = p->As ? 1 : 2;
     const char *ptr[nr > 0 ? nr : 1];
     int64_t end[nr > 0 ? nr : 1], at = 0;
     for (int u = 0, i = 0; u < (lora ? nused : 0); u++) {
-        ptr[i] = (const char *)(p->A + used[u] * PR * (int64_t)p->in);
-        end[i++] = at += (int64_t)PR * p->in * 2;
+        ptr[i] = (const char *)p->A + used[u] * PR * (int64_t)p->in * es;
+        end[i++] = at += (int64_t)PR * p->in * es;
         for (int q = 0; q < p->P; q++) {
-            ptr[i] = (const char *)((const uint16_t *)(intptr_t)p->B[q] + used[u] * (int64_t)rank * p->outs[q]);
-            end[i++] = at += (int64_t)rank * p->outs[q] * 2;
+            ptr[i] = (const char *)(intptr_t)p->B[q] + used[u] * (int64_t)rank * p->outs[q] * es;
+            end[i++] = at += (int64_t)rank * p->outs[q] * es;
         }
     }
     /* Beyond a few MB (64 rows on 64 adapters: 2-9 MB a projection) the lines would be evicted
@@ -858,7 +901,9 @@ static void decode_proj(const DecodeProj *p, const uint16_t *x, uint16_t *y, int
     else if (p->kind == BLOCK_Q4_1) lorastack_gemv_q4_1_pf(x, (const uint8_t *)p->w, y, n, p->in, p->out, threads, &pf);
     else if (p->kind == BLOCK_Q8_0) lorastack_gemv_q8_0_pf(x, (const uint8_t *)p->w, y, n, p->in, p->out, threads, &pf);
     else lorastack_gemv_bf16(x, (const uint16_t *)p->w, y, n, p->in, p->out, threads);
-    if (lora) lorastack_lora_bf16(x, y, p->A, p->B, p->outs, p->P, rank, p->in, n, slots, weights, K, threads);
+    if (lora && p->As)
+        lorastack_lora_i8(x, y, (const int8_t *)p->A, p->As, p->B, p->Bs, p->outs, p->P, rank, p->in, n, slots, weights, K, threads);
+    else if (lora) lorastack_lora_bf16(x, y, p->A, p->B, p->outs, p->P, rank, p->in, n, slots, weights, K, threads);
 }
 
 /* h [n, d]: the embedded tokens, updated in place (the residual stream); xout [n, d]: the

@@ -452,6 +452,8 @@ class LlamaRunner:
                 proj.P = args[3] if args else 0
                 if args:
                     proj.A, proj.B, proj.outs = args[0], args[1], args[2]
+                    if len(args) > 7:  # int8 banks
+                        proj.As, proj.Bs = args[7], args[8]
         self._table = (key, table)
         self._tiles_all = tiles
         return table if h.shape[0] <= self.native_rows or tiles else None

@@ -58,7 +58,11 @@ class LoraBank:
         max_resident: int = 16,
         max_cached: int = 64,
         native: "Kernels | None" = None,
+        int8: bool = False,
     ) -> None:
+        """`int8` (int8 matmuls, needs `native`): the compiled LoRA kernel reads int8 copies of
+        the banks (a scale per rank row), half the bytes that rows on different adapters stream
+        a step; the torch paths (long prefill runs) keep the bf16 banks."""
         if max_resident < 1:
             raise LorastackError("max_resident must be >= 1")
         # A group is one fused base projection (e.g. q|k|v) and the modules it is made of,
@@ -86,6 +90,9 @@ class LoraBank:
         self.load_seconds: list[float] = []
         self.native = native  # compiled decode kernels (bf16), or None
         self.native_args: dict[str, tuple] = {}  # group -> pointers for the native kernel
+        self.int8 = int8 and native is not None
+        self.A8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # group -> (int8 A, scales [slots, parts*rank])
+        self.B8: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # group -> per part (int8 B, scales [slots, rank])
 
     # ------------------------------------------------------------ adapters
     def _weights(self, name: str) -> AdapterWeights:
@@ -127,10 +134,25 @@ class LoraBank:
                     a[:, i * new_rank : i * new_rank + old] = self.A[group][:, i * old : (i + 1) * old]
                     bs[i][:, :old] = self.B[group][i]
             self.A[group], self.B[group] = a, bs
-            if self.native is not None:
+            if self.int8:
+                self.A8[group] = (torch.zeros(a.shape, dtype=torch.int8), torch.zeros(a.shape[:2]))
+                self.B8[group] = [(torch.zeros(b.shape, dtype=torch.int8), torch.zeros(b.shape[:2])) for b in bs]
+                for slot in range(n):
+                    self._quantize(group, slot)
+                self.native_args[group] = self.native.group_args_i8(self.A8[group][0], self.A8[group][1],
+                                                                    [b for b, _ in self.B8[group]], [s for _, s in self.B8[group]])
+            elif self.native is not None:
                 self.native_args[group] = self.native.group_args(a, bs)
         self.rank = new_rank
         self.version += 1
+
+    def _quantize(self, group: str, slot: int) -> None:
+        """The int8 copies of one slot's A and B for `group`: symmetric, a scale per rank row."""
+        for w, (q, scale) in [(self.A[group], self.A8[group])] + list(zip(self.B[group], self.B8[group])):
+            v = w[slot].float()
+            s = v.abs().amax(-1) / 127
+            scale[slot] = s
+            q[slot] = torch.round(v / s.clamp(min=1e-30)[:, None]).clamp(-127, 127).to(torch.int8)
 
     def _free(self, key: str) -> None:
         slot = self.slots.pop(key)
@@ -144,6 +166,8 @@ class LoraBank:
             self.A[group][slot].zero_()
             for b in self.B[group]:
                 b[slot].zero_()
+            if self.int8:
+                self._quantize(group, slot)
         self.version += 1
 
     def slots_for(self, route: Route) -> tuple[tuple[int, float], ...]:
@@ -175,6 +199,9 @@ class LoraBank:
             r = a.shape[0]
             self.A[group][slot, i * R : i * R + r] = a
             self.B[group][i][slot, :r] = b.t()
+        if self.int8:
+            for group in self.A:
+                self._quantize(group, slot)
         self.slots[name] = slot
         self.version += 1
         return slot

@@ -85,7 +85,7 @@ class DecodeProj(ctypes.Structure):
 
     _fields_ = [("w", ctypes.c_void_p), ("kind", ctypes.c_int32), ("in_", ctypes.c_int32), ("out", ctypes.c_int32),
                 ("P", ctypes.c_int32), ("A", ctypes.c_void_p), ("B", ctypes.c_void_p), ("outs", ctypes.c_void_p),
-                ("i8", ctypes.c_void_p), ("i8_scale", ctypes.c_void_p)]
+                ("As", ctypes.c_void_p), ("Bs", ctypes.c_void_p), ("i8", ctypes.c_void_p), ("i8_scale", ctypes.c_void_p)]
 
 
 class DecodeLayer(ctypes.Structure):
@@ -109,6 +109,9 @@ class Kernels:
         self._lora = lib.lorastack_lora_bf16
         self._lora.argtypes = [p, p, p, p, p, i, i, i, i, p, p, i, i]
         self._lora.restype = None
+        self._lora_i8 = lib.lorastack_lora_i8
+        self._lora_i8.argtypes = [p, p, p, p, p, p, p, i, i, i, i, p, p, i, i]
+        self._lora_i8.restype = None
         self._attention = lib.lorastack_attention_bf16
         self._attention.argtypes = [p, p, p, p, p, p, i, i, i, i, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, i, i]
         self._attention.restype = None
@@ -231,6 +234,10 @@ class Kernels:
     def lora_raw(self, x: torch.Tensor, y: torch.Tensor, group: tuple, rank: int, rows: tuple) -> None:
         """`lora` with the per-projection pointers (`group_args`) and per-batch row tables
         (`rows_args`) prepared once: this runs ~120 times a decode step."""
+        if len(group) > 7:  # int8 banks (group_args_i8)
+            self._lora_i8(x.data_ptr(), y.data_ptr(), group[0], group[7], group[1], group[8], group[2], group[3], rank,
+                          group[4], rows[0], rows[1], rows[2], rows[3], rows[4])
+            return
         self._lora(x.data_ptr(), y.data_ptr(), group[0], group[1], group[2], group[3], rank, group[4], rows[0],
                    rows[1], rows[2], rows[3], rows[4])
 
@@ -242,6 +249,15 @@ class Kernels:
         b_ptrs = (ctypes.c_int64 * len(bs))(*[b.data_ptr() for b in bs])
         outs = (ctypes.c_int32 * len(bs))(*[b.shape[-1] for b in bs])
         return (a.data_ptr(), ctypes.addressof(b_ptrs), ctypes.addressof(outs), len(bs), a.shape[-1], b_ptrs, outs)
+
+    @classmethod
+    def group_args_i8(cls, a8: torch.Tensor, a_scale: torch.Tensor, bs8: list[torch.Tensor],
+                      b_scales: list[torch.Tensor]) -> tuple:
+        """`group_args` for int8 banks (int8 matmuls): the int8 A and B, then A's scales and
+        a pointer array to each part's B scales (kernels.c lorastack_lora_i8)."""
+        base = cls.group_args(a8, bs8)
+        s_ptrs = (ctypes.c_int64 * len(b_scales))(*[s.data_ptr() for s in b_scales])
+        return (*base, a_scale.data_ptr(), ctypes.addressof(s_ptrs), s_ptrs)
 
     @staticmethod
     def rows_args(slots: torch.Tensor, weights: torch.Tensor) -> tuple:
