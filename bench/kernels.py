@@ -1,9 +1,11 @@
 """Decode matrix-vector speed: torch's bf16 GEMM vs the compiled kernel (engine/native.py)
 vs the compiled kernel reading Q4_1 GGUF blocks (the embedded base's linear layers; output
-bit-identical to the bf16 kernel on the dequantized weights) vs aten's int8 GEMV, on the
-embedded base's layer shapes with weights out of cache.
+bit-identical to the bf16 kernel on the dequantized weights) vs aten's int8 GEMV vs the
+compiled int8 matmul of `--int8` (per-channel int8 weights, rows quantized per 64 values:
+kernels.c "int8 matmuls", the rows' quantization included), on the embedded base's layer
+shapes with weights out of cache.
 
-    python bench/kernels.py [--layers 30] [--rows 1,2,4,8]
+    python bench/kernels.py [--layers 30] [--rows 1,2,4,8,16,64]
 
 30 layers of q|k|v, o, gate|up and down projections (576 hidden, 1536 MLP: SmolLM2-135M)
 are cycled so no weight stays in cache, as in a real decode step. Prints ms per pass,
@@ -45,7 +47,7 @@ def timed(fn, weights: list[list], rows: int, reps: int = 7) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=30)
-    ap.add_argument("--rows", default="1,2,4,8")
+    ap.add_argument("--rows", default="1,2,4,8,16,64")
     args = ap.parse_args()
     torch.manual_seed(0)
     weights = [[torch.randn(o, i, dtype=torch.bfloat16) * 0.02 for o, i in SHAPES] for _ in range(args.layers)]
@@ -57,18 +59,21 @@ def main() -> None:
     block_mb = sum(b.data.numel() for layer in q41 for b in layer) / 1e6
     megabytes = sum(w.numel() * 2 for layer in weights for w in layer) / 1e6
     k = kernels()
+    i8 = [[k.i8_pack(w) for w in layer] for layer in weights] if k else None
     print(f"{args.layers} layers, {megabytes:.0f} MB of bf16 weights per pass, {torch.get_num_threads()} threads; "
           f"kernel: {'compiled' if k else 'unavailable here (needs gcc and AVX512-BF16)'}")
-    print(f"{'rows':>4} {'torch bf16':>18} {'kernel bf16':>18} {'kernel Q4_1':>18} {'aten int8':>18} {'kernel/torch':>13} "
-          f"{'Q4_1/bf16 kernel':>17}")
+    print(f"{'rows':>4} {'torch bf16':>18} {'kernel bf16':>18} {'kernel Q4_1':>18} {'aten int8':>18} {'kernel int8':>18} "
+          f"{'kernel/torch':>13} {'Q4_1/bf16 kernel':>17} {'int8/Q4_1 kernel':>17}")
     for rows in [int(r) for r in args.rows.split(",")]:
         t_torch = timed(lambda x, w: F.linear(x, w), weights, rows)
         t_k = timed(lambda x, w: k.gemv(x, w), weights, rows) if k else float("nan")
         t_8 = timed(lambda x, w: torch.ops.aten._weight_int8pack_mm(x, w[0], w[1]), q8, rows)
         t_q = timed(lambda x, b: k.gemv_blocks(x, b.kind, b.data), q41, rows) if k else float("nan")
+        t_i = timed(lambda x, p: k.gemm_i8(x, *p), i8, rows) if k else float("nan")
         cell = lambda t, mb: f"{t:7.2f} ms {mb / t:5.1f} GB/s"  # noqa: E731 - MB/ms = GB/s
         print(f"{rows:>4} {cell(t_torch, megabytes):>18} {cell(t_k, megabytes):>18} {cell(t_q, block_mb):>18} "
-              f"{cell(t_8, megabytes / 2):>18} {t_torch / t_k:>12.2f}x {t_k / t_q:>16.2f}x")
+              f"{cell(t_8, megabytes / 2):>18} {cell(t_i, megabytes / 2):>18} {t_torch / t_k:>12.2f}x {t_k / t_q:>16.2f}x "
+              f"{t_q / t_i:>16.2f}x")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def _global(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 or bfloat16 (default bfloat16; training always keeps float32 weights)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     int8: bool = typer.Option(False, "--int8", help="int8 arithmetic where it is faster (bf16 only; outputs change slightly): "
-                              "every layer projection with the compiled kernels (~1.2x at batch 1, ~1.3x at 16-64 rows), "
+                              "every matmul with the compiled kernels (1.2-1.4x at batch 1, 1.4-1.7x at 4-64 rows), "
                               "weight-only decode of <= 4 rows without them."),
 ) -> None:
     OPTS.base, OPTS.library, OPTS.dtype, OPTS.debug, OPTS.int8 = base, library, dtype, debug, int8

@@ -573,9 +573,9 @@ GEMV_BLOCKS(lorastack_gemv_q8_0, BLOCK_Q8_0, 1, 1)
  * can multiply in int8 instead: weights requantized once per output channel (symmetric, stored
  * +128 as u8: 1 byte a weight), activations quantized per row and 64-value block (s8 and an
  * fp32 scale), every block's int32 sum scaled into an fp32 accumulator. Measured on the
- * embedded base's 30 layers (two threads, rows' quantization included): 1.3x the Q4_1 block
- * kernel at 1 row (fewer instructions a weight than decoding a block, though more bytes),
- * 1.8x at 8-16 rows, 1.7-1.9x the bf16 tiles at 16-64 rows. Each row is computed alone and in
+ * embedded base's 30 layers (python bench/kernels.py, two threads, rows' quantization
+ * included): 1.46x the Q4_1 block kernel at 1 row (fewer instructions a weight than decoding a
+ * block, though more bytes: it streams them at the machine's bandwidth), 1.6-2.0x at 2-64 rows. Each row is computed alone and in
  * the same order whatever the batch, so this path is batch-invariant too (speculative verify
  * passes stay exact); it is not bit-identical to the bf16 path, which is why it is opt-in
  * (Engine int8_matmuls).
