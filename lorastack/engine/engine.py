@@ -157,8 +157,9 @@ class Engine:
         decode step (engine/speculative.py; outputs unchanged, fewer forward passes).
         `gguf_blocks` decodes a GGUF base from its Q4_1/Q8_0 blocks with the compiled kernels
         (engine/gguf_blocks.py; same output as its bf16 weights, fewer bytes a token).
-        `int8_matmuls` multiplies every layer projection in int8 with the compiled kernels
-        (LlamaRunner): faster at every batch size, outputs slightly different from the exact path."""
+        `int8_matmuls` multiplies every layer projection, the LM head and the LoRA deltas in int8
+        with the compiled kernels (LlamaRunner, LoraBank): faster at every batch size, outputs
+        slightly different from the exact path (README, "--int8")."""
         if not supports(base.model):
             raise LorastackError(f"the engine supports Llama-family bases, not {getattr(base.model.config, 'model_type', '?')}")
         self.base = base

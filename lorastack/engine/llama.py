@@ -62,8 +62,8 @@ class LlamaRunner:
         """`blocks` (a GGUF base's quantized matrices by parameter name, engine/gguf_blocks.py)
         lets decode GEMVs read those instead of the bf16 weights, with the same output.
         `int8_matmuls`: every layer projection and the LM head multiply in int8 (kernels.c, "int8
-        matmuls"): 1.3x the GGUF block kernel at 1 row, ~1.8x the block and bf16 kernels at 8-64
-        rows, still batch-invariant, no longer bit-identical to the bf16 path; needs the kernels."""
+        matmuls"): 1.46x the GGUF block kernel at 1 row, 1.6-2.0x at 2-64 rows (bench/kernels.py),
+        still batch-invariant, no longer bit-identical to the bf16 path; needs the kernels."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self.model = model
