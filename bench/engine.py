@@ -141,15 +141,13 @@ def task_agreement(base: Base, trained: Library, n: int = 64) -> dict[str, dict[
             continue
         t = get_task(task)
         records = t.generate(n, "test", seed=0)
-        answers = {}
-        for kind, eng in engines.items():
-            reqs = [eng.submit(r["prompt"], parse_spec(task), Sampling(max_tokens=64)) for r in records]
-            while not all(r.done for r in reqs):
-                eng.step()
-            answers[kind] = [base.tokenizer.decode(r.tokens, skip_special_tokens=True) for r in reqs]
+        answers = {kind: [g.text for g in eng.generate([r["prompt"] for r in records], parse_spec(task), Sampling(max_tokens=64))]
+                   for kind, eng in engines.items()}
         out[task] = {"identical": sum(a == b for a, b in zip(answers["exact"], answers["int8"])) / n,
                      **{f"accuracy_{k}": sum(t.score(a, r) for a, r in zip(v, records)) / n for k, v in answers.items()}}
     return out
+
+
 PREFILL_LENGTHS = (20, 40, 64, 100)
 
 

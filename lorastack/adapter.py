@@ -176,7 +176,7 @@ class Adapter:
             raise AdapterError(f"{WEIGHTS_FILE}: cannot read safetensors ({e})") from None
 
     def examples(self) -> list[str]:
-        """Sample inputs stored with the adapter (for routing signatures)."""
+        """Sample inputs stored with the adapter (for routing signatures; `examples_jsonl` writes them)."""
         from .data import DataError, parse_json_line
 
         p = self.path / EXAMPLES_FILE
@@ -541,3 +541,8 @@ def write_peft_dir(out: Path, pairs: LoraPairs, template: dict[str, Any] | None 
     if card is not None:
         (out / CARD_FILE).write_text(json.dumps(card, indent=2, default=str), encoding="utf-8")
     return out
+
+
+def examples_jsonl(texts: list[str]) -> str:
+    """The examples file's content for `texts` (what `Adapter.examples` reads back)."""
+    return "".join(json.dumps({"text": t}) + "\n" for t in texts)

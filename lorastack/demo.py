@@ -102,7 +102,7 @@ def run_demo(
         "models": [label for label, _ in routes],
         "matrix": matrix,
         "n_test": n_test,
-        "int8": {"rows": int8_rows, "layers": int8_matmuls},
+        "int8": {"rows": int8_rows, "matmuls": int8_matmuls},
         "trained": [t.name for t in todo],
         "seconds": round(time.perf_counter() - t_start, 1),
         "eval_seconds": round(eval_seconds, 1),

@@ -36,6 +36,7 @@ from .adapter import (
     check_card_values,
     check_compatible,
     check_finite,
+    examples_jsonl,
     read_json,
     read_lora_pairs,
     read_while_replaced,
@@ -315,7 +316,7 @@ class Library:
                 check_finite(tmp, name)
             (tmp / CARD_FILE).write_text(card_obj.model_dump_json(indent=2), encoding="utf-8")
             if texts:
-                (tmp / EXAMPLES_FILE).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+                (tmp / EXAMPLES_FILE).write_text(examples_jsonl(texts), encoding="utf-8")
             Adapter.open(tmp).weights()  # the copy must be readable before it is published
             publish_dir(tmp, final, replace=overwrite)
             adapter = Adapter(final, card_obj)
@@ -401,7 +402,7 @@ class Library:
             if len(have) + len(new) > MAX_STORED_EXAMPLES:
                 raise LorastackError(f"{name}: {len(have)} stored examples + {len(new)} new would exceed {MAX_STORED_EXAMPLES}")
             if new:
-                write_text_atomic(adapter.path / EXAMPLES_FILE, "".join(json.dumps({"text": t}) + "\n" for t in have + new))
+                write_text_atomic(adapter.path / EXAMPLES_FILE, examples_jsonl(have + new))
                 with self._db() as con:
                     con.execute("DELETE FROM signatures WHERE adapter = ?", (name,))
         return len(new), len(have) + len(new)

@@ -36,7 +36,7 @@ class Runtime:
     max_batch: int = 32
     max_resident: int = 16
     int8_rows: int = 0  # see Engine: int8 weight-only decode for batches of at most this many rows
-    int8_matmuls: bool = False  # see Engine: every layer projection in int8 (compiled kernels)
+    int8_matmuls: bool = False  # see Engine: layers, LM head and LoRA deltas in int8 (compiled kernels)
     generator: Engine | Generator = field(init=False)
     _checked: set[str] = field(default_factory=set, init=False, repr=False)
     _routers: dict = field(default_factory=dict, init=False, repr=False)

@@ -139,6 +139,17 @@ static inline __m512bh i8x32_to_bf16(const int8_t *p, int left) {
     return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
+/* Element `off` of a LoRA B bank (its address as int64, kernels' convention), 16 at a time or
+ * one, as fp32: int8 (I8) or bf16. */
+static inline __m512 lora_b16(const int I8, int64_t bank, int64_t off) {
+    return I8 ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)(intptr_t)bank + off))))
+              : bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(intptr_t)bank + off)));
+}
+
+static inline float lora_b1(const int I8, int64_t bank, int64_t off) {
+    return I8 ? (float)((const int8_t *)(intptr_t)bank)[off] : bf16_to_f32(((const uint16_t *)(intptr_t)bank)[off]);
+}
+
 /* The LoRA delta with bf16 banks (I8 = 0: A, B as above) or int8 ones (I8 = 1, int8 matmuls:
  * A int8 [S, P*R, in] with a scale per rank row As [S, P*R]; each part's B int8 [S, R, out_p]
  * with a scale per rank row, the parts' scale arrays in `Bs`): with rows on different adapters
@@ -197,21 +208,10 @@ static inline __attribute__((always_inline)) void lora_rows(const int I8, const 
                     if (tv == 0.0f) continue;
                     __m512 tvv = _mm512_set1_ps(tv);
                     int q = 0;
-                    if (I8) {
-                        const int8_t *br = (const int8_t *)(intptr_t)B[p] + b + (int64_t)r * outs[p];
-                        for (; q + 16 <= width; q += 16) {
-                            __m512 bv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(br + q))));
-                            _mm512_storeu_ps(acc + q, _mm512_fmadd_ps(tvv, bv, _mm512_loadu_ps(acc + q)));
-                        }
-                        for (; q < width; q++) acc[q] += tv * (float)br[q];
-                    } else {
-                        const uint16_t *br = (const uint16_t *)(intptr_t)B[p] + b + (int64_t)r * outs[p];
-                        for (; q + 16 <= width; q += 16) {
-                            __m512 bv = bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)(br + q)));
-                            _mm512_storeu_ps(acc + q, _mm512_fmadd_ps(tvv, bv, _mm512_loadu_ps(acc + q)));
-                        }
-                        for (; q < width; q++) acc[q] += tv * bf16_to_f32(br[q]);
-                    }
+                    int64_t br = b + (int64_t)r * outs[p];
+                    for (; q + 16 <= width; q += 16)
+                        _mm512_storeu_ps(acc + q, _mm512_fmadd_ps(tvv, lora_b16(I8, B[p], br + q), _mm512_loadu_ps(acc + q)));
+                    for (; q < width; q++) acc[q] += tv * lora_b1(I8, B[p], br + q);
                 }
             }
             uint16_t *yi = y + i * (int64_t)total_out + part_off[p] + col;

@@ -137,8 +137,7 @@ class LoraBank:
             if self.int8:
                 self.A8[group] = (torch.zeros(a.shape, dtype=torch.int8), torch.zeros(a.shape[:2]))
                 self.B8[group] = [(torch.zeros(b.shape, dtype=torch.int8), torch.zeros(b.shape[:2])) for b in bs]
-                for slot in range(n):
-                    self._quantize(group, slot)
+                self._quantize(group, slice(None))
                 self.native_args[group] = self.native.group_args_i8(self.A8[group][0], self.A8[group][1],
                                                                     [b for b, _ in self.B8[group]], [s for _, s in self.B8[group]])
             elif self.native is not None:
@@ -146,13 +145,14 @@ class LoraBank:
         self.rank = new_rank
         self.version += 1
 
-    def _quantize(self, group: str, slot: int) -> None:
-        """The int8 copies of one slot's A and B for `group`: symmetric, a scale per rank row."""
+    def _quantize(self, group: str, slot: int | slice) -> None:
+        """The int8 copies of one slot's (or a slice of slots') A and B for `group`: symmetric, a
+        scale per rank row."""
         for w, (q, scale) in [(self.A[group], self.A8[group])] + list(zip(self.B[group], self.B8[group])):
             v = w[slot].float()
             s = v.abs().amax(-1) / 127
             scale[slot] = s
-            q[slot] = torch.round(v / s.clamp(min=1e-30)[:, None]).clamp(-127, 127).to(torch.int8)
+            q[slot] = torch.round(v / s.clamp(min=1e-30)[..., None]).clamp(-127, 127).to(torch.int8)
 
     def _free(self, key: str) -> None:
         slot = self.slots.pop(key)
@@ -194,13 +194,15 @@ class LoraBank:
             self._free(victim)
         slot = free[0]
         R = self.rank
+        written = set()
         for module, (a, b) in w.modules.items():
             group, i = self.part_of[module]
             r = a.shape[0]
             self.A[group][slot, i * R : i * R + r] = a
             self.B[group][i][slot, :r] = b.t()
-        if self.int8:
-            for group in self.A:
+            written.add(group)
+        if self.int8:  # a free slot is all zeros in both copies (_zero), so only these groups change
+            for group in written:
                 self._quantize(group, slot)
         self.slots[name] = slot
         self.version += 1
