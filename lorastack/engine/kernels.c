@@ -821,6 +821,40 @@ static inline __m512 load16_bf16(const uint16_t *p, int left) { /* 16 bf16 as fp
     return bf16x16_to_f32(_mm256_maskz_loadu_epi16(k, p));
 }
 
+/* Scores of keys t..t+15 (those below n) for one query: the 16 dot products' lane vectors are
+ * transposed and summed with tree16, the tree _mm512_reduce_add_ps uses, so each score has the
+ * bits of the one-key-at-a-time loop; one transpose replaces 16 horizontal reductions. */
+static inline __m512 scores16(const uint16_t *k, const uint16_t *qi, int t, int n, int d) {
+    __m512 a[16];
+    for (int j = 0; j < 16; j++) {
+        a[j] = _mm512_setzero_ps();
+        if (t + j < n)
+            for (int c = 0; c < d; c += 32)
+                a[j] = _mm512_dpbf16_ps(a[j], load32(k + (int64_t)(t + j) * d + c, d - c), load32(qi + c, d - c));
+    }
+    transpose16((__m512i *)a);
+    return tree16(a);
+}
+
+/* out += p_t * V[t] over the keys, D (a compile-time count of 16-value chunks) accumulators in
+ * registers, each summed key after key as the memory-accumulator loop did (same bits). */
+static inline __attribute__((always_inline)) void attend_v(const int D, const float *s, const uint16_t *v, int n,
+                                                           float inv, uint16_t *o) {
+    __m512 acc[8];
+    for (int c = 0; c < D; c++) acc[c] = _mm512_setzero_ps();
+    for (int t = 0; t < n; t++) {
+        __m512 p = _mm512_set1_ps(s[t]);
+        const uint16_t *vt = v + (int64_t)t * D * 16;
+        for (int c = 0; c < D; c++)
+            acc[c] = _mm512_fmadd_ps(p, bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)(vt + c * 16))), acc[c]);
+    }
+    float f[16];
+    for (int c = 0; c < D; c++) {
+        _mm512_storeu_ps(f, acc[c]);
+        for (int l = 0; l < 16; l++) o[c * 16 + l] = f32_to_bf16(f[l] * inv);
+    }
+}
+
 void lorastack_attention_bf16(const uint16_t *q, const uint16_t *K, const uint16_t *V, uint16_t *out,
                               const int64_t *rows, const int64_t *pos, int total, int heads, int kv, int d,
                               int64_t row_stride, int64_t head_stride, float scale, int maxlen, int threads) {
@@ -837,13 +871,14 @@ void lorastack_attention_bf16(const uint16_t *q, const uint16_t *K, const uint16
             int64_t base = rows[i] * row_stride + (int64_t)(h / group) * head_stride;
             const uint16_t *k = K + base, *v = V + base;
             int n = (int)pos[i] + 1;
-            float mx = -INFINITY;
-            for (int t = 0; t < n; t++) {
-                __m512 a = _mm512_setzero_ps();
-                for (int c = 0; c < d; c += 32) a = _mm512_dpbf16_ps(a, load32(k + (int64_t)t * d + c, d - c), load32(qi + c, d - c));
-                s[t] = scale * _mm512_reduce_add_ps(a);
-                if (s[t] > mx) mx = s[t];
+            __m512 sv = _mm512_set1_ps(scale), mxv = _mm512_set1_ps(-INFINITY);
+            for (int t = 0; t < n; t += 16) {
+                __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
+                __m512 sc = _mm512_mul_ps(sv, scores16(k, qi, t, n, d));
+                _mm512_mask_storeu_ps(s + t, m, sc);
+                mxv = _mm512_mask_max_ps(mxv, m, mxv, sc);
             }
+            float mx = _mm512_reduce_max_ps(mxv);
             __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(mx);
             for (int t = 0; t < n; t += 16) {
                 __mmask16 m = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
@@ -853,6 +888,9 @@ void lorastack_attention_bf16(const uint16_t *q, const uint16_t *K, const uint16
                 sum = _mm512_add_ps(sum, e);
             }
             float inv = 1.0f / _mm512_reduce_add_ps(sum);
+            uint16_t *o = out + job * d;
+            if (d == 64) { attend_v(4, s, v, n, inv, o); continue; }
+            if (d == 128) { attend_v(8, s, v, n, inv, o); continue; }
             for (int c = 0; c < d; c++) acc[c] = 0.0f;
             for (int t = 0; t < n; t++) {
                 __m512 p = _mm512_set1_ps(s[t]);
@@ -862,7 +900,6 @@ void lorastack_attention_bf16(const uint16_t *q, const uint16_t *K, const uint16
                     _mm512_mask_storeu_ps(acc + c, m, _mm512_fmadd_ps(p, load16_bf16(vt + c, d - c), _mm512_maskz_loadu_ps(m, acc + c)));
                 }
             }
-            uint16_t *o = out + job * d;
             for (int c = 0; c < d; c++) o[c] = f32_to_bf16(acc[c] * inv);
         }
         free(acc);
