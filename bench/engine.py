@@ -26,7 +26,9 @@ decode from the GGUF's Q4_1/Q8_0 blocks and without speculation unless said othe
       between the matmuls (compare with (c))
 Prompt lookup (engine/speculative.py): batch 1, one adapter, greedy, each task's test prompts
 one after another until EOS (at most 64 tokens), the same engine with and without drafts; the
-outputs must be identical, the ratio is the speed-up.
+outputs must be identical, the ratio is the speed-up. A "copy" row does the same with the bare
+base asked to repeat passages written for this bench (an answer that copies its prompt in order,
+which none of the three tasks' answers does).
 Engine and HF rows are the best of --repeats runs (the machine is shared and noisy).
 Rows a-c are also printed decode only (the steps after every request's first token), next to
 the end-to-end figure, which also pays the N prompts' prefill.
@@ -126,6 +128,27 @@ def agreement(exact: Engine, approx: Engine, base: Base, routes: list, tokens: i
 
 
 LOOKUP_TASKS = ("reverse_words", "json_field", "date_format")
+# For the "copy" lookup row: none of the three tasks above answers by copying a span of its
+# prompt in order (reversed words, one field, a reformatted date), so this row shows what drafts
+# give where the answer does. Passages written for this bench.
+COPY_PASSAGES = (
+    "The quick brown fox jumps over the lazy dog near the river bank every morning before sunrise. Then it "
+    "runs back to the old barn behind the farm house, where it sleeps until noon.",
+    "Our team meeting is moved to Thursday at three in the afternoon because the main room is booked. Please "
+    "bring the quarterly report and your notes from the client call on Monday.",
+    "Please send the signed contract to the legal department by Friday so that we can start the project. If you "
+    "have questions about the payment terms, call the finance office first.",
+    "The library on Elm Street opens at nine on weekdays and at ten on Saturdays. Books borrowed before the "
+    "holiday can be returned in the grey box next to the front door.",
+    "To reset the router, hold the small button on the back for ten seconds until the light turns orange, then "
+    "wait two minutes and connect again with the password printed on the label.",
+    "The museum's new wing shows paintings from the northern coast, most of them small landscapes of harbors, "
+    "fishing boats and the cliffs near the lighthouse, painted between the two wars.",
+    "Fresh bread is baked twice a day in the shop on the corner, once at six in the morning and again at four in "
+    "the afternoon, and the rye loaf sells out first.",
+    "Train 412 to the airport leaves from platform seven at twenty past eight; passengers with large bags are "
+    "asked to use the last two carriages, which have luggage racks.",
+)
 
 
 def task_agreement(base: Base, trained: Library, n: int = 64) -> dict[str, dict[str, float]]:
@@ -196,10 +219,14 @@ def prompt_lookup_rows(base: Base, resolve, adapter: str, n: int, repeats: int,
                "lookup": Engine(base, resolve=find, prefix_cache=0)}
     s = Sampling(max_tokens=64)
     out = {}
-    for task in LOOKUP_TASKS:
-        used = task if task in have else adapter
-        route = parse_spec(used)
-        prompts = [r["prompt"] for r in get_task(task).generate(n, "test", seed=0)]
+    for task in LOOKUP_TASKS + ("copy",):
+        if task == "copy":  # an answer that copies its input: the bare base asked to repeat a passage
+            used, route = "base", BASE_ROUTE
+            prompts = [f"Copy this text exactly, with no other words: {p}" for p in COPY_PASSAGES[:n]]
+        else:
+            used = task if task in have else adapter
+            route = parse_spec(used)
+            prompts = [r["prompt"] for r in get_task(task).generate(n, "test", seed=0)]
         tps, dtps, texts = {}, {}, {}
         for _ in range(repeats):
             for kind, eng in engines.items():  # interleaved, so both see the same machine load
@@ -221,7 +248,7 @@ def prompt_lookup_rows(base: Base, resolve, adapter: str, n: int, repeats: int,
                      "decode_plain": dtps["plain"], "decode_lookup": dtps["lookup"],
                      "decode_speedup": dtps["lookup"] / dtps["plain"],
                      "identical": texts["plain"] == texts["lookup"], "tokens": toks, "drafted": drafted, "accepted": accepted,
-                     "adapter": "trained" if used == task else "random"}
+                     "adapter": "base" if used == "base" else "trained" if used == task else "random"}
         print(f"prompt lookup {task}: {out[task]}", flush=True)
     return out
 
