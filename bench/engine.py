@@ -29,7 +29,8 @@ one after another until EOS (at most 64 tokens), the same engine with and withou
 outputs must be identical, the ratio is the speed-up. A "copy" row does the same with the bare
 base asked to repeat passages written for this bench (an answer that copies its prompt in order,
 which none of the three tasks' answers does).
-Engine and HF rows are the best of --repeats runs (the machine is shared and noisy).
+Engine and HF rows are the best of --repeats runs (the machine is shared and noisy); rows a-c, o
+and p run their repeats interleaved, so that their ratios compare the same moments.
 Rows a-c are also printed decode only (the steps after every request's first token), next to
 the end-to-end figure, which also pays the N prompts' prefill.
 Prefill rows (--prefill-only runs just these): one prompt of 20-100 tokens through the tiled kernel
@@ -336,17 +337,20 @@ def main() -> None:
 
         decode: dict[str, dict[int, float]] = {k: {} for k in "abcop"}  # decode-only tok/s of rows a-c, o, p
 
-        def best_split(key: str, n: int, routes: list, eng: Engine = engine) -> float:
-            runs = [engine_tps_split(eng, ids, routes, T) for _ in range(args.repeats)]
-            decode[key][n] = max(r[1] for r in runs)
-            return max(r[0] for r in runs)
+        def best_split(n: int, runs: dict[str, tuple[Engine, list]]) -> None:
+            """Rows a-c, o, p: their repeats interleaved (a b c o p, a b c o p, ...), so that a load
+            change on this shared machine hits every row alike and their ratios stay fair."""
+            got: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
+            for _ in range(args.repeats):
+                for key, (eng, routes) in runs.items():
+                    got[key].append(engine_tps_split(eng, ids, routes, T))
+            for key, r in got.items():
+                rows[key][n], decode[key][n] = max(x[0] for x in r), max(x[1] for x in r)
 
         for n in ns:
-            rows["a"][n] = best_split("a", n, [parse_spec(names[i]) for i in range(n)])
-            rows["b"][n] = best_split("b", n, [parse_spec(names[0])] * n)
-            rows["c"][n] = best_split("c", n, [BASE_ROUTE] * n)
-            rows["o"][n] = best_split("o", n, [parse_spec(names[i]) for i in range(n)], i8b)
-            rows["p"][n] = best_split("p", n, [BASE_ROUTE] * n, i8b)
+            mixed = [parse_spec(names[i]) for i in range(n)]
+            best_split(n, {"a": (engine, mixed), "b": (engine, [parse_spec(names[0])] * n), "c": (engine, [BASE_ROUTE] * n),
+                           "o": (i8b, mixed), "p": (i8b, [BASE_ROUTE] * n)})
             agree[n] = agreement(engine, i8b, base, [parse_spec(names[i]) for i in range(n)], T)
             rows["d"][n] = best(hf_tps, merged, ids, n, T)
             rows["h"][n] = best(hf_tps, base.model, ids, n, T)
