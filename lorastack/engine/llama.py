@@ -220,8 +220,25 @@ class LlamaRunner:
         total = offsets[-1]
         h = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(h, positions)
+        # With the compiled glue, rotary, K/V append and attention run in the decode kernel, token by
+        # token against the row's cache: one call a layer instead of two cache copies and one torch
+        # attention call per prompt, and a prompt's attention rounds as its decode steps do. In a
+        # scratch A/B (interleaved, 2 threads): 64 prompts on 64 int8 adapters 1245 -> 1197 ms, 16
+        # on 16 exact 472 -> 420 ms, one 256-token prompt 277 -> 265 ms (exact).
+        native_attention = self.glue and h.dtype == torch.bfloat16
+        if native_attention:
+            rows = torch.repeat_interleave(torch.arange(first, first + n), torch.tensor(counts))
+            pos = positions[0].contiguous()
+            cos2, sin2 = cos[0].contiguous(), sin[0].contiguous()
         for li, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
+            if native_attention:
+                qkv = self._linear(li, "qkv_proj", x, lora)[0]
+                a = self.native.rope_attend(qkv, cos2, sin2, cache.k[li], cache.v[li], rows, pos, self.n_heads,
+                                            layer.self_attn.scaling)
+                h = h + self._linear(li, "o_proj", a[None], lora)
+                h = h + self._mlp(li, layer, layer.post_attention_layernorm(h), lora)
+                continue
             q, k, v = self._qkv(li, x, lora)
             q = q.view(1, total, -1, self.head_dim).transpose(1, 2)
             k = k.view(1, total, -1, self.head_dim).transpose(1, 2)
