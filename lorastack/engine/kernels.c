@@ -157,7 +157,7 @@ static inline float lora_b1(const int I8, int64_t bank, int64_t off) {
  * verify pass, a batch on one adapter): up to LORA_RUN of them are computed together, each A
  * vector converted once and each B vector loaded once for all of them. Every row keeps its own
  * sums in the order a lone row uses, so a row gets the same bits alone or in a run. */
-#define LORA_RUN 8
+#define LORA_RUN MAX_ROWS /* PER_ROWS dispatches runs of 1..MAX_ROWS rows */
 
 /* Phase 1 for a run of M rows: t[row, k, j] = w * (x[row] . A[slot, j]) (times A's rank-row
  * scale with int8 banks). */
@@ -205,18 +205,6 @@ static inline __attribute__((always_inline)) void lora_b_run(const int I8, const
         for (int r = 0; r < M; r++) _mm512_storeu_ps(acc + r * astride + q, a[r]);
     }
 }
-
-#define LORA_RUN_SWITCH(CALL) \
-    switch (m) {              \
-    case 1: CALL(1); break;   \
-    case 2: CALL(2); break;   \
-    case 3: CALL(3); break;   \
-    case 4: CALL(4); break;   \
-    case 5: CALL(5); break;   \
-    case 6: CALL(6); break;   \
-    case 7: CALL(7); break;   \
-    default: CALL(8); break;  \
-    }
 
 /* The LoRA delta with bf16 banks (I8 = 0: A, B as above) or int8 ones (I8 = 1, int8 matmuls:
  * A int8 [S, P*R, in] with a scale per rank row As [S, P*R]; each part's B int8 [S, R, out_p]
@@ -267,8 +255,8 @@ static inline __attribute__((always_inline)) void lora_rows(const int I8, const 
                 continue;
             }
             int64_t srow = slots[i * K + k] * PR + j;
-#define LORA_A(M) lora_a_run(I8, M, A, A8, As, x + i * (int64_t)in, srow * in, srow, in, w, tj, (int64_t)K * PR)
-            LORA_RUN_SWITCH(LORA_A)
+#define LORA_A(OB, M) lora_a_run(I8, M, A, A8, As, x + i * (int64_t)in, srow * in, srow, in, w, tj, (int64_t)K * PR)
+            PER_ROWS(LORA_A, 1, 1)
 #undef LORA_A
         }
 #pragma omp for schedule(static)
@@ -281,8 +269,8 @@ static inline __attribute__((always_inline)) void lora_rows(const int I8, const 
             int q0 = 0; /* columns done by the run loop */
             if (m > 1) {
                 q0 = width / 16 * 16;
-#define LORA_B(M) lora_b_run(I8, M, B, Bs, outs, p, R, PR, t + (int64_t)i * K * PR, K, slots + (int64_t)i * K, weights + (int64_t)i * K, col, width, acc, astride)
-                LORA_RUN_SWITCH(LORA_B)
+#define LORA_B(OB, M) lora_b_run(I8, M, B, Bs, outs, p, R, PR, t + (int64_t)i * K * PR, K, slots + (int64_t)i * K, weights + (int64_t)i * K, col, width, acc, astride)
+                PER_ROWS(LORA_B, 1, 1)
 #undef LORA_B
             }
             for (int rr = 0; rr < m; rr++) {
@@ -848,11 +836,8 @@ static inline __attribute__((always_inline)) void attend_v(const int D, const fl
         for (int c = 0; c < D; c++)
             acc[c] = _mm512_fmadd_ps(p, bf16x16_to_f32(_mm256_loadu_si256((const __m256i *)(vt + c * 16))), acc[c]);
     }
-    float f[16];
-    for (int c = 0; c < D; c++) {
-        _mm512_storeu_ps(f, acc[c]);
-        for (int l = 0; l < 16; l++) o[c * 16 + l] = f32_to_bf16(f[l] * inv);
-    }
+    for (int c = 0; c < D; c++)
+        _mm256_storeu_si256((__m256i *)(o + c * 16), f32x16_to_bf16(_mm512_mul_ps(acc[c], _mm512_set1_ps(inv))));
 }
 
 void lorastack_attention_bf16(const uint16_t *q, const uint16_t *K, const uint16_t *V, uint16_t *out,

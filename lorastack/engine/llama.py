@@ -215,8 +215,6 @@ class LlamaRunner:
             offsets.append(offsets[-1] + c)
         ids = torch.tensor([t for p, s in zip(prompts, starts) for t in p[s:]]).view(1, -1)
         positions = torch.cat([torch.arange(s, len(p)) for p, s in zip(prompts, starts)]).view(1, -1)
-        masks = [None if s == 0 else (torch.arange(len(p))[None, :] <= torch.arange(s, len(p))[:, None])
-                 for p, s in zip(prompts, starts)]
         total = offsets[-1]
         h = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(h, positions)
@@ -230,31 +228,32 @@ class LlamaRunner:
             rows = torch.repeat_interleave(torch.arange(first, first + n), torch.tensor(counts))
             pos = positions[0].contiguous()
             cos2, sin2 = cos[0].contiguous(), sin[0].contiguous()
+        else:
+            masks = [None if s == 0 else (torch.arange(len(p))[None, :] <= torch.arange(s, len(p))[:, None])
+                     for p, s in zip(prompts, starts)]
         for li, layer in enumerate(self.layers):
             x = layer.input_layernorm(h)
             if native_attention:
-                qkv = self._linear(li, "qkv_proj", x, lora)[0]
-                a = self.native.rope_attend(qkv, cos2, sin2, cache.k[li], cache.v[li], rows, pos, self.n_heads,
-                                            layer.self_attn.scaling)
-                h = h + self._linear(li, "o_proj", a[None], lora)
-                h = h + self._mlp(li, layer, layer.post_attention_layernorm(h), lora)
-                continue
-            q, k, v = self._qkv(li, x, lora)
-            q = q.view(1, total, -1, self.head_dim).transpose(1, 2)
-            k = k.view(1, total, -1, self.head_dim).transpose(1, 2)
-            v = v.view(1, total, -1, self.head_dim).transpose(1, 2)
-            q, k = self.rope(q, k, cos, sin)
-            kc, vc = cache.k[li], cache.v[li]
-            out = torch.empty_like(q)
-            for i in range(n):
-                lo, hi, s, row = offsets[i], offsets[i + 1], starts[i], first + i
-                kc[row, :, s : s + counts[i]] = k[0, :, lo:hi]
-                vc[row, :, s : s + counts[i]] = v[0, :, lo:hi]
-                out[:, :, lo:hi] = F.scaled_dot_product_attention(
-                    q[:, :, lo:hi], kc[row : row + 1, :, : s + counts[i]], vc[row : row + 1, :, : s + counts[i]],
-                    attn_mask=masks[i], is_causal=masks[i] is None, scale=layer.self_attn.scaling, enable_gqa=True,
-                )
-            h = h + self._linear(li, "o_proj", out.transpose(1, 2).reshape(1, total, -1), lora)
+                a = self.native.rope_attend(self._linear(li, "qkv_proj", x, lora)[0], cos2, sin2, cache.k[li], cache.v[li],
+                                            rows, pos, self.n_heads, layer.self_attn.scaling)[None]
+            else:
+                q, k, v = self._qkv(li, x, lora)
+                q = q.view(1, total, -1, self.head_dim).transpose(1, 2)
+                k = k.view(1, total, -1, self.head_dim).transpose(1, 2)
+                v = v.view(1, total, -1, self.head_dim).transpose(1, 2)
+                q, k = self.rope(q, k, cos, sin)
+                kc, vc = cache.k[li], cache.v[li]
+                out = torch.empty_like(q)
+                for i in range(n):
+                    lo, hi, s, row = offsets[i], offsets[i + 1], starts[i], first + i
+                    kc[row, :, s : s + counts[i]] = k[0, :, lo:hi]
+                    vc[row, :, s : s + counts[i]] = v[0, :, lo:hi]
+                    out[:, :, lo:hi] = F.scaled_dot_product_attention(
+                        q[:, :, lo:hi], kc[row : row + 1, :, : s + counts[i]], vc[row : row + 1, :, : s + counts[i]],
+                        attn_mask=masks[i], is_causal=masks[i] is None, scale=layer.self_attn.scaling, enable_gqa=True,
+                    )
+                a = out.transpose(1, 2).reshape(1, total, -1)
+            h = h + self._linear(li, "o_proj", a, lora)
             h = h + self._mlp(li, layer, layer.post_attention_layernorm(h), lora)
         cache.lengths[first : first + n] = torch.tensor([len(p) for p in prompts])
         last = h[0, torch.tensor(offsets[1:]) - 1]
