@@ -54,7 +54,7 @@ def main() -> None:
     q8 = [[quantize_int8(w) for w in layer] for layer in weights]
     from gguf import GGMLQuantizationType, quants
 
-    q41 = [[Blocks("Q4_1", torch.from_numpy(quants.quantize(w.float().numpy(), GGMLQuantizationType.Q4_1))) for w in layer]
+    q41 = [[Blocks("Q4_1", torch.from_numpy(quants.quantize(w.float().numpy(), GGMLQuantizationType.Q4_1))).for_kernels() for w in layer]
            for layer in weights]
     block_mb = sum(b.data.numel() for layer in q41 for b in layer) / 1e6
     megabytes = sum(w.numel() * 2 for layer in weights for w in layer) / 1e6

@@ -195,15 +195,22 @@ def _quantize(w: torch.Tensor, kind: str):
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("m", [1, 3, 8])
-def test_block_gemv_is_bit_identical_to_bf16_gemv_of_the_dequantized_weights(kernels, kind, m):
+@pytest.mark.parametrize("width", [32, 96, 128])  # 1, 3 and 4 blocks a row: Q4_1R pairs and an odd last block
+def test_block_gemv_is_bit_identical_to_bf16_gemv_of_the_dequantized_weights(kernels, kind, m, width):
     from lorastack.engine.gguf_blocks import Blocks
 
     torch.manual_seed(m)
-    blocks, deq = _quantize(torch.randn(37, 96) * 0.1 + 0.02, kind)
-    b = Blocks(kind, torch.from_numpy(blocks))
-    assert b.shape == (37, 96) and torch.equal(b.dequantize(), deq)  # our reading == gguf-py's
-    x = torch.randn(m, 96, dtype=torch.bfloat16)
-    assert torch.equal(kernels.gemv_blocks(x, kind, b.data), kernels.gemv(x, deq.to(torch.bfloat16)))
+    blocks, deq = _quantize(torch.randn(37, width) * 0.1 + 0.02, kind)
+    raw = Blocks(kind, torch.from_numpy(blocks))
+    b = raw.for_kernels()
+    assert b.kind == ("Q4_1R" if kind == "Q4_1" else kind) and b.data.shape == raw.data.shape
+    assert b.shape == raw.shape == (37, width)
+    assert torch.equal(raw.dequantize(), deq) and torch.equal(b.dequantize(), deq)  # our reading == gguf-py's
+    x = torch.randn(m, width, dtype=torch.bfloat16)
+    assert torch.equal(kernels.gemv_blocks(x, b.kind, b.data), kernels.gemv(x, deq.to(torch.bfloat16)))
+    if kind == "Q4_1":
+        with pytest.raises(ValueError, match="Blocks.for_kernels"):
+            kernels.gemv_blocks(x, kind, raw.data)
 
 
 def _permute(rows, heads: int):
@@ -242,24 +249,29 @@ def test_block_gemv_above_eight_rows_is_bit_identical_row_by_row(kernels, kind, 
     output: a row's logits do not depend on what else is in the batch."""
     torch.manual_seed(m)
     w = torch.randn(48, 96) * 0.1  # 3 tiles of 16 outputs, an odd number of blocks a row
+    from lorastack.engine.gguf_blocks import Blocks
+
     blocks, _ = _quantize(w, kind)
-    data = torch.from_numpy(blocks)
+    b = Blocks(kind, torch.from_numpy(blocks)).for_kernels()
     x = torch.randn(m, 96, dtype=torch.bfloat16)
-    rows = torch.cat([kernels.gemv_blocks(x[i : i + 1], kind, data) for i in range(m)])
-    assert torch.equal(kernels.gemv_blocks(x, kind, data), rows)
+    rows = torch.cat([kernels.gemv_blocks(x[i : i + 1], b.kind, b.data) for i in range(m)])
+    assert torch.equal(kernels.gemv_blocks(x, b.kind, b.data), rows)
 
 
 @pytest.mark.parametrize("m", [9, 27, 64])
 def test_bf16_gemv_above_eight_rows_is_bit_identical_row_by_row_and_to_the_blocks(kernels, m):
     """Prefills of up to 64 rows take the tiled path on bf16 weights too, with the few-row
     kernel's bits, so a GGUF base and its bf16 copy still prefill alike."""
+    from lorastack.engine.gguf_blocks import Blocks
+
     torch.manual_seed(m)
     blocks, deq = _quantize(torch.randn(48, 96) * 0.1, "Q4_1")
     w = deq.to(torch.bfloat16).contiguous()
     x = torch.randn(m, 96, dtype=torch.bfloat16)
     tiled = kernels.gemv(x, w)
     assert torch.equal(tiled, torch.cat([kernels.gemv(x[i : i + 1], w) for i in range(m)]))
-    assert torch.equal(tiled, kernels.gemv_blocks(x, "Q4_1", torch.from_numpy(blocks)))
+    b = Blocks("Q4_1", torch.from_numpy(blocks)).for_kernels()
+    assert torch.equal(tiled, kernels.gemv_blocks(x, b.kind, b.data))
     assert (tiled.float() - x.float() @ w.float().t()).abs().max().item() <= _rounding(x.float() @ w.float().t())
     with pytest.raises(ValueError, match="in % 32 == 0 and out % 16 == 0"):
         kernels.gemv(torch.randn(m, 80, dtype=torch.bfloat16), torch.randn(48, 80, dtype=torch.bfloat16))

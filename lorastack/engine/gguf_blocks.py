@@ -27,7 +27,7 @@ from ..base import file_digest
 from ..paths import cache_dir
 
 log = logging.getLogger("lorastack.gguf")
-BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # 32 weights a block
+BLOCK_BYTES = {"Q4_1": 20, "Q4_1R": 20, "Q8_0": 34}  # 32 weights a block
 # GGUF (llama.cpp) tensor names -> Hugging Face parameter names for Llama-family layers.
 _LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -37,7 +37,9 @@ _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "l
 
 @dataclass(frozen=True)
 class Blocks:
-    """One weight matrix `[out, in]` as GGUF blocks: `data` is uint8 `[out, in / 32 * bytes]`."""
+    """One weight matrix `[out, in]` as GGUF blocks: `data` is uint8 `[out, in / 32 * bytes]`.
+
+    `kind` is the GGUF type, or "Q4_1R": Q4_1 rows repacked for the kernels (`for_kernels`)."""
 
     kind: str
     data: torch.Tensor
@@ -50,6 +52,9 @@ class Blocks:
         """float32 weights of `rows`, computed the way gguf-py (and so `Base.load`) computes them."""
         data = self.data[rows].numpy()
         n = data.shape[0]
+        if self.kind == "Q4_1R":
+            d, m, q = _unpack_q4_1r(data)
+            return torch.from_numpy((d[..., None] * q + m[..., None]).reshape(n, -1))
         b = data.reshape(-1, BLOCK_BYTES[self.kind])
         d = b[:, :2].copy().view(np.float16).astype(np.float32)
         if self.kind == "Q8_0":
@@ -61,6 +66,42 @@ class Blocks:
             w = d * q + m
         return torch.from_numpy(w.reshape(n, -1))
 
+    def for_kernels(self) -> "Blocks":
+        """These blocks in the layout kernels.c reads: Q4_1 repacked to "Q4_1R" (each row's
+        scales, then its minimums, then per pair of blocks one byte per weight position holding
+        both blocks' nibbles; an odd last block keeps its 16 bytes). Same bytes a row, same
+        weights; kernels.c's GGUF-blocks comment says why. Other kinds are read as they are."""
+        if self.kind != "Q4_1":
+            return self
+        out, width = self.data.shape
+        nb = width // 20
+        b = self.data.numpy().reshape(out, nb, 20)
+        qs = b[:, :, 4:]
+        q = np.concatenate([qs & 15, qs >> 4], axis=2)  # [out, nb, 32]: weight j's nibble
+        pairs = nb // 2 * 2
+        packed = (q[:, 0:pairs:2] | (q[:, 1:pairs:2] << 4)).reshape(out, -1)
+        parts = [b[:, :, 0:2].reshape(out, -1), b[:, :, 2:4].reshape(out, -1), packed]
+        if nb % 2:
+            parts.append(qs[:, -1])
+        return Blocks("Q4_1R", torch.from_numpy(np.ascontiguousarray(np.concatenate(parts, axis=1))))
+
+
+def _unpack_q4_1r(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1R rows -> (d [n, nb], m [n, nb], q [n, nb, 32]) as float32."""
+    n, width = data.shape
+    nb = width // 20
+    d = data[:, : 2 * nb].copy().view(np.float16).astype(np.float32)
+    m = data[:, 2 * nb : 4 * nb].copy().view(np.float16).astype(np.float32)
+    pairs = nb // 2
+    packed = data[:, 4 * nb : 4 * nb + 32 * pairs].reshape(n, pairs, 32)
+    q = np.empty((n, nb, 32), dtype=np.uint8)
+    q[:, 0 : 2 * pairs : 2] = packed & 15
+    q[:, 1 : 2 * pairs : 2] = packed >> 4
+    if nb % 2:
+        last = data[:, 4 * nb + 32 * pairs :]
+        q[:, -1] = np.concatenate([last & 15, last >> 4], axis=1)
+    return d, m, q.astype(np.float32)
+
 
 def _unpermute_rows(rows: int, heads: int) -> torch.Tensor:
     """Row order that undoes llama.cpp's rotary permutation of q/k weights (what transformers'
@@ -71,7 +112,9 @@ def _unpermute_rows(rows: int, heads: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=2)
 def read_blocks(path: Path, n_heads: int, kv_heads: int) -> dict[str, Blocks]:
-    """Hugging Face parameter name -> Blocks, for every Q4_1/Q8_0 matrix of a Llama-family GGUF.
+    """Hugging Face parameter name -> Blocks, for every Q4_1/Q8_0 matrix of a Llama-family GGUF,
+    in the kernels' layout (`Blocks.for_kernels`: Q4_1 comes back as Q4_1R; ~0.2 s for the
+    embedded base, paid once per process).
 
     Cached twice: in memory (every engine on the same base shares one copy, ~96 MB for the
     embedded one) and as a safetensors file under the cache, because parsing the GGUF (its
@@ -85,7 +128,7 @@ def read_blocks(path: Path, n_heads: int, kv_heads: int) -> dict[str, Blocks]:
 
             with safe_open(str(entry), "pt") as fh:
                 kinds = fh.metadata() or {}
-            return {name: Blocks(kinds[name], t) for name, t in load_file(str(entry)).items()}
+            return {name: Blocks(kinds[name], t).for_kernels() for name, t in load_file(str(entry)).items()}
         except Exception as e:  # noqa: BLE001 - a damaged cache entry is rebuilt
             log.warning("GGUF block cache %s unreadable (%s); reading the GGUF", entry, e)
     out = _parse(path, n_heads, kv_heads)
@@ -101,7 +144,7 @@ def read_blocks(path: Path, n_heads: int, kv_heads: int) -> dict[str, Blocks]:
                 os.unlink(tmp)
     except OSError as e:  # a read-only cache only costs the next start its parse
         log.warning("could not write GGUF block cache %s: %s", entry, e)
-    return out
+    return {name: b.for_kernels() for name, b in out.items()}
 
 
 def _parse(path: Path, n_heads: int, kv_heads: int) -> dict[str, Blocks]:
@@ -127,7 +170,8 @@ def _parse(path: Path, n_heads: int, kv_heads: int) -> dict[str, Blocks]:
 
 
 def fuse(parts: list[Blocks]) -> Blocks | None:
-    """The blocks of a fused projection (parts stacked by rows), if all parts are one kind."""
+    """The blocks of a fused projection (parts stacked by rows), if all parts are one kind (the
+    rows of either layout stand alone, so Q4_1R parts stack too)."""
     if not parts or any(p.kind != parts[0].kind for p in parts):
         return None
     return Blocks(parts[0].kind, torch.cat([p.data for p in parts]) if len(parts) > 1 else parts[0].data)

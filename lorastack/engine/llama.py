@@ -154,12 +154,12 @@ class LlamaRunner:
                 names = [f"model.layers.{i}.{parent_name}.{p}.weight" for p in parts]
                 fused = fuse([blocks[n] for n in names]) if all(n in blocks for n in names) else None
                 if fused is not None and matches(fused, weight):
-                    found[id(weight)] = fused
+                    found[id(weight)] = fused.for_kernels()
         head = self.model.lm_head.weight
         tied = head is self.inner.embed_tokens.weight
         hb = blocks.get("lm_head.weight") or (blocks.get("model.embed_tokens.weight") if tied else None)
         if hb is not None and matches(hb, head):
-            found[id(head)] = hb
+            found[id(head)] = hb.for_kernels()
         expected = 4 * len(self.layers) + 1
         if len(found) < expected:
             logging.getLogger("lorastack.engine").info("GGUF blocks used for %d of %d decode matrices", len(found), expected)

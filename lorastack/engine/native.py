@@ -36,7 +36,7 @@ _NEEDED = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "f16c")
 I8_BLOCK = 64  # kernels.c's activation block for int8 matmuls
 # -ffp-contract=off: the GGUF block kernels must round d*q and +m separately, as gguf-py does.
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-BLOCK_KINDS = ("Q4_1", "Q8_0")  # GGUF block types kernels.c reads directly
+BLOCK_KINDS = ("Q4_1R", "Q8_0")  # GGUF block layouts kernels.c reads (gguf_blocks.Blocks.for_kernels)
 
 
 def _cpu() -> str | None:
@@ -94,7 +94,7 @@ class DecodeLayer(ctypes.Structure):
     _fields_ = [("p", DecodeProj * 4), ("norm_in", ctypes.c_void_p), ("norm_post", ctypes.c_void_p)]
 
 
-BLOCK_KIND_IDS = {"bf16": -1, "Q4_1": 0, "Q8_0": 1}  # kernels.c's kind codes
+BLOCK_KIND_IDS = {"bf16": -1, "Q4_1R": 0, "Q8_0": 1}  # kernels.c's kind codes
 
 
 class Kernels:
@@ -154,8 +154,12 @@ class Kernels:
 
     def gemv_blocks(self, x: torch.Tensor, kind: str, blocks: torch.Tensor) -> torch.Tensor:
         """`x [m, in] @ W^T`, W given as GGUF blocks of `kind` (uint8 `[out, in / 32 * block
-        bytes]`); bit-identical to `gemv` on W dequantized to bf16, row by row. Above MAX_ROWS
-        rows `out` must be a multiple of 16 (the tiled path)."""
+        bytes]`, in the kernels' layout: `Blocks.for_kernels`); bit-identical to `gemv` on W
+        dequantized to bf16, row by row. Above MAX_ROWS rows `out` must be a multiple of 16
+        (the tiled path)."""
+        if kind not in self._gemv_blocks:
+            raise ValueError(f"no kernel reads {kind} blocks (kernels read {', '.join(BLOCK_KINDS)}; "
+                             "Blocks.for_kernels() repacks Q4_1)")
         m, k = x.shape
         y = torch.empty(m, blocks.shape[0], dtype=torch.bfloat16)
         self._gemv_blocks[kind](x.data_ptr(), blocks.data_ptr(), y.data_ptr(), m, k, blocks.shape[0], torch.get_num_threads())
