@@ -332,7 +332,7 @@ void lorastack_lora_i8(const uint16_t *x, uint16_t *y, const int8_t *A, const fl
  *   16 GGUF bytes.
  * Why: reading the file's layout, the block decode bound the kernel (scalar scale loads, a
  * shift, an insert and a widening per block): it ran 1.46x slower than the repacked decode on
- * weights already in cache and streamed the embedded base's layers at ~18 GB/s of the
+ * weights already in cache and streamed the embedded base's layers at ~17 GB/s of the
  * machine's ~36. Repacked, the decode is cheaper than the bytes, so the kernel also pulls the
  * next job's rows into cache while it computes (WEIGHT_PREFETCH_JOBS ahead). llama.cpp
  * repacks its blocks at load time for its CPU kernels too. */
