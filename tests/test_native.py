@@ -460,4 +460,17 @@ def test_gguf_blocks_are_cached_and_a_damaged_cache_entry_is_rebuilt(tiny_base, 
         assert again.keys() == first.keys()
         assert all(again[k].kind == first[k].kind and torch.equal(again[k].data, first[k].data) for k in first)
     assert entry.stat().st_size > 100  # rewritten
+    assert {b.kind for b in first.values()} == {"Q4_1R", "Q8_0"}  # stored and returned in the kernels' layout
+    # An entry from before the repack (the GGUF's own Q4_1 layout) still reads, repacked.
+    from safetensors.torch import save_file
+
+    raw = gguf_blocks._parse(*args)
+    save_file({n: b.data for n, b in raw.items()}, str(entry), metadata={n: b.kind for n, b in raw.items()})
+    gguf_blocks.read_blocks.cache_clear()
+    old = gguf_blocks.read_blocks(*args)
+    assert all(old[k].kind == first[k].kind and torch.equal(old[k].data, first[k].data) for k in first)
+    from safetensors import safe_open
+
+    with safe_open(str(entry), "pt") as fh:  # and the entry was rewritten in the kernels' layout
+        assert set((fh.metadata() or {}).values()) == {"Q4_1R", "Q8_0"}
     gguf_blocks.read_blocks.cache_clear()

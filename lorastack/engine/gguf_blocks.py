@@ -113,13 +113,14 @@ def _unpermute_rows(rows: int, heads: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=2)
 def read_blocks(path: Path, n_heads: int, kv_heads: int) -> dict[str, Blocks]:
     """Hugging Face parameter name -> Blocks, for every Q4_1/Q8_0 matrix of a Llama-family GGUF,
-    in the kernels' layout (`Blocks.for_kernels`: Q4_1 comes back as Q4_1R; ~0.2 s for the
-    embedded base, paid once per process).
+    in the kernels' layout (`Blocks.for_kernels`: Q4_1 comes back as Q4_1R).
 
     Cached twice: in memory (every engine on the same base shares one copy, ~96 MB for the
     embedded one) and as a safetensors file under the cache, because parsing the GGUF (its
-    tokenizer metadata, mostly) takes ~3-4 s, which every engine start would pay."""
-    from safetensors.torch import load_file, save_file
+    tokenizer metadata, mostly) takes ~3-4 s, which every engine start would pay. The file
+    holds the kernels' layout too, so a start does not repack (~0.2 s for the embedded base);
+    an entry written before the repack existed is repacked and rewritten when first read."""
+    from safetensors.torch import load_file
 
     entry = cache_dir() / "gguf_blocks" / f"{path.stem}-{file_digest(path)}-h{n_heads}-{kv_heads}.safetensors"
     if entry.is_file():
@@ -128,23 +129,35 @@ def read_blocks(path: Path, n_heads: int, kv_heads: int) -> dict[str, Blocks]:
 
             with safe_open(str(entry), "pt") as fh:
                 kinds = fh.metadata() or {}
-            return {name: Blocks(kinds[name], t).for_kernels() for name, t in load_file(str(entry)).items()}
+            stored = {name: Blocks(kinds[name], t) for name, t in load_file(str(entry)).items()}
+            out = {name: b.for_kernels() for name, b in stored.items()}
+            if any(b is not stored[name] for name, b in out.items()):
+                _write_entry(entry, out)  # an entry from before the repack: rewritten once
+            return out
         except Exception as e:  # noqa: BLE001 - a damaged cache entry is rebuilt
             log.warning("GGUF block cache %s unreadable (%s); reading the GGUF", entry, e)
-    out = _parse(path, n_heads, kv_heads)
+    out = {name: b.for_kernels() for name, b in _parse(path, n_heads, kv_heads).items()}
+    _write_entry(entry, out)
+    return out
+
+
+def _write_entry(entry: Path, blocks: dict[str, Blocks]) -> None:
+    """Store `blocks` as the cache entry, atomically; a read-only cache only costs the next
+    start its parse."""
+    from safetensors.torch import save_file
+
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
         os.close(fd)
         try:
-            save_file({n: b.data for n, b in out.items()}, tmp, metadata={n: b.kind for n, b in out.items()})
+            save_file({n: b.data for n, b in blocks.items()}, tmp, metadata={n: b.kind for n, b in blocks.items()})
             os.replace(tmp, entry)  # atomic: readers never see a half-written file
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    except OSError as e:  # a read-only cache only costs the next start its parse
+    except OSError as e:
         log.warning("could not write GGUF block cache %s: %s", entry, e)
-    return {name: b.for_kernels() for name, b in out.items()}
 
 
 def _parse(path: Path, n_heads: int, kv_heads: int) -> dict[str, Blocks]:
