@@ -38,7 +38,9 @@ vs torch's GEMM, from the GGUF blocks and from the bf16 weights.
 Int8 layers change outputs a little: the greedy tokens of rows (a) and (o) are compared at every N
 (rows whose whole output agrees, and tokens before each row's first difference).
 Also: time to first token for a 256-token prompt, peak RSS, memory bandwidth and the
-batch-1 roofline. Prints a table and ratios; writes engine.json and engine.png.
+batch-1 roofline, and the compute roofline (the dot-product instructions' peak rate, measured
+from registers in the same run, over the matmuls' multiply-adds a token) with the share of it
+that decode reaches at N > 1. Prints a table and ratios; writes engine.json and engine.png.
 """
 
 from __future__ import annotations
@@ -418,6 +420,13 @@ def main() -> None:
             p.numel() * p.element_size() for name, p in base.model.named_parameters() if "norm" in name)
         roofline_blocks = bw * 1e9 / block_bytes
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # Compute roofline: the matmuls' multiply-adds a token (layers and LM head; attention and
+        # LoRA not counted) at the dot-product instructions' peak rate, measured now from registers.
+        macs_token = sum(p.numel() for name, p in base.model.named_parameters()
+                         if p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name) + base.model.lm_head.weight.numel()
+        native = engine.runner.native
+        peak = {"bf16": native.peak_macs(), "int8": native.peak_macs(int8=True)} if native else {}
+        compute_roofline = {k: v / macs_token for k, v in peak.items()}
 
         labels = {
             "a": "lorastack, N different adapters", "b": "lorastack, one adapter", "c": "lorastack, bare base",
@@ -470,6 +479,19 @@ def main() -> None:
         print(f"memory bandwidth {bw:.1f} GB/s; bf16 weights {weight_bytes / 1e6:.0f} MB/token -> batch-1 roofline {roofline:.0f} tok/s "
               f"(bf16 row k reaches {rows['k'][1] / roofline:.0%}); GGUF blocks {block_bytes / 1e6:.0f} MB/token -> roofline "
               f"{roofline_blocks:.0f} tok/s (row c reaches {rows['c'][1] / roofline_blocks:.0%})")
+        if compute_roofline:
+            big = [n for n in ns if n > 1]
+
+            def reach(key: str, kind: str) -> str:
+                return " / ".join(f"{decode[key].get(n, float('nan')) / compute_roofline[kind]:.0%}" for n in big)
+
+            print(f"compute: {macs_token / 1e6:.1f} M multiply-adds a token in the matmuls (layers + LM head; attention and "
+                  f"LoRA not counted); dot products from registers {peak['bf16'] / 1e9:.0f} GMAC/s bf16, {peak['int8'] / 1e9:.0f} "
+                  f"int8 -> roofline {compute_roofline['bf16']:.0f} tok/s exact, {compute_roofline['int8']:.0f} with int8 matmuls. "
+                  f"Decode only at N = {' / '.join(map(str, big))}: bare base {reach('c', 'bf16')}, N adapters {reach('a', 'bf16')}; "
+                  f"int8 bare base {reach('p', 'int8')}, int8 N adapters {reach('o', 'int8')}")
+        else:
+            print("compute roofline: not measured (the compiled kernels are not in use)")
         for task, r in task_agree.items():
             print(f"int8 matmuls vs exact on {task}'s trained adapter, 64 test prompts in one batch: {r['identical']:.0%} answers "
                   f"identical; exact match {r['accuracy_exact']:.1%} exact, {r['accuracy_int8']:.1%} int8")
@@ -487,6 +509,7 @@ def main() -> None:
                   "native": bool(engine.runner.native), "repeats": args.repeats,
                   "bandwidth_gbs": bw, "weight_bytes": weight_bytes, "roofline_tok_s": roofline,
                   "gguf_block_bytes": block_bytes, "roofline_blocks_tok_s": roofline_blocks, "prompt_lookup": lookup,
+                  "macs_per_token": macs_token, "peak_macs_per_s": peak, "compute_roofline_tok_s": compute_roofline,
                   "ttft_ms": {"base": ttft[0] * 1000, "adapter": ttft[1] * 1000}, "prefill_ms": prefill, "adapter_load_ms": [x * 1000 for x in load_s],
                   "peak_rss_mb": peak_rss_mb}
         (args.out / "engine.json").write_text(json.dumps(result, indent=2))

@@ -474,3 +474,11 @@ def test_gguf_blocks_are_cached_and_a_damaged_cache_entry_is_rebuilt(tiny_base, 
     with safe_open(str(entry), "pt") as fh:  # and the entry was rewritten in the kernels' layout
         assert set((fh.metadata() or {}).values()) == {"Q4_1R", "Q8_0"}
     gguf_blocks.read_blocks.cache_clear()
+
+
+def test_peak_rate_counts_the_multiply_adds_it_runs(kernels):
+    """bench/engine.py's compute roofline divides these counts by the time they took."""
+    assert kernels._peak(0, 10, 1) == 10 * 12 * 32  # vdpbf16ps: 32 multiply-adds each
+    assert kernels._peak(1, 10, 2) == 2 * 10 * 12 * 64  # vpdpbusd: 64, on each of 2 threads
+    rate = kernels.peak_macs(seconds=0.02)
+    assert 1e8 < rate < 1e14

@@ -1096,3 +1096,36 @@ void lorastack_decode_layers(const DecodeLayer *layers, int nl, const uint16_t *
     free(gu);
     free(act);
 }
+
+/* ---------------------------------------------------------------- peak rate
+ * How fast this CPU runs the two dot-product instructions the matmuls are built on, from
+ * registers only (no memory traffic): the compute roofline bench/engine.py holds the large-batch
+ * rows against. 12 independent chains a thread hide the instructions' latency. `kind` 0:
+ * vdpbf16ps (32 multiply-adds, the exact path), 1: vpdpbusd (64, int8 matmuls). Returns the
+ * multiply-adds done, for the caller to time. */
+double lorastack_peak_macs(int kind, int64_t iters, int threads) {
+    double total = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+    {
+        float sink = 0;
+        if (kind == 0) {
+            __m512 acc[12];
+            __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80), b = (__m512bh)_mm512_set1_epi16(0x3c00);
+            for (int j = 0; j < 12; j++) acc[j] = _mm512_setzero_ps();
+            for (int64_t it = 0; it < iters; it++)
+                for (int j = 0; j < 12; j++) acc[j] = _mm512_dpbf16_ps(acc[j], a, b);
+            for (int j = 0; j < 12; j++) sink += _mm512_reduce_add_ps(acc[j]);
+            total = (double)iters * 12 * 32;
+        } else {
+            __m512i acc[12];
+            __m512i a = _mm512_set1_epi8(1), b = _mm512_set1_epi8(1);
+            for (int j = 0; j < 12; j++) acc[j] = _mm512_setzero_si512();
+            for (int64_t it = 0; it < iters; it++)
+                for (int j = 0; j < 12; j++) acc[j] = _mm512_dpbusd_epi32(acc[j], a, b);
+            for (int j = 0; j < 12; j++) sink += (float)_mm512_reduce_add_epi32(acc[j]);
+            total = (double)iters * 12 * 64;
+        }
+        if (sink == 1.2345f) total += 1; /* keeps the chains alive; never true in practice */
+    }
+    return total;
+}

@@ -134,6 +134,9 @@ class Kernels:
         self._gemm_i8 = lib.lorastack_gemm_i8
         self._gemm_i8.argtypes = [p, p, p, p, i, i, i, i]
         self._gemm_i8.restype = None
+        self._peak = lib.lorastack_peak_macs
+        self._peak.argtypes = [i, ctypes.c_int64, i]
+        self._peak.restype = ctypes.c_double
         self._gemv_blocks = {}
         for kind in BLOCK_KINDS:
             fn = getattr(lib, f"lorastack_gemv_{kind.lower()}")
@@ -164,6 +167,21 @@ class Kernels:
         y = torch.empty(m, blocks.shape[0], dtype=torch.bfloat16)
         self._gemv_blocks[kind](x.data_ptr(), blocks.data_ptr(), y.data_ptr(), m, k, blocks.shape[0], torch.get_num_threads())
         return y
+
+    def peak_macs(self, int8: bool = False, seconds: float = 0.2) -> float:
+        """Multiply-adds per second of the matmuls' dot-product instruction (bf16, or int8 with
+        `int8`) on all threads, from registers only: the compute roofline (best of a few runs of
+        about `seconds` / 4 each; this machine is shared)."""
+        import time
+
+        iters, best = 100_000, 0.0
+        for _ in range(4):
+            t0 = time.perf_counter()
+            macs = self._peak(1 if int8 else 0, iters, torch.get_num_threads())
+            dt = time.perf_counter() - t0
+            best = max(best, macs / dt)
+            iters = max(1000, int(iters * (seconds / 4) / max(dt, 1e-6)))
+        return best
 
     def i8_pack(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """A bf16 weight `[out, in]` (`i8_fits`) as int8 matmuls' packed u8 tiles and per-output
