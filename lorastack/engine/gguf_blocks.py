@@ -1,4 +1,4 @@
-"""The quantized blocks of a GGUF base, kept as they are in the file for decode GEMVs.
+"""The quantized blocks of a GGUF base, kept quantized for decode GEMVs.
 
 The embedded base is a GGUF whose linear layers are Q4_1 and whose tied embedding / LM head
 is Q8_0. `Base.load` dequantizes it to bf16 (training, prefill and the reference path use
@@ -7,7 +7,8 @@ instead of 269 MB) through kernels.c, which rebuilds each block's weights exactl
 dequantization did, so the output does not change (tests/test_native.py).
 
 Only what the kernels read is kept: Q4_1 and Q8_0 tensors of Llama-family layers. Every
-other GGUF type stays on the dequantized bf16 path.
+other GGUF type stays on the dequantized bf16 path. Q8_0 stays in the file's layout; Q4_1 rows
+are repacked once (`Blocks.for_kernels`: same bytes a row, cheaper for the kernel to decode).
 """
 
 from __future__ import annotations

@@ -334,8 +334,9 @@ void lorastack_lora_i8(const uint16_t *x, uint16_t *y, const int8_t *A, const fl
  * shift, an insert and a widening per block): it ran 1.46x slower than the repacked decode on
  * weights already in cache and streamed the embedded base's layers at ~17 GB/s of the
  * machine's ~36. Repacked, the decode is cheaper than the bytes, so the kernel also pulls the
- * next job's rows into cache while it computes (WEIGHT_PREFETCH_JOBS ahead). llama.cpp
- * repacks its blocks at load time for its CPU kernels too. */
+ * rows of the job WEIGHT_PREFETCH_JOBS ahead into cache while it computes (2: in A/B runs of a
+ * batch-1 step, 0 and 1 were slower and 4 the same). llama.cpp repacks its blocks at load time
+ * for its CPU kernels too. */
 enum { BLOCK_Q4_1R = 0, BLOCK_Q8_0 = 1 };
 #define WEIGHT_PREFETCH_JOBS 2
 
