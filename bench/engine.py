@@ -296,6 +296,10 @@ def main() -> None:
     args = ap.parse_args()
     ns = sorted({1, *(int(x) for x in args.n.split(","))})  # batch 1 always runs: the summary compares it
     torch.manual_seed(0)
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    print(f"load average at start {load:.1f} on {cores} cores" + (
+        ": other work is running; every row will be slower and noisier (an idle machine gives comparable figures)"
+        if load >= cores * 0.75 else ""), flush=True)
 
     base = Base.load("embedded", dtype=args.dtype)
     if args.prefill_only:

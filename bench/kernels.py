@@ -15,6 +15,7 @@ effective GB/s of weights streamed, and the kernel's speed-up over torch, all in
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,10 +61,11 @@ def main() -> None:
     megabytes = sum(w.numel() * 2 for layer in weights for w in layer) / 1e6
     k = kernels()
     i8 = [[k.i8_pack(w) for w in layer] for layer in weights] if k else None
+    warn_if_loaded()
     print(f"{args.layers} layers, {megabytes:.0f} MB of bf16 weights per pass, {torch.get_num_threads()} threads; "
           f"kernel: {'compiled' if k else 'unavailable here (needs gcc and AVX512-BF16)'}")
     print(f"{'rows':>4} {'torch bf16':>18} {'kernel bf16':>18} {'kernel Q4_1':>18} {'aten int8':>18} {'kernel int8':>18} "
-          f"{'kernel/torch':>13} {'Q4_1/bf16 kernel':>17} {'int8/Q4_1 kernel':>17}")
+          f"{'speed-ups:':>11} {'kernel vs torch':>15} {'Q4_1 vs bf16 kernel':>19} {'int8 vs Q4_1':>12}")
     for rows in [int(r) for r in args.rows.split(",")]:
         t_torch = timed(lambda x, w: F.linear(x, w), weights, rows)
         t_k = timed(lambda x, w: k.gemv(x, w), weights, rows) if k else float("nan")
@@ -72,8 +74,17 @@ def main() -> None:
         t_i = timed(lambda x, p: k.gemm_i8(x, *p), i8, rows) if k else float("nan")
         cell = lambda t, mb: f"{t:7.2f} ms {mb / t:5.1f} GB/s"  # noqa: E731 - MB/ms = GB/s
         print(f"{rows:>4} {cell(t_torch, megabytes):>18} {cell(t_k, megabytes):>18} {cell(t_q, block_mb):>18} "
-              f"{cell(t_8, megabytes / 2):>18} {cell(t_i, megabytes / 2):>18} {t_torch / t_k:>12.2f}x {t_k / t_q:>16.2f}x "
-              f"{t_q / t_i:>16.2f}x")
+              f"{cell(t_8, megabytes / 2):>18} {cell(t_i, megabytes / 2):>18} {'':>11} {t_torch / t_k:>14.2f}x "
+              f"{t_k / t_q:>18.2f}x {t_q / t_i:>11.2f}x")
+
+
+def warn_if_loaded() -> None:
+    """Say so when other work already keeps the cores busy: each parallel region then waits for
+    a descheduled thread, and a timing can come out hundreds of times too slow."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load >= cores * 0.75:
+        print(f"warning: load average {load:.1f} on {cores} cores: other work is running, so timings with "
+              f"{torch.get_num_threads()} threads can be far off (try again on an idle machine or with OMP_NUM_THREADS=1)")
 
 
 if __name__ == "__main__":

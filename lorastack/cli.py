@@ -114,9 +114,15 @@ def _runtime(dtype: Optional[str] = None):
     return rt
 
 
+# The server's schema caps temperature at 2 (as OpenAI's API does); the CLI takes the same range.
+MAX_TEMPERATURE = 2.0
+
+
 def _sampling(max_tokens: int, temperature: float, top_p: float, top_k: int, seed: Optional[int], stop: list[str]):
     from .engine.generate import Sampling
 
+    if temperature > MAX_TEMPERATURE:
+        raise LorastackError(f"temperature must be at most {MAX_TEMPERATURE:g}, got {temperature:g}")
     return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop))
 
 
@@ -530,9 +536,9 @@ CHAT_HELP = """commands:
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="The user message to answer."),
-    model: str = typer.Option("base", "--model", "-m", help="SPEC: base, an adapter name, a:0.7+b:0.3, or auto[:knn]."),
+    model: str = typer.Option("base", "--model", "-m", help="SPEC: base, an adapter name, a:0.7+b:0.3, or auto[:learned|knn|arrow]."),
     max_tokens: int = typer.Option(128, "--max-tokens", help="Most tokens to generate."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 decodes greedily; higher samples more freely."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 decodes greedily; higher samples more freely (at most 2)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set of tokens with this much probability."),
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k likeliest tokens (0: all)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (same seed, same sample)."),
@@ -619,7 +625,7 @@ def _route_line(rt, model: str, handle, explain: bool, show: bool) -> str | None
 def chat(
     model: str = typer.Option("base", "--model", "-m", help="SPEC to chat with (base, an adapter, a:0.7+b:0.3, auto, stack/NAME)."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens per reply."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 decodes greedily; higher samples more freely."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 decodes greedily; higher samples more freely (at most 2)."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message opening the conversation."),
     explain: bool = typer.Option(False, "--explain", help="Print each turn's routing decision (stderr); /route toggles it."),
     false_route: Optional[float] = typer.Option(None, "--false-route", help="With auto: the routing operating point."),
