@@ -563,8 +563,14 @@ def generate(
                                    constraint=_constraint(json_object, json_schema))
     rt = _runtime()
     _check_model(rt, model)
-    if sampling.constraint is not None and _stack_for(rt, model) is not None:
+    stack = _stack_for(rt, model)
+    if sampling.constraint is not None and stack is not None:
         raise LorastackError("--json-object / --json-schema do not apply to stacks (each stage has its own settings)")
+    if stack is None:  # the server refuses the same; past its context the base only degrades
+        used = len(rt.base.chat_ids([{"role": "user", "content": prompt}])) + sampling.max_tokens
+        if used > rt.context_length():
+            raise LorastackError(f"prompt + max_tokens ({used} tokens) exceeds the base's context of "
+                                 f"{rt.context_length()} tokens; lower --max-tokens")
     handle = rt.start(model, prompt, sampling, false_route=false_route)
     gen = handle.result()
     line = _route_line(rt, model, handle, explain, show_route and not as_json)

@@ -90,6 +90,8 @@ def test_route_generate_and_eval_commands_on_a_tiny_base(tiny_base_dir, tmp_path
     assert "[route] date_format: routed: best candidate date_format by examples, confidence" in r.stderr
     r = run(*common, "generate", "Rewrite the date 2031-04-09 in words", "--model", "date_format:0.5+reverse_words:0.5", "--max-tokens", "4")
     assert r.returncode == 0, r.stderr
+    r = run(*common, "generate", "Rewrite the date 2031-04-09 in words", "--max-tokens", "300")  # the tiny base holds 256
+    assert r.returncode == 2 and "exceeds the base's context of 256 tokens" in r.stderr and "Traceback" not in r.stderr
     data = tmp_path / "mixed.jsonl"
     rows = get_task("date_format").generate(3, "test", 0) + get_task("reverse_words").generate(3, "test", 0)
     data.write_text("".join(json.dumps(x) + "\n" for x in rows))
