@@ -23,7 +23,7 @@ import click  # noqa: E402
 import typer  # noqa: E402
 import typer.core  # noqa: E402
 
-from .errors import LorastackError  # noqa: E402
+from .errors import LorastackError, NotFoundError, unknown_name_message  # noqa: E402
 
 def _flags_without_value_types() -> None:
     """typer's rich help prints a value type after every option, flags too (`--force <bool>`),
@@ -561,6 +561,7 @@ def generate(
     check_text(prompt, "PROMPT")
     sampling = dataclasses.replace(_sampling(max_tokens, temperature, top_p, top_k, seed, stop),
                                    constraint=_constraint(json_object, json_schema))
+    _check_names_early(model)
     rt = _runtime()
     _check_model(rt, model)
     stack = _stack_for(rt, model)
@@ -587,6 +588,22 @@ def generate(
                      "completion_tokens": gen.completion_tokens})
         return
     typer.echo(gen.text)
+
+
+def _check_names_early(model: str) -> None:
+    """An adapter name the library does not hold fails before the base loads (~8 s for the
+    embedded one); `_check_model` then checks the rest (base fit, routers, stacks)."""
+    from .route import AutoSpec, is_stack, parse_spec
+
+    if is_stack(model):
+        return
+    parsed = parse_spec(model)
+    if isinstance(parsed, AutoSpec):
+        return
+    known = _library().names()
+    for name in parsed.names:
+        if name not in known:
+            raise NotFoundError(unknown_name_message("adapter", name, known))
 
 
 def _check_model(rt, model: str) -> None:

@@ -36,6 +36,7 @@ def test_tasks_list_and_make(tmp_path):
     (["eval", "--task", "date_format", "--n", "0"], "--n must be >= 1"),
     (["generate", "x", "--model", "a:1e9"], "at most 10"),
     (["generate", "x", "--temperature", "1e9"], "temperature must be at most 2"),  # the server's range too
+    (["generate", "x", "--model", "nosuch"], "unknown adapter 'nosuch'"),  # named before the base loads
 ])
 def test_user_errors_have_no_traceback(args, needle):
     r = run(*args)
