@@ -66,6 +66,7 @@ from lorastack.engine.native import MAX_ROWS  # noqa: E402
 from lorastack.engine.sampling import Sampling  # noqa: E402
 from lorastack.library import Library  # noqa: E402
 from lorastack.route import BASE_ROUTE, parse_spec  # noqa: E402
+from kernels import machine_load  # noqa: E402 - bench/kernels.py, this script's neighbour
 
 PROMPT = "Reverse the order of these words: harbor tiger fancy quick vast kind"
 
@@ -296,10 +297,10 @@ def main() -> None:
     args = ap.parse_args()
     ns = sorted({1, *(int(x) for x in args.n.split(","))})  # batch 1 always runs: the summary compares it
     torch.manual_seed(0)
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    load, cores, loaded = machine_load()
     print(f"load average at start {load:.1f} on {cores} cores" + (
         ": other work is running; every row will be slower and noisier (an idle machine gives comparable figures)"
-        if load >= cores * 0.75 else ""), flush=True)
+        if loaded else ""), flush=True)
 
     base = Base.load("embedded", dtype=args.dtype)
     if args.prefill_only:

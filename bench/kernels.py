@@ -78,11 +78,17 @@ def main() -> None:
               f"{t_k / t_q:>18.2f}x {t_q / t_i:>11.2f}x")
 
 
-def warn_if_loaded() -> None:
-    """Say so when other work already keeps the cores busy: each parallel region then waits for
-    a descheduled thread, and a timing can come out hundreds of times too slow."""
+def machine_load() -> tuple[float, int, bool]:
+    """(1-minute load average, cores, whether other work already keeps the cores busy): then each
+    parallel region waits for a descheduled thread, and a timing can come out hundreds of times
+    too slow. bench/engine.py reports it too."""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load >= cores * 0.75:
+    return load, cores, load >= cores * 0.75
+
+
+def warn_if_loaded() -> None:
+    load, cores, loaded = machine_load()
+    if loaded:
         print(f"warning: load average {load:.1f} on {cores} cores: other work is running, so timings with "
               f"{torch.get_num_threads()} threads can be far off (try again on an idle machine or with OMP_NUM_THREADS=1)")
 

@@ -23,7 +23,7 @@ import click  # noqa: E402
 import typer  # noqa: E402
 import typer.core  # noqa: E402
 
-from .errors import LorastackError, NotFoundError, unknown_name_message  # noqa: E402
+from .errors import LorastackError  # noqa: E402
 
 def _flags_without_value_types() -> None:
     """typer's rich help prints a value type after every option, flags too (`--force <bool>`),
@@ -568,10 +568,10 @@ def generate(
     if sampling.constraint is not None and stack is not None:
         raise LorastackError("--json-object / --json-schema do not apply to stacks (each stage has its own settings)")
     if stack is None:  # the server refuses the same; past its context the base only degrades
-        used = len(rt.base.chat_ids([{"role": "user", "content": prompt}])) + sampling.max_tokens
-        if used > rt.context_length():
-            raise LorastackError(f"prompt + max_tokens ({used} tokens) exceeds the base's context of "
-                                 f"{rt.context_length()} tokens; lower --max-tokens")
+        used, context = len(rt.base.chat_ids([{"role": "user", "content": prompt}])) + sampling.max_tokens, rt.context_length()
+        if used > context:
+            raise LorastackError(f"prompt + max_tokens ({used} tokens) exceeds the base's context of {context} tokens; "
+                                 "lower --max-tokens")
     handle = rt.start(model, prompt, sampling, false_route=false_route)
     gen = handle.result()
     line = _route_line(rt, model, handle, explain, show_route and not as_json)
@@ -600,10 +600,9 @@ def _check_names_early(model: str) -> None:
     parsed = parse_spec(model)
     if isinstance(parsed, AutoSpec):
         return
-    known = _library().names()
+    library = _library()
     for name in parsed.names:
-        if name not in known:
-            raise NotFoundError(unknown_name_message("adapter", name, known))
+        library.get(name)  # NotFoundError, naming close matches
 
 
 def _check_model(rt, model: str) -> None:
