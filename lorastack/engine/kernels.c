@@ -582,7 +582,7 @@ static inline void tile_rows(const uint32_t *P, const uint16_t *x, uint16_t *y, 
 
 /* Tile rows o0..o0+15 decoded into P [in/2 pairs][16 outputs]; ds, ms: scratch [16 * nb]. */
 static inline void tile_decode(int kind, const uint8_t *W, int nb, int o0, uint32_t *P, float *ds, float *ms) {
-    int64_t rb = (int64_t)nb * (kind == BLOCK_Q4_1R ? 20 : 34);
+    int64_t rb = block_row_bytes(kind, nb * 32);
     if (kind == BLOCK_Q4_1R)
         for (int j = 0; j < 16; j++) {
             const uint16_t *row = (const uint16_t *)(W + (int64_t)(o0 + j) * rb);
