@@ -40,7 +40,8 @@ Int8 layers change outputs a little: the greedy tokens of rows (a) and (o) are c
 Also: time to first token for a 256-token prompt, peak RSS, memory bandwidth and the
 batch-1 roofline, and the compute roofline (the dot-product instructions' peak rate, measured
 from registers in the same run, over the matmuls' multiply-adds a token) with the share of it
-that decode reaches at N > 1. Prints a table and ratios; writes engine.json and engine.png.
+that decode reaches at N > 1, and the end-to-end one (each request's prompt prefill counted too)
+with the share the N-adapter rows reach. Prints a table and ratios; writes engine.json and engine.png.
 """
 
 from __future__ import annotations
@@ -432,6 +433,11 @@ def main() -> None:
         native = engine.runner.native
         peak = {"bf16": native.peak_macs(), "int8": native.peak_macs(int8=True)} if native else {}
         compute_roofline = {k: v / macs_token for k, v in peak.items()}
+        # End to end, a request also prefills its prompt: its len(ids) tokens through the layers (the
+        # LM head only for the last one), then T - 1 decode steps for its T counted tokens.
+        head_macs = base.model.lm_head.weight.numel()
+        macs_request = len(ids) * (macs_token - head_macs) + head_macs + (T - 1) * macs_token
+        compute_roofline_e2e = {k: v * T / macs_request for k, v in peak.items()}
 
         labels = {
             "a": "lorastack, N different adapters", "b": "lorastack, one adapter", "c": "lorastack, bare base",
@@ -495,6 +501,11 @@ def main() -> None:
                   f"int8 -> roofline {compute_roofline['bf16']:.0f} tok/s exact, {compute_roofline['int8']:.0f} with int8 matmuls. "
                   f"Decode only at N = {' / '.join(map(str, big))}: bare base {reach('c', 'bf16')}, N adapters {reach('a', 'bf16')}; "
                   f"int8 bare base {reach('p', 'int8')}, int8 N adapters {reach('o', 'int8')}")
+            e2e = " / ".join(f"{rows['a'].get(n, float('nan')) / compute_roofline_e2e['bf16']:.0%} exact, "
+                             f"{rows['o'].get(n, float('nan')) / compute_roofline_e2e['int8']:.0%} int8" for n in big)
+            print(f"compute, end to end (a request = its {len(ids)}-token prompt prefilled + {T - 1} decode steps for its {T} "
+                  f"tokens): roofline {compute_roofline_e2e['bf16']:.0f} tok/s exact, {compute_roofline_e2e['int8']:.0f} with "
+                  f"int8 matmuls; N adapters at N = {' / '.join(map(str, big))} reach {e2e}")
         else:
             print("compute roofline: not measured (the compiled kernels are not in use)")
         for task, r in task_agree.items():
@@ -515,6 +526,7 @@ def main() -> None:
                   "bandwidth_gbs": bw, "weight_bytes": weight_bytes, "roofline_tok_s": roofline,
                   "gguf_block_bytes": block_bytes, "roofline_blocks_tok_s": roofline_blocks, "prompt_lookup": lookup,
                   "macs_per_token": macs_token, "peak_macs_per_s": peak, "compute_roofline_tok_s": compute_roofline,
+                  "compute_roofline_end_to_end_tok_s": compute_roofline_e2e,
                   "ttft_ms": {"base": ttft[0] * 1000, "adapter": ttft[1] * 1000}, "prefill_ms": prefill, "adapter_load_ms": [x * 1000 for x in load_s],
                   "peak_rss_mb": peak_rss_mb}
         (args.out / "engine.json").write_text(json.dumps(result, indent=2))

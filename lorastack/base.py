@@ -221,6 +221,11 @@ class Base:
         ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
         return ids + [self.eos_token_id]
 
+    def context_length(self) -> int:
+        """The base's context window in tokens (a large number when its config does not say):
+        positions past it were never trained, so every caller caps prompt + answer at it."""
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or 1 << 30
+
     @property
     def eos_token_id(self) -> int:
         return int(self.tokenizer.eos_token_id)

@@ -643,6 +643,22 @@ def _route_line(rt, model: str, handle, explain: bool, show: bool) -> str | None
     return f"[route] {model} abstained → base" if decision.abstained else f"[route] {model} → {decision.route}"
 
 
+def _fit_context(rt: "Runtime", history: list[dict[str, str]], max_tokens: int, keep_first: bool) -> int:
+    """Drops the oldest user/assistant exchanges until the conversation plus a full reply fits
+    the base's context, and returns how many messages went: a long chat keeps answering
+    instead of failing (or being cut short) once it outgrows the window. The system message
+    (`keep_first`) and the new message always stay; if they alone leave no room for an answer,
+    nothing is dropped and the engine refuses the message with one line."""
+    first, context = (1 if keep_first else 0), rt.context_length()
+    if len(rt.base.chat_ids(history[:first] + history[-1:])) >= context:
+        return 0
+    dropped = 0
+    while len(history) - first > 1 and len(rt.base.chat_ids(history)) + max_tokens > context:
+        del history[first : first + 2]
+        dropped += 2
+    return dropped
+
+
 @app.command()
 def chat(
     model: str = typer.Option("base", "--model", "-m", help="SPEC to chat with (base, an adapter, a:0.7+b:0.3, auto, stack/NAME)."),
@@ -700,11 +716,14 @@ def chat(
             typer.echo(f"error: {e}", err=True)
             continue
         history.append({"role": "user", "content": line})
+        dropped = _fit_context(rt, history, sampling.max_tokens, keep_first=bool(system))
+        if dropped:
+            typer.echo(f"(dropped the {dropped} oldest messages to fit the base's context of {rt.context_length()} tokens)", err=True)
         # A stack answers each message on its own (its stages read the last user message).
-        handle = rt.start(model, history, sampling, false_route=false_route)
         try:
+            handle = rt.start(model, history, sampling, false_route=false_route)
             reply = handle.result().text
-        except LorastackError as e:
+        except LorastackError as e:  # one bad message (too long, a removed adapter) ends no chat
             history.pop()
             typer.echo(f"error: {e}", err=True)
             continue

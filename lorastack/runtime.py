@@ -137,8 +137,8 @@ class Runtime:
         return [RouteDecision(Route(), {}, True) for _ in texts]
 
     def context_length(self) -> int:
-        """The base's context window in tokens (a large number when the config does not say)."""
-        return int(getattr(self.base.model.config, "max_position_embeddings", 0) or 0) or 1 << 30
+        """The base's context window in tokens (`Base.context_length`)."""
+        return self.base.context_length()
 
     def router_name(self, spec: str) -> str | None:
         parsed = parse_spec(spec)

@@ -129,6 +129,13 @@ def test_chat_slash_commands_search_message_and_show_route(tiny_base_dir, tmp_pa
     assert "now chatting with reverse_words" in r.stderr and "[route] reverse_words" in r.stderr
     assert "history cleared" in r.stderr and "Traceback" not in r.stderr
     assert r.stdout.count("> ") == 2  # two model replies; the commands never reached the model
+    # A chat that outgrows the tiny base's 256-token context drops its oldest exchanges and goes on.
+    long = "alpha beta gamma delta " * 5
+    r = subprocess.run([sys.executable, "-m", "lorastack.cli", *common, "chat", "--max-tokens", "3", "--system", "Be brief."],
+                       input=f"{long}\n{long}\n{long}\n{long}\n{long * 5}\n{long}\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "error: prompt is" in r.stderr  # the one message that alone outgrows the context; the chat goes on
+    assert r.stdout.count("> ") == 5 and r.stderr.count("oldest messages") == 3 and "oldest messages to fit the base's context of 256 tokens" in r.stderr, r.stderr
     r = run(*common, "adapters", "search", "zzz")
     assert r.returncode == 0 and "no adapter's name or description contains 'zzz'" in r.stderr
     r = run(*common, "generate", "Reverse the order of these words: a b", "--model", "auto", "--explain", "--max-tokens", "2")

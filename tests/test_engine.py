@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lorastack.engine.engine import Engine
+from lorastack.engine.generate import Generator
 from lorastack.engine.sampling import Sampling
 from lorastack.errors import LorastackError
 from lorastack.library import Library
@@ -110,6 +111,24 @@ def test_continuous_batching_admits_between_steps_and_respects_limits(tiny_base,
         assert len(r.tokens) == n or r.finish_reason == "stop"
     # FIFO: the fourth request started before the fifth.
     assert reqs[3].first_token_at <= reqs[4].first_token_at
+
+
+def test_answers_stop_at_the_base_context_and_overlong_prompts_are_refused(tiny_base):
+    context = tiny_base.context_length()
+    engine = Engine(tiny_base)
+    ids = [5] * (context - 4)
+    req = engine.submit_ids(ids, BASE_ROUTE, Sampling(max_tokens=50, ignore_eos=True))
+    while not req.done:
+        engine.step()
+    gen = req.result()
+    assert gen.completion_tokens == 4 and gen.finish_reason == "length"
+    with pytest.raises(LorastackError, match=f"prompt is {context} tokens; the base's context is {context}"):
+        engine.submit_ids([5] * context, BASE_ROUTE, Sampling(max_tokens=1))
+    gen = Generator(tiny_base).generate([[{"role": "user", "content": "word " * (context - 40)}]], BASE_ROUTE,
+                                        Sampling(max_tokens=50))[0]
+    assert gen.prompt_tokens + gen.completion_tokens <= context
+    with pytest.raises(LorastackError, match="the base's context is"):
+        Generator(tiny_base).generate([[{"role": "user", "content": "word " * context}]], BASE_ROUTE, Sampling(max_tokens=1))
 
 
 def test_sampling_seed_is_reproducible_and_stop_strings(tiny_base):
