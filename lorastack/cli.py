@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,6 +24,10 @@ import typer  # noqa: E402
 import typer.core  # noqa: E402
 
 from .errors import LorastackError  # noqa: E402
+
+if TYPE_CHECKING:  # the runtime (torch and all) loads only when a command needs it
+    from .runtime import Runtime
+
 
 def _flags_without_value_types() -> None:
     """typer's rich help prints a value type after every option, flags too (`--force <bool>`),
@@ -165,10 +169,13 @@ def tasks_make(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write JSONL here instead of stdout."),
 ) -> None:
     """Generate a JSONL dataset from a built-in task."""
-    from .data import write_jsonl
+    from .data import check_output_file, write_jsonl
     from .tasks import get_task
 
     from .stacks.composite import COMPOSITE
+
+    if out:
+        check_output_file(out, "--out")
 
     # Composite tasks (stacks' benchmarks) also have a "long" split: longer inputs than training.
     records = (COMPOSITE[name] if name in COMPOSITE else get_task(name)).generate(n, split=split, seed=seed)
@@ -436,6 +443,9 @@ def router_fit(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) ->
 @adapters_app.command("search")
 def adapters_search(text: str = typer.Argument(..., help="Text to look for (case-insensitive)."), as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Adapters whose name or description contains TEXT."""
+    from .data import check_text
+
+    check_text(text, "TEXT")
     found = _library().search(text)
     if as_json:
         _print_json([a.card.model_dump() for a in found])
@@ -451,11 +461,15 @@ def adapters_search(text: str = typer.Argument(..., help="Text to look for (case
 @app.command("route")
 def route_cmd(
     prompt: str = typer.Argument(..., help="The request to route."),
-    router: Optional[str] = typer.Option(None, "--router", help="knn (default), arrow or learned."),
+    router: Optional[str] = typer.Option(None, "--router", help="learned, knn or arrow (default: config.toml's [routing] default, learned if unset)."),
     false_route: Optional[float] = typer.Option(None, "--false-route", help="Operating point for this call: share of generic inputs allowed to reach an adapter (default from config)."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Show which route a router picks for PROMPT, what the decision was made on, and the time taken."""
+    from .data import check_text
+
+    if not check_text(prompt, "PROMPT").strip():
+        raise LorastackError("PROMPT is empty; give the request to route")
     rt = _runtime()
     r = rt.router(router)
     r.route([prompt])  # first call builds the index (signatures are computed once and stored)
@@ -481,11 +495,14 @@ SCORE_MEANING = {
 @router_app.command("calibrate")
 def router_calibrate(
     data: Path = typer.Option(..., "--data", help="JSONL of your own inputs: {prompt|messages, adapter} (adapter null or 'base': should not be routed)."),
-    router: str = typer.Option("knn", "--router", help="knn or learned."),
+    router: Optional[str] = typer.Option(None, "--router", help="learned or knn (default: the router plain auto uses)."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Fit the router's abstention threshold on your own labelled phrasings and save it with the library."""
+    from .config import default_router
     from .routing.calibrate import calibrate_on_data
+
+    router = router or default_router()
 
     info = calibrate_on_data(_runtime(), router, data)
     if as_json:
@@ -568,10 +585,12 @@ def generate(
     if sampling.constraint is not None and stack is not None:
         raise LorastackError("--json-object / --json-schema do not apply to stacks (each stage has its own settings)")
     if stack is None:  # the server refuses the same; past its context the base only degrades
-        used, context = len(rt.base.chat_ids([{"role": "user", "content": prompt}])) + sampling.max_tokens, rt.context_length()
-        if used > context:
-            raise LorastackError(f"prompt + max_tokens ({used} tokens) exceeds the base's context of {context} tokens; "
-                                 "lower --max-tokens")
+        prompt_tokens, context = len(rt.base.chat_ids([{"role": "user", "content": prompt}])), rt.context_length()
+        if prompt_tokens >= context:
+            raise LorastackError(f"the prompt alone is {prompt_tokens} tokens, past the base's context of {context} tokens; shorten it")
+        if prompt_tokens + sampling.max_tokens > context:
+            raise LorastackError(f"prompt + max_tokens ({prompt_tokens + sampling.max_tokens} tokens) exceeds the base's context "
+                                 f"of {context} tokens; lower --max-tokens to at most {context - prompt_tokens}")
     handle = rt.start(model, prompt, sampling, false_route=false_route)
     gen = handle.result()
     line = _route_line(rt, model, handle, explain, show_route and not as_json)
@@ -749,7 +768,7 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Exact-match accuracy of a SPEC on a dataset or a built-in task."""
-    from .data import read_jsonl, write_jsonl
+    from .data import check_output_file, read_jsonl, write_jsonl
     from .eval import evaluate
 
     if (data is None) == (task is None):
@@ -763,10 +782,11 @@ def eval_cmd(
     else:
         records = read_jsonl(data)[:n]
 
+    out = out or Path(f"eval-{model.replace('/', '_').replace(':', '_').replace('+', '_')}.jsonl")
+    check_output_file(out, "--out")
     rt = _runtime()
     _check_model(rt, model)
     result = evaluate(rt, model, records, batch_size=batch_size, label=model, stop_early=not full_outputs)
-    out = out or Path(f"eval-{model.replace('/', '_').replace(':', '_').replace('+', '_')}.jsonl")
     write_jsonl(out, result.rows)
     routed = rt.router_name(model) is not None
     summary = {**result.summary(), "results": str(out), **({"by_route": result.by_route()} if routed else {})}
@@ -794,6 +814,9 @@ def demo(
              base_source=OPTS.base, library_dir=OPTS.library, dtype=OPTS.dtype, **_int8())
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0 exposes it to the network: set an API key)."),
@@ -804,8 +827,9 @@ def serve(
     max_queue: int = typer.Option(64, "--max-queue", help="Waiting requests before 429 + Retry-After."),
     max_tokens: int = typer.Option(1024, "--max-tokens-cap", help="Largest max_tokens a request may ask for."),
     max_body: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body accepted (413 beyond)."),
+    max_prompt: int = typer.Option(4096, "--max-prompt-tokens", help="Longest prompt accepted, in tokens (400 beyond; the base's context also applies)."),
     import_root: list[Path] = typer.Option([], "--import-root", help="Directory HTTP imports may read from (repeatable; none = imports off)."),
-    log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level: debug, info, warning, error."),
+    log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level: " + ", ".join(LOG_LEVELS) + "."),
     docs: bool = typer.Option(True, "--docs/--no-docs", help="Serve /docs and /openapi.json (behind the API key when one is set)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log one line per request to stderr: client, method, path, status, model, route, tokens, latency."),
 ) -> None:
@@ -817,8 +841,15 @@ def serve(
     from .runtime import Runtime
     from .serve import ServeSettings, create_app
 
+    if not 1 <= port <= 65535:
+        raise LorastackError(f"--port must be between 1 and 65535, got {port}")
+    if log_level not in LOG_LEVELS:
+        raise LorastackError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    for option, value in (("--max-batch", max_batch), ("--max-resident", max_resident)):
+        if value < 1:
+            raise LorastackError(f"{option} must be >= 1, got {value}")
     settings = ServeSettings.with_env(api_key=api_key, max_queue=max_queue, max_tokens_cap=max_tokens,
-                                      default_max_tokens=min(256, max_tokens), max_body_bytes=max_body,
+                                      default_max_tokens=min(256, max_tokens), max_body_bytes=max_body, max_prompt_tokens=max_prompt,
                                       import_roots=tuple(import_root), docs=docs, access_log=access_log)
     from .base import Base
 

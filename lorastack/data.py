@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from .errors import DataError, LorastackError
 
 Record = dict[str, Any]
 ROLES = {"system", "user", "assistant"}
@@ -183,6 +183,17 @@ def bad_lines_message(path: Path, problems: list[str], limit: int = MAX_REPORTED
     shown = "\n".join(f"  {p}" for p in problems[:limit])
     more = f"\n  … and {len(problems) - limit} more" if len(problems) > limit else ""
     return f"{path}: {len(problems)} bad lines:\n{shown}{more}"
+
+
+def check_output_file(path: str | Path, option: str) -> None:
+    """Refuses an output path that cannot be written as a file, before the work whose results
+    it would hold runs (an eval that ends in IsADirectoryError loses every answer)."""
+    path = Path(path)
+    if path.is_dir():
+        raise LorastackError(f"{option} {path} is a directory; give a file path")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise LorastackError(f"{option} {path}: {above} is a file, not a directory")
 
 
 def write_jsonl(path: str | Path, records: Iterable[Record]) -> None:

@@ -93,6 +93,14 @@ def check_request(library: "Library", spec: str, dest: str | Path, mode: str, fo
         raise LorastackError(f"unknown export mode {mode!r}; choose one of {', '.join(MODES)}")
     route = export_route(spec, library)
     dest = Path(dest).expanduser()
+    # An export replaces its destination (--force): never one that holds or lies inside the
+    # library (that would delete every adapter, or swap one adapter's files under its card),
+    # nor the directory the user stands in or one above it.
+    target, root, cwd = dest.resolve(), library.root.resolve(), Path.cwd().resolve()
+    if target == root or root in target.parents or target in root.parents:
+        raise LorastackError(f"{dest} overlaps the library at {library.root}; export to a directory outside it")
+    if target == cwd or target in cwd.parents:
+        raise LorastackError(f"{dest or '.'} is the current directory or holds it; export to a new directory")
     if dest.exists() and not dest.is_dir():
         raise LorastackError(f"{dest} exists and is not a directory")
     if dest.is_dir() and any(dest.iterdir()) and not force:

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .adapter import PLOT_FILE
+from .adapter import MAX_ALPHA, MAX_RANK, PLOT_FILE
 from .atomic import staging_dir, sweep_tmp
 from .base import Base
 from .data import Record, messages_of, prompt_text, split_holdout
@@ -63,13 +63,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.rank >= 1, f"rank must be >= 1, got {self.rank}"),
-            (self.alpha > 0, f"alpha must be > 0, got {self.alpha}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            # The library refuses to load an adapter past these limits, so training one would be wasted.
+            (1 <= self.rank <= MAX_RANK, f"rank must be between 1 and {MAX_RANK}, got {self.rank}"),
+            (math.isfinite(self.alpha) and 0 < self.alpha <= MAX_ALPHA, f"alpha must be in (0, {MAX_ALPHA:g}], got {self.alpha}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.max_len >= 8, f"max-len must be >= 8, got {self.max_len}"),
             (self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (self.epochs is None or self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
+            (self.epochs is None or (math.isfinite(self.epochs) and self.epochs > 0), f"epochs must be a finite number > 0, got {self.epochs}"),
             (not (self.steps and self.epochs), "give --steps or --epochs, not both"),
             (self.eval_n is None or self.eval_n >= 0, f"eval-n must be >= 0, got {self.eval_n}"),
             (self.checkpoint_every >= 0, f"checkpoint-every must be >= 0, got {self.checkpoint_every}"),

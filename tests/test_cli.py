@@ -37,6 +37,12 @@ def test_tasks_list_and_make(tmp_path):
     (["generate", "x", "--model", "a:1e9"], "at most 10"),
     (["generate", "x", "--temperature", "1e9"], "temperature must be at most 2"),  # the server's range too
     (["generate", "x", "--model", "nosuch"], "unknown adapter 'nosuch'"),  # named before the base loads
+    (["serve", "--port", "70000"], "--port must be between 1 and 65535"),
+    (["serve", "--log-level", "bogus"], "--log-level must be one of"),
+    (["serve", "--max-batch", "0"], "--max-batch must be >= 1"),  # a 0-row batch would queue every request forever
+    (["route", " "], "PROMPT is empty"),
+    (["route", "caf\udce9"], "not valid Unicode text"),  # invalid UTF-8 bytes on the command line
+    (["adapters", "search", "caf\udce9"], "not valid Unicode text"),
 ])
 def test_user_errors_have_no_traceback(args, needle):
     r = run(*args)
@@ -54,6 +60,19 @@ def test_serve_on_a_busy_port_fails_at_once_without_announcing_a_url():
         r = run("serve", "--port", str(busy.getsockname()[1]))
     assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr
     assert "serving" not in r.stdout and "Traceback" not in r.stderr
+
+
+def test_bad_training_options_and_output_paths_fail_before_any_work(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n' * 8)
+    for args, needle in [(["--rank", "100000"], "rank must be between 1 and 1024"), (["--alpha", "inf"], "alpha must be in (0, 65536]"),
+                         (["--lr", "inf"], "lr must be a finite number")]:
+        r = run("train", str(data), "--name", "x", *args)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    for args in (["eval", "--task", "date_format", "--n", "1", "--out", str(tmp_path)],
+                 ["tasks", "make", "date_format", "--n", "1", "-o", str(tmp_path)]):
+        r = run(*args)
+        assert r.returncode == 2 and "is a directory; give a file path" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_malformed_jsonl_error_names_file_and_line(tmp_path):
@@ -93,6 +112,8 @@ def test_route_generate_and_eval_commands_on_a_tiny_base(tiny_base_dir, tmp_path
     assert r.returncode == 0, r.stderr
     r = run(*common, "generate", "Rewrite the date 2031-04-09 in words", "--max-tokens", "300")  # the tiny base holds 256
     assert r.returncode == 2 and "exceeds the base's context of 256 tokens" in r.stderr and "Traceback" not in r.stderr
+    r = run(*common, "generate", "word " * 300, "--max-tokens", "1")  # no --max-tokens can help: say so
+    assert r.returncode == 2 and "the prompt alone is" in r.stderr and "shorten it" in r.stderr
     data = tmp_path / "mixed.jsonl"
     rows = get_task("date_format").generate(3, "test", 0) + get_task("reverse_words").generate(3, "test", 0)
     data.write_text("".join(json.dumps(x) + "\n" for x in rows))

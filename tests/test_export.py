@@ -95,6 +95,14 @@ def test_export_is_atomic_refuses_clobbering_and_bad_specs(tiny_base, lib, tmp_p
                          ("stack/x", "stack"), ("../etc", "adapter name")]:
         with pytest.raises(LorastackError, match=needle):
             export(lib, spec, tmp_path / "x")
+    # --force never replaces the library, anything inside it, or the directory the user is in.
+    before = sorted(lib.names())
+    for target in (lib.root, lib.root / "adapters" / "a", lib.root.parent):
+        with pytest.raises(LorastackError, match="overlaps the library"):
+            export(lib, "b", target, force=True)
+    assert sorted(lib.names()) == before and (lib.get("a").path / "adapter_config.json").is_file()
+    with pytest.raises(LorastackError, match="current directory"):
+        export(lib, "b", "", force=True)
     # A failure mid-export leaves neither DIR nor a temporary sibling behind.
     with pytest.raises(LorastackError, match="needs the base"):
         export(lib, "a", tmp_path / "y", mode="merged")

@@ -4,6 +4,7 @@ schema fuzz run."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -168,6 +169,17 @@ def test_auth_errors_and_limits(runtime):
         assert r.status_code == 413
         r = c.post("/v1/chat/completions", json=chat_body("base", content="word " * 600), headers=ok)
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "the base's context of 256 tokens" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", content=json.dumps(chat_body("base", temperature=float("nan"))),  # NaN: JSON5-ish, Python's json reads it
+                   headers={**ok, "Content-Type": "application/json"})
+        assert r.status_code == 422 and "finite number" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", content=json.dumps(chat_body("base", content="a \ud800 b")),  # sent as the escape \\ud800
+                   headers={**ok, "Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
+        assert "not valid Unicode text" in r.json()["error"]["message"]
+    with client(runtime, max_prompt_tokens=20) as c:  # the server's own cap, named as such
+        r = c.post("/v1/chat/completions", json=chat_body("base", content="word " * 30))
+        assert r.status_code == 400 and "this server accepts at most 20 prompt tokens" in r.json()["error"]["message"]
         assert c.get("/v1/nope", headers=ok).status_code == 404
 
 

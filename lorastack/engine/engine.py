@@ -161,6 +161,10 @@ class Engine:
         `int8_matmuls` multiplies every layer projection, the LM head and the LoRA deltas in int8
         with the compiled kernels (LlamaRunner, LoraBank): faster at every batch size, outputs
         slightly different from the exact path (README, "--int8")."""
+        for option, value in (("max_batch", max_batch), ("max_resident", max_resident),
+                              ("max_tokens_in_flight", max_tokens_in_flight), ("max_prefill_tokens", max_prefill_tokens)):
+            if value < 1:  # a batch of 0 rows would queue every request forever
+                raise LorastackError(f"{option} must be >= 1, got {value}")
         if not supports(base.model):
             raise LorastackError(f"the engine supports Llama-family bases, not {getattr(base.model.config, 'model_type', '?')}")
         self.base = base

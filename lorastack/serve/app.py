@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import __version__
+from ..data import check_text
 from ..engine.constrain import Constraint
 from ..engine.engine import Engine
 from ..engine.sampling import Sampling
@@ -129,9 +130,13 @@ class Server:
         return [dataclasses.replace(sampling, seed=(sampling.seed + i) % 2**64) for i in range(n)]
 
     def check_prompt(self, ids: list[int], sampling: Sampling, param: str) -> None:
-        limit = min(self.settings.max_prompt_tokens, self.context() - sampling.max_tokens)
-        if len(ids) > limit:
-            raise ApiError(400, f"prompt is {len(ids)} tokens; at most {max(limit, 0)} fit with max_tokens={sampling.max_tokens}",
+        cap, context = self.settings.max_prompt_tokens, self.context()
+        if len(ids) > cap:  # the server's request-size cap, below the context on purpose
+            raise ApiError(400, f"prompt is {len(ids)} tokens; this server accepts at most {cap} prompt tokens "
+                           f"(lorastack serve --max-prompt-tokens)", param=param, code="context_length_exceeded")
+        if len(ids) + sampling.max_tokens > context:
+            raise ApiError(400, f"prompt is {len(ids)} tokens; with max_tokens={sampling.max_tokens} that exceeds the base's "
+                           f"context of {context} tokens (at most {max(context - len(ids), 0)} answer tokens fit)",
                            param=param, code="context_length_exceeded")
 
     async def decide(self, model: str, text: str, false_route: float | None = None) -> Any:
@@ -327,6 +332,11 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         messages = chat_messages(body.messages, structured.tool)
         users = [m["content"] for m in messages if m["role"] == "user"]
         text = users[-1] if users else messages[-1]["content"]
+        for i, m in enumerate(messages):
+            try:
+                check_text(m["content"], f"messages[{i}].content")
+            except LorastackError as e:
+                raise ApiError(400, str(e), param=f"messages[{i}].content") from e
         try:
             ids = runtime.base.chat_ids(messages)
         except Exception as e:  # noqa: BLE001 - a template that rejects the conversation is the client's error

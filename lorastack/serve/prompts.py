@@ -4,6 +4,8 @@ lm-eval, which tokenize context and continuation themselves and need the split k
 
 from __future__ import annotations
 
+from ..data import check_text
+from ..errors import LorastackError
 from .errors import ApiError
 from .schemas import CompletionRequest
 
@@ -36,6 +38,10 @@ def completion_prompts(body: CompletionRequest, tokenizer) -> tuple[list[str], l
     texts, all_ids = [], []
     for p in raw:
         if isinstance(p, str):
+            try:
+                check_text(p, "prompt")
+            except LorastackError as e:
+                raise ApiError(400, str(e), param="prompt") from e
             try:
                 ids = tokenizer(p, add_special_tokens=False)["input_ids"]
             except Exception as e:  # noqa: BLE001 - e.g. an unpaired surrogate (\ud800) the tokenizer cannot encode

@@ -79,8 +79,8 @@ class _Sampling(_Keeping):
     model: str = Field(min_length=1, max_length=512)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(default=0, ge=0)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what a torch generator accepts
     stop: str | list[str] | None = None
@@ -92,7 +92,7 @@ class _Sampling(_Keeping):
     # lorastack extra field for `auto`: this request's routing operating point (share of
     # generic inputs allowed to reach an adapter; higher routes more, lower abstains more).
     # Kept out of the OpenAPI schema, like other servers' vendor extensions.
-    false_route: SkipJsonSchema[float | None] = Field(default=None, ge=0.0, le=1.0)
+    false_route: SkipJsonSchema[float | None] = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
 
     @field_validator("stop")
     @classmethod
