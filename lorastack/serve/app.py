@@ -329,14 +329,14 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         srv.sampling(body)  # field errors first
         structured = structured_output(body, chat=True)
+        for i, m in enumerate(body.messages):  # indices as the client sent them
+            try:
+                check_text(m.text(), f"messages[{i}].content")
+            except LorastackError as e:
+                raise ApiError(400, str(e), param=f"messages[{i}].content") from e
         messages = chat_messages(body.messages, structured.tool)
         users = [m["content"] for m in messages if m["role"] == "user"]
         text = users[-1] if users else messages[-1]["content"]
-        for i, m in enumerate(messages):
-            try:
-                check_text(m["content"], f"messages[{i}].content")
-            except LorastackError as e:
-                raise ApiError(400, str(e), param=f"messages[{i}].content") from e
         try:
             ids = runtime.base.chat_ids(messages)
         except Exception as e:  # noqa: BLE001 - a template that rejects the conversation is the client's error
