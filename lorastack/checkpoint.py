@@ -31,6 +31,11 @@ STATE_FILE = "state.json"
 TENSORS_FILE = "tensors.safetensors"
 
 
+class CheckpointMismatch(LorastackError):
+    """A --resume whose checkpoint belongs to another run: nothing was resumed, so the
+    "run the same command with --resume" hint does not apply."""
+
+
 def checkpoint_dir(library_root: Path, name: str) -> Path:
     """Where adapter `name` of the library at `library_root` keeps its checkpoint.
 
@@ -100,7 +105,7 @@ def load(path: Path, key: str, params: dict[str, torch.Tensor], optimizer: torch
     except (OSError, ValueError) as e:
         raise LorastackError(f"checkpoint at {path} is unreadable ({e}); start without --resume") from None
     if meta.get("key") != key:
-        raise LorastackError(f"the checkpoint at {path} was made with other data, settings or base; "
+        raise CheckpointMismatch(f"the checkpoint at {path} was made with other data, settings or base; "
                              "start without --resume (it will be replaced)")
     with torch.no_grad():
         for k, p in params.items():

@@ -217,6 +217,7 @@ def train(
     from .base import Base
     from .data import read_jsonl
     from .names import validate_name
+    from .checkpoint import CheckpointMismatch
     from .train import TrainConfig, checkpoint_for, train_to_library
 
     validate_name(name)
@@ -226,6 +227,10 @@ def train(
         from .data import every_assistant_turn
 
         records = every_assistant_turn(records)
+    empty = sum(1 for r in records if not str(r.get("completion", "")).strip())
+    if empty:  # legal (it teaches "answer nothing"), but almost always a data mistake
+        typer.echo(f"note: {empty} of {len(records)} records have an empty completion; they teach the adapter to answer nothing",
+                   err=True)
     if eval_data and eval_n is not None:
         raise LorastackError("give --eval FILE or --eval-n N, not both")
     cfg = TrainConfig(rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",")] if targets != "all-linear" else targets,
@@ -249,6 +254,8 @@ def train(
     except KeyboardInterrupt:
         typer.echo("training interrupted; the library is unchanged" + _resume_hint(checkpoint), err=True)
         raise typer.Exit(130)
+    except CheckpointMismatch:  # its own message says what to do; the resume hint would contradict it
+        raise
     except Exception:
         if (checkpoint / "state.json").is_file():
             typer.echo("training stopped; the library is unchanged" + _resume_hint(checkpoint), err=True)
@@ -322,11 +329,32 @@ def adapters_show(name: str = typer.Argument(..., help="Adapter name."), as_json
 def adapters_rm(name: str = typer.Argument(..., help="Adapter name."),
                 as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Remove an adapter from the library."""
-    _library().remove(name)
+    library = _library()
+    library.remove(name)
+    users = _stacks_using(library, name)
     if as_json:
-        _print_json({"removed": name})
+        _print_json({"removed": name, "stacks_using_it": users})
     else:
         typer.echo(f"removed {name}")
+    if users:  # a stack names its adapters and would fail only when run
+        typer.echo(f"note: stacks {', '.join(users)} use {name}; they fail until it is back (lorastack stack rm NAME, or stack add --force)",
+                   err=True)
+
+
+def _stacks_using(library, name: str) -> list[str]:
+    """The stored stacks with a stage whose model names adapter `name` (alone or in a mixture)."""
+    from .route import Route, parse_spec
+    from .stacks.store import StackStore
+
+    store, users = StackStore(library.root), []
+    for stack in store.names():
+        try:
+            specs = [parse_spec(m) for m in store.get(stack).models()]
+        except LorastackError:
+            continue
+        if any(isinstance(r, Route) and name in r.names for r in specs):
+            users.append(stack)
+    return users
 
 
 @adapters_app.command("edit")
@@ -396,7 +424,7 @@ def adapters_export(
     dest: Path = typer.Argument(..., help="Directory to write (missing or empty, unless --force)."),
     merged: bool = typer.Option(False, "--merged", help="A Hugging Face model directory with the update merged into the base (transformers, vLLM)."),
     gguf: bool = typer.Option(False, "--gguf", help="A llama.cpp LoRA adapter GGUF, to load next to the base's GGUF with --lora."),
-    dtype: str = typer.Option("float32", "--dtype", help="Weights of a --merged export: float32 or bfloat16."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Weights of a --merged (float32 or bfloat16) or --gguf (float32 or float16) export; default float32."),
     force: bool = typer.Option(False, "--force", help="Replace DEST if it is not empty."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -406,6 +434,9 @@ def adapters_export(
     if merged and gguf:
         raise LorastackError("give --merged or --gguf, not both")
     mode = "merged" if merged else "gguf" if gguf else "peft"
+    if mode == "peft" and dtype is not None:  # a PEFT export copies the adapter's own files
+        raise LorastackError("--dtype applies to --merged and --gguf exports, not to the PEFT directory")
+    dtype = dtype or "float32"
     library = _library()
     check_request(library, spec, dest, mode, force)  # a typo fails before the base loads
     base = None
@@ -1027,10 +1058,10 @@ app.add_typer(compose_app, name="compose")
 
 @compose_app.command("merge")
 def compose_merge(
-    adapters: list[str] = typer.Argument(..., help="Library adapters to merge (two or more)."),
+    adapters: list[str] = typer.Argument(..., help="Library adapters to merge (one: svd/prune/--subtract it alone)."),
     name: str = typer.Option(..., "--name", help="Name of the new adapter."),
     method: str = typer.Option("cat", "--method", help="linear|cat|svd|ties|dare_linear|dare_ties|magnitude_prune."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated, one per adapter (default 1/n; 1 for ties/dare_ties)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated, one per adapter, negative allowed (task arithmetic; default 1/n; 1 for ties/dare_ties)."),
     density: Optional[float] = typer.Option(None, "--density", help="Fraction kept by ties/dare/magnitude_prune (default 0.5)."),
     svd_rank: Optional[int] = typer.Option(None, "--svd-rank", help="Rank of svd/ties/dare/magnitude_prune results (default: the largest parent rank)."),
     subtract: Optional[str] = typer.Option(None, "--subtract", help="Subtract this general adapter from every parent first (GenKnowSub)."),
@@ -1109,13 +1140,17 @@ def compose_fewshot(
     from tqdm.auto import tqdm
 
     from .compose import fewshot, read_fewshot
+    from .compose.fewshot import check_search_options
     from .names import validate_name
 
     validate_name(name)
-    records = read_fewshot(data)  # bad files fail before the base loads
+    check_search_options(search, budget, l1, top)  # these and bad files fail before the base loads
+    records = read_fewshot(data)
     names = [c.strip() for c in candidates.split(",") if c.strip()] if candidates is not None else None
     if names is not None and not names:
         raise LorastackError("--candidates is empty")
+    for n in names or []:
+        _library().get(n)  # an unknown candidate is named (with close matches) at once
     rt = _runtime()
     bar = tqdm(total=budget, desc="few-shot search", unit="eval", disable=as_json)
 

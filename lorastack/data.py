@@ -25,6 +25,17 @@ FORMATS = ("{prompt, completion}", "{messages, completion}", "{messages} ending 
            "{input, output}", "{instruction, input?, output} (Alpaca)")
 
 
+def _text_parts(message: Any, where: str) -> Any:
+    """OpenAI's content-parts form (`[{"type": "text", "text": ...}, ...]`) as one string, as
+    the server reads it; other part types (images, audio) cannot train a text model."""
+    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+        return message
+    parts = message["content"]
+    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
+        raise DataError(f"{where}: content parts must all be {{\"type\": \"text\", \"text\": ...}}")
+    return {**message, "content": "".join(p["text"] for p in parts)}
+
+
 def normalize_record(obj: dict[str, Any], where: str) -> dict[str, Any]:
     """Bring the common dataset shapes to lorastack's `{prompt | messages, completion}`.
 
@@ -35,16 +46,25 @@ def normalize_record(obj: dict[str, Any], where: str) -> dict[str, Any]:
       paragraph when there is one.
     Other keys (task, stages, ...) are kept.
     """
+    if isinstance(obj.get("messages"), list):
+        obj = {**obj, "messages": [_text_parts(m, f"{where}: messages[{i}]") for i, m in enumerate(obj["messages"])]}
     if "completion" in obj:
+        last = obj["messages"][-1] if isinstance(obj.get("messages"), list) and obj["messages"] else None
+        if isinstance(last, dict) and last.get("role") == "assistant":
+            raise DataError(f"{where}: 'messages' ends with an assistant turn and 'completion' is given too; keep one answer")
         return obj
     if "messages" in obj and isinstance(obj["messages"], list) and obj["messages"]:
         last = obj["messages"][-1]
         if isinstance(last, dict) and last.get("role") == "assistant":
             if len(obj["messages"]) < 2:
                 raise DataError(f"{where}: 'messages' has only an assistant turn; nothing to answer")
-            return {**obj, "messages": obj["messages"][:-1], "completion": last.get("content")}
+            if not isinstance(last.get("content"), str):
+                raise DataError(f"{where}: the last assistant turn has no text 'content' to learn (tool calls are not trained on)")
+            return {**obj, "messages": obj["messages"][:-1], "completion": last["content"]}
         raise DataError(f"{where}: 'messages' must end with an assistant turn (the answer to learn), or give 'completion'")
     if "output" in obj:
+        if not isinstance(obj["output"], str):
+            raise DataError(f"{where}: 'output' must be a string, got {type(obj['output']).__name__}")
         rest = {k: v for k, v in obj.items() if k not in ("instruction", "input", "output")}
         if "instruction" in obj:
             instruction, extra = obj["instruction"], obj.get("input", "")
@@ -164,12 +184,15 @@ def every_assistant_turn(records: list[Record]) -> list[Record]:
     completion), so every reply is learnt in the context it was given in. Records without
     earlier assistant turns pass through unchanged (`train --all-turns`)."""
     out: list[Record] = []
-    for r in records:
+    for n, r in enumerate(records):
         msgs = r.get("messages") or []
+        # One conversation's records share a `conversation` key, so that the held-out split
+        # keeps them together: a held-out turn must not be another record's training context.
+        group = {"conversation": r.get("conversation", f"#{n}")}
         for i, m in enumerate(msgs):
             if m.get("role") == "assistant" and any(p.get("role") == "user" for p in msgs[:i]):
-                out.append({**r, "messages": msgs[:i], "completion": m["content"]})
-        out.append(r)
+                out.append({**r, **group, "messages": msgs[:i], "completion": m["content"]})
+        out.append({**r, **group})
     return out
 
 
@@ -221,13 +244,25 @@ def prompt_text(record: Record) -> str:
 def split_holdout(records: list[Record], fraction: float, seed: int, max_n: int = 200,
                   n: int | None = None) -> tuple[list[Record], list[Record]]:
     """Deterministic train/held-out split; the held-out part is small but never empty
-    when there are at least 2 records. `n` asks for exactly that many held out (0: none)."""
+    when there are at least 2 records. `n` asks for exactly that many held out (0: none).
+    Records that share a `conversation` value (`every_assistant_turn` sets it; user data may
+    too) go to the same side, whole groups being held out until `n` is reached."""
     if len(records) < 2 or n == 0:
         return list(records), []
-    idx = list(range(len(records)))
-    random.Random(seed).shuffle(idx)
     n_eval = min(n, len(records) - 1) if n is not None else max(1, min(max_n, int(len(records) * fraction)))
-    held = set(idx[:n_eval])
+    groups: dict[Any, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(r.get("conversation", ("#record", i)), []).append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    held: set[int] = set()
+    for members in order:
+        if len(held) >= n_eval or len(held) + len(members) >= len(records):
+            break
+        held.update(members)
+    if not held:  # one conversation only: nothing to keep apart, so split its records
+        held = {i for members in order for i in members}
+        held = set(sorted(held, key=lambda i: random.Random(seed + i).random())[:n_eval])
     train = [r for i, r in enumerate(records) if i not in held]
     evals = [r for i, r in enumerate(records) if i in held]
     return train, evals

@@ -85,6 +85,9 @@ def parse_spec(spec: str) -> Route | AutoSpec | StackRef:
         raise SpecError(f"{spec!r}: model spec contains a control character (newline, tab, ...)")
     if s == "base":
         return BASE_ROUTE
+    if "+" in s and any(t.strip(" ").split(":")[0] == "auto" for t in s.split("+")):
+        raise SpecError(f"{spec!r}: 'auto' cannot be part of a mixture (it picks its own adapters per input); "
+                        "use 'auto' alone, or [routing.learned] top_k > 1 for routed mixtures")
     if s == "auto" or s.startswith("auto:"):
         router = s[5:]
         if s.startswith("auto:") and not router:

@@ -170,7 +170,8 @@ class Runtime:
             self.router(parsed.router)  # unknown router names fail here, with close names
             return parsed
         if is_stack(parsed):
-            raise SpecError(f"{spec!r} is a stack: start it with Runtime.start, it is not one route")
+            raise SpecError(f"{spec!r} is a stack, not one route: here (a stack's stage, a mixture, an export) only "
+                            "an adapter, a mixture, base or auto can run")
         known = set(self.served())
         for name in parsed.names:
             if name not in known:

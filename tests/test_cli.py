@@ -41,6 +41,10 @@ def test_tasks_list_and_make(tmp_path):
     (["serve", "--log-level", "bogus"], "--log-level must be one of"),
     (["serve", "--max-batch", "0"], "--max-batch must be >= 1"),  # a 0-row batch would queue every request forever
     (["route", " "], "PROMPT is empty"),
+    (["compose", "fewshot", "--data", "nope.jsonl", "--name", "f", "--budget", "0"], "--budget must be >= 1"),  # before the base loads
+    (["compose", "fewshot", "--data", "nope.jsonl", "--name", "f", "--l1", "nan"], "--l1 must be a finite number"),
+    (["generate", "x", "--model", "auto:0.5+reverse_words:0.5"], "'auto' cannot be part of a mixture"),
+    (["adapters", "export", "x", "out", "--dtype", "bfloat16"], "--dtype applies to --merged and --gguf"),
     (["route", "caf\udce9"], "not valid Unicode text"),  # invalid UTF-8 bytes on the command line
     (["adapters", "search", "caf\udce9"], "not valid Unicode text"),
 ])
@@ -234,7 +238,7 @@ def test_train_edit_export_merged_matches_generate_and_json_outputs(tiny_base_di
     new = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
     assert tok.decode(new, skip_special_tokens=True) == gen["text"]
     r = run(*common, "adapters", "rm", "rev", "--json")
-    assert r.returncode == 0 and json.loads(r.stdout) == {"removed": "rev"}
+    assert r.returncode == 0 and json.loads(r.stdout) == {"removed": "rev", "stacks_using_it": []}
     r = run(*common, "adapters", "import", str(tmp_path / "hf"), "--name", "x")
     assert r.returncode == 2 and "adapter_config.json" in r.stderr and "Traceback" not in r.stderr
 

@@ -100,6 +100,8 @@ def test_ties_trims_elects_sign_and_takes_disjoint_mean():
     # elected signs (sign of the sum): +, -, +, (0 -> +); disjoint mean of agreeing entries:
     out = merge_pairs([_row(d1), _row(d2)], [1.0, 1.0], "ties", density=0.5, svd_rank=4).delta("m")
     assert torch.allclose(out, torch.tensor([[4.0, -2.0, 2.0, 0.0]]), atol=1e-5)
+    with pytest.raises(ComposeError, match="--svd-rank must be >= 1, got 0"):  # 0 is not "the default"
+        merge_pairs([_row(d1), _row(d2)], [1.0, 1.0], "svd", svd_rank=0)
     # magnitude_prune: the same trim, then a plain weighted sum
     out = merge_pairs([_row(d1), _row(d2)], [1.0, 1.0], "magnitude_prune", density=0.5, svd_rank=4).delta("m")
     assert torch.allclose(out, torch.tensor([[1.0, -2.0, 2.0, 0.0]]), atol=1e-5)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lorastack.data import messages_of, read_jsonl, split_holdout
+from lorastack.data import messages_of, read_jsonl, split_holdout, validate_record
 from lorastack.errors import DataError
 
 
@@ -33,6 +33,11 @@ def test_reads_prompt_and_messages_records(tmp_path):
     ('{"prompt": "a", "completion": 7}', "'completion' must be a string"),
     ('{"messages": [], "completion": "b"}', "non-empty list"),
     ('{"messages": [{"role": "robot", "content": "x"}], "completion": "b"}', "role 'robot'"),
+    # which answer is the one to learn?
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "completion": "z"}', "keep one answer"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": null, "tool_calls": []}]}', "no text 'content'"),
+    ('{"input": "a", "output": 5}', "'output' must be a string"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image_url"}]}], "completion": "b"}', "content parts must all be"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, line, needle):
     p = write(tmp_path, [json.dumps({"prompt": "ok", "completion": "ok"}), line])
@@ -118,3 +123,23 @@ def test_all_turns_learns_every_assistant_reply_in_its_own_context(tmp_path):
     expanded = every_assistant_turn(records)
     assert [(len(r.get("messages", [])), r["completion"]) for r in expanded] == [(2, "hello"), (4, "4"), (0, "c")]
     assert expanded[0]["messages"] == convo[:2] and expanded[1]["messages"] == convo[:4]
+
+
+def test_openai_content_parts_are_joined_as_the_server_reads_them(tmp_path):
+    p = write(tmp_path, [json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "Reverse: "},
+                                                                               {"type": "text", "text": "a b"}]},
+                                                  {"role": "assistant", "content": [{"type": "text", "text": "b a"}]}]})])
+    (r,) = read_jsonl(p)
+    assert r["messages"] == [{"role": "user", "content": "Reverse: a b"}] and r["completion"] == "b a"
+
+
+def test_all_turns_hold_out_whole_conversations():
+    from lorastack.data import every_assistant_turn
+
+    chats = [{"messages": [{"role": "user", "content": f"q{i}a"}, {"role": "assistant", "content": f"a{i}a"},
+                           {"role": "user", "content": f"q{i}b"}, {"role": "assistant", "content": f"a{i}b"}]} for i in range(20)]
+    records = every_assistant_turn([validate_record(c, "x") for c in chats])
+    assert len(records) == 40
+    train, held = split_holdout(records, 0.1, seed=0)
+    convs = lambda rs: {r["conversation"] for r in rs}  # noqa: E731
+    assert held and not convs(train) & convs(held) and len(held) % 2 == 0

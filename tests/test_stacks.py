@@ -341,6 +341,8 @@ def test_cli_stack_add_run_trace_list_show_rm_and_generate(tiny_base_dir, tmp_pa
     bad.write_text("name: b\nstages:\n  - {name: s, prompt: '{input}', model: nope}\n")
     r = run("stack", "add", str(bad))
     assert r.returncode == 2 and "unknown adapter 'nope'" in r.stderr and "Traceback" not in r.stderr
+    r = run("adapters", "rm", "date_format")  # a stack uses it: removed, with a note naming the stack
+    assert r.returncode == 0 and "note: stacks date-from-record use date_format" in r.stderr, r.stderr
     assert run("stack", "rm", "date-from-record").returncode == 0
     r = run("generate", "x", "--model", "stack/date-from-record")
     assert r.returncode == 2 and "unknown stack" in r.stderr
@@ -555,7 +557,7 @@ def test_stage_limits_prompt_length_output_size_and_bad_inputs(runtime):
     without bound, and odd inputs are errors of that execution, not crashes."""
     long = spec_of("name: l\nstages:\n  - {name: s, prompt: '{input}', model: base, max_tokens: 1}")
     res = StackRunner(runtime).run(long, "w " * 5000)
-    assert res.error is not None and "tokens; at most" in res.error
+    assert res.error is not None and "tokens; a stage takes at most 4096" in res.error
     bomb = {"name": "b", "stages": [{"name": "s0", "prompt": "{input}"}] + [
         {"name": f"s{i}", "prompt": "".join(f"{{stages.s{i - 1}.output}}" for _ in range(4))} for i in range(1, 9)]}
     res = StackRunner(runtime).run(parse_stack(bomb), "x" * 1000)

@@ -170,16 +170,23 @@ class FewshotScorer:
         return total, w.grad.detach()
 
 
-def search_weights(scorer: FewshotScorer, *, search: str = "gradient", budget: int = 40, l1: float = 0.05, seed: int = 0,
-                   progress: Callable[[int, float], None] | None = None) -> tuple[list[float], float, list[float]]:
-    """Minimise `loss(w) + l1 * |w|_1` within `budget` forward-equivalents; returns
-    (best weights, their loss without L1, best objective after each round)."""
+def check_search_options(search: str, budget: int, l1: float, top: int = 1) -> None:
+    """The search's options, checked on their own so the CLI can refuse them before the base loads."""
     if search not in SEARCHES:
         raise ComposeError(f"unknown search {search!r}; choose one of {', '.join(SEARCHES)}")
     if budget < 1:
         raise ComposeError(f"--budget must be >= 1, got {budget}")
-    if l1 < 0:
-        raise ComposeError(f"--l1 must be >= 0, got {l1}")
+    if not (l1 >= 0 and np.isfinite(l1)):
+        raise ComposeError(f"--l1 must be a finite number >= 0, got {l1}")
+    if top < 1:
+        raise ComposeError(f"--top must be >= 1, got {top}")
+
+
+def search_weights(scorer: FewshotScorer, *, search: str = "gradient", budget: int = 40, l1: float = 0.05, seed: int = 0,
+                   progress: Callable[[int, float], None] | None = None) -> tuple[list[float], float, list[float]]:
+    """Minimise `loss(w) + l1 * |w|_1` within `budget` forward-equivalents; returns
+    (best weights, their loss without L1, best objective after each round)."""
+    check_search_options(search, budget, l1)
     k = scorer.k
     x0 = np.full(k, 1.0 / k)
     loss0 = float(scorer.losses(torch.tensor(x0[None], dtype=torch.float32))[0])

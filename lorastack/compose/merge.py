@@ -116,7 +116,7 @@ def merge_pairs(parents: Sequence[LoraPairs], weights: Sequence[float], method: 
             raise ComposeError(f"--density must be in (0, 1], got {density}")
     elif density is not None:
         raise ComposeError(f"--density applies to {', '.join(DENSE_METHODS)}, not {method}")
-    rank = svd_rank or max(p.rank for p in parents)
+    rank = svd_rank if svd_rank is not None else max(p.rank for p in parents)
     if method in ("svd", *DENSE_METHODS):
         if rank < 1:
             raise ComposeError(f"--svd-rank must be >= 1, got {svd_rank}")
