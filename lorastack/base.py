@@ -226,6 +226,23 @@ class Base:
         positions past it were never trained, so every caller caps prompt + answer at it."""
         return int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or 1 << 30
 
+    def answer_room(self, prompt_tokens: int) -> int:
+        """Tokens left in the context for an answer after the prompt; a prompt that leaves
+        none is refused (generators cut answers at this room rather than refuse them)."""
+        context = self.context_length()
+        if prompt_tokens >= context:
+            raise LorastackError(f"prompt is {prompt_tokens} tokens; the base's context is {context} tokens "
+                                 "(at least one must be left for the answer)")
+        return context - prompt_tokens
+
+    def check_answer_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuses a prompt plus `max_tokens` past the context, for callers that promise a full
+        answer or none (the server, a stack's stage)."""
+        context = self.context_length()
+        if prompt_tokens + max_tokens > context:
+            raise LorastackError(f"prompt is {prompt_tokens} tokens; with max_tokens={max_tokens} that exceeds the base's "
+                                 f"context of {context} tokens (at most {max(context - prompt_tokens, 0)} answer tokens fit)")
+
     @property
     def eos_token_id(self) -> int:
         return int(self.tokenizer.eos_token_id)

@@ -331,7 +331,9 @@ def adapters_rm(name: str = typer.Argument(..., help="Adapter name."),
     """Remove an adapter from the library."""
     library = _library()
     library.remove(name)
-    users = _stacks_using(library, name)
+    from .stacks.store import StackStore
+
+    users = StackStore(library.root).using(name)
     if as_json:
         _print_json({"removed": name, "stacks_using_it": users})
     else:
@@ -339,22 +341,6 @@ def adapters_rm(name: str = typer.Argument(..., help="Adapter name."),
     if users:  # a stack names its adapters and would fail only when run
         typer.echo(f"note: stacks {', '.join(users)} use {name}; they fail until it is back (lorastack stack rm NAME, or stack add --force)",
                    err=True)
-
-
-def _stacks_using(library, name: str) -> list[str]:
-    """The stored stacks with a stage whose model names adapter `name` (alone or in a mixture)."""
-    from .route import Route, parse_spec
-    from .stacks.store import StackStore
-
-    store, users = StackStore(library.root), []
-    for stack in store.names():
-        try:
-            specs = [parse_spec(m) for m in store.get(stack).models()]
-        except LorastackError:
-            continue
-        if any(isinstance(r, Route) and name in r.names for r in specs):
-            users.append(stack)
-    return users
 
 
 @adapters_app.command("edit")
@@ -1149,8 +1135,10 @@ def compose_fewshot(
     names = [c.strip() for c in candidates.split(",") if c.strip()] if candidates is not None else None
     if names is not None and not names:
         raise LorastackError("--candidates is empty")
-    for n in names or []:
-        _library().get(n)  # an unknown candidate is named (with close matches) at once
+    if names:
+        library = _library()
+        for n in names:
+            library.get(n)  # an unknown candidate is named (with close matches) at once
     rt = _runtime()
     bar = tqdm(total=budget, desc="few-shot search", unit="eval", disable=as_json)
 

@@ -261,8 +261,9 @@ def split_holdout(records: list[Record], fraction: float, seed: int, max_n: int 
             break
         held.update(members)
     if not held:  # one conversation only: nothing to keep apart, so split its records
-        held = {i for members in order for i in members}
-        held = set(sorted(held, key=lambda i: random.Random(seed + i).random())[:n_eval])
+        idx = list(range(len(records)))
+        random.Random(seed).shuffle(idx)
+        held = set(idx[:n_eval])
     train = [r for i, r in enumerate(records) if i not in held]
     evals = [r for i, r in enumerate(records) if i in held]
     return train, evals

@@ -226,14 +226,12 @@ class Engine:
                    reroute: Callable[[], Route] | None = None) -> Request:
         if not ids:
             raise LorastackError("empty prompt")
-        context = self.base.context_length()
-        if len(ids) >= context:
-            raise LorastackError(f"prompt is {len(ids)} tokens; the base's context is {context} tokens (at least one must be left for the answer)")
-        if len(ids) + sampling.max_tokens > context:
+        room = self.base.answer_room(len(ids))
+        if sampling.max_tokens > room:
             # Positions past the base's context were never trained: the answer stops there
             # (finish_reason "length"), as it would at max_tokens. Callers that must refuse
             # instead (the server, `generate`) check before submitting.
-            sampling = dataclasses.replace(sampling, max_tokens=context - len(ids))
+            sampling = dataclasses.replace(sampling, max_tokens=room)
         if len(ids) + sampling.max_tokens > self.max_tokens_in_flight:
             raise LorastackError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the engine's limit of {self.max_tokens_in_flight}"

@@ -107,10 +107,7 @@ class Generator:
             raise LorastackError("structured output (JSON / JSON schema) needs the engine, which supports Llama-family bases")
         tok = self.base.tokenizer
         encoded = [self.base.chat_ids(c) for c in conversations]
-        context = self.base.context_length()
-        longest = max((len(e) for e in encoded), default=0)
-        if longest >= context:
-            raise LorastackError(f"prompt is {longest} tokens; the base's context is {context} tokens (at least one must be left for the answer)")
+        self.base.answer_room(max((len(e) for e in encoded), default=0))  # refuses a prompt that fills the context
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         results: list[Generation | None] = [None] * len(encoded)
         if sampling.seed is not None:
@@ -128,7 +125,7 @@ class Generator:
                     ids[row, width - len(seq) :] = torch.tensor(seq)
                     mask[row, width - len(seq) :] = 1
                 # Answers stop at the base's context (finish_reason "length"), as in the engine.
-                kwargs: dict = dict(max_new_tokens=min(sampling.max_tokens, context - width), eos_token_id=eos, pad_token_id=pad)
+                kwargs: dict = dict(max_new_tokens=min(sampling.max_tokens, self.base.answer_room(width)), eos_token_id=eos, pad_token_id=pad)
                 if sampling.temperature > 0:
                     kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
                 else:

@@ -130,14 +130,14 @@ class Server:
         return [dataclasses.replace(sampling, seed=(sampling.seed + i) % 2**64) for i in range(n)]
 
     def check_prompt(self, ids: list[int], sampling: Sampling, param: str) -> None:
-        cap, context = self.settings.max_prompt_tokens, self.context()
+        cap = self.settings.max_prompt_tokens
         if len(ids) > cap:  # the server's request-size cap, below the context on purpose
             raise ApiError(400, f"prompt is {len(ids)} tokens; this server accepts at most {cap} prompt tokens "
                            f"(lorastack serve --max-prompt-tokens)", param=param, code="context_length_exceeded")
-        if len(ids) + sampling.max_tokens > context:
-            raise ApiError(400, f"prompt is {len(ids)} tokens; with max_tokens={sampling.max_tokens} that exceeds the base's "
-                           f"context of {context} tokens (at most {max(context - len(ids), 0)} answer tokens fit)",
-                           param=param, code="context_length_exceeded")
+        try:
+            self.runtime.base.check_answer_fits(len(ids), sampling.max_tokens)
+        except LorastackError as e:
+            raise ApiError(400, str(e), param=param, code="context_length_exceeded") from e
 
     async def decide(self, model: str, text: str, false_route: float | None = None) -> Any:
         t0 = time.perf_counter()
@@ -333,7 +333,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
             try:
                 check_text(m.text(), f"messages[{i}].content")
             except LorastackError as e:
-                raise ApiError(400, str(e), param=f"messages[{i}].content") from e
+                raise from_lorastack(e, param=f"messages[{i}].content") from e
         messages = chat_messages(body.messages, structured.tool)
         users = [m["content"] for m in messages if m["role"] == "user"]
         text = users[-1] if users else messages[-1]["content"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..data import check_text
 from ..errors import LorastackError
-from .errors import ApiError
+from .errors import ApiError, from_lorastack
 from .schemas import CompletionRequest
 
 MAX_PROMPTS = 16  # prompts per request; each is a row of the batch
@@ -41,7 +41,7 @@ def completion_prompts(body: CompletionRequest, tokenizer) -> tuple[list[str], l
             try:
                 check_text(p, "prompt")
             except LorastackError as e:
-                raise ApiError(400, str(e), param="prompt") from e
+                raise from_lorastack(e, param="prompt") from e
             try:
                 ids = tokenizer(p, add_special_tokens=False)["input_ids"]
             except Exception as e:  # noqa: BLE001 - e.g. an unpaired surrogate (\ud800) the tokenizer cannot encode

@@ -173,14 +173,14 @@ class StackRunner:
             prompts = [stage.prompt.render(ex.input, ex.outputs, item=it) for it in items]
         sampling = Sampling(max_tokens=stage.max_tokens, temperature=stage.temperature, stop=stage.stop)
         # The same prompt-length limit as a plain request: a stage must not be a way around it.
-        context = self.runtime.context_length()
         ids = [self.runtime.base.chat_ids([{"role": "user", "content": _capped(p, "prompt")}]) for p in prompts]
         longest = max((len(i) for i in ids), default=0)
         if longest > MAX_STAGE_PROMPT_TOKENS:
             raise StackError(f"prompt is {longest} tokens; a stage takes at most {MAX_STAGE_PROMPT_TOKENS} (the server's prompt cap)")
-        if longest + stage.max_tokens > context:
-            raise StackError(f"prompt is {longest} tokens; with max_tokens={stage.max_tokens} that exceeds the base's context of "
-                             f"{context} tokens (at most {max(context - longest, 0)} answer tokens fit)")
+        try:
+            self.runtime.base.check_answer_fits(longest, stage.max_tokens)
+        except LorastackError as e:
+            raise StackError(str(e)) from None
         decisions = self.runtime.decide(stage.model, prompts) if prompts else []  # type: ignore[arg-type]
         stream = on_output if (stage.kind == "model" and not stage.parse) else None
         reqs = [self.runtime.start(d.route, i, sampling, decision=d, on_event=stream) for i, d in zip(ids, decisions)]

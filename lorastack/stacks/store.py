@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..atomic import write_text_atomic
-from ..errors import NotFoundError, unknown_name_message
+from ..errors import LorastackError, NotFoundError, unknown_name_message
 from ..names import validate_name
+from ..route import Route, parse_spec
 from .spec import StackSpec, dump_stack, load_stack
 
 STACKS_DIR = "stacks"
@@ -34,6 +35,19 @@ class StackStore:
         if not path.is_file():
             raise NotFoundError(unknown_name_message("stack", name, self.names()))
         return load_stack(path)
+
+    def using(self, adapter: str) -> list[str]:
+        """The stored stacks with a stage whose model names `adapter` (alone or in a mixture):
+        removing it breaks them only when they run, so `adapters rm` names them."""
+        users = []
+        for name in self.names():
+            try:
+                routes = [parse_spec(m) for m in self.get(name).models()]
+            except LorastackError:  # a stack this version cannot read is not ours to judge
+                continue
+            if any(isinstance(r, Route) and adapter in r.names for r in routes):
+                users.append(name)
+        return users
 
     def add(self, spec: StackSpec, overwrite: bool = False) -> Path:
         path = self._path(spec.name)
