@@ -491,7 +491,8 @@ static inline void prefetch_share(const Prefetch *pf, int64_t job, int64_t jobs)
     } while (0)
 
 /* ---------------------------------------------------------------- larger decode batches
- * 9-64 rows (llama.py's BLOCK_TILE_ROWS and LOOP_TILE_ROWS say where the engine uses it;
+ * 17-64 rows from GGUF blocks (9-16 take the wide kernel below) and 9-64 on bf16 weights (llama.py's
+ * BLOCK_TILE_ROWS and LOOP_TILE_ROWS say where the engine uses it;
  * with tile_block's 8-row reuse, one thread, embedded base's layers, a loaded machine: 1.1-1.3x
  * the previous 2-row form and about torch's bf16 GEMM at 16-64 rows). Per tile of 16 output rows the
  * blocks are decoded once and transposed so that a vector holds one weight pair of each of
@@ -542,8 +543,10 @@ static inline void store16(uint16_t *y, __m512 v) {
 /* RB input rows (a compile-time constant) against 16 outputs whose weights are packed
  * P[pair][16 outputs] (uint32 pairs). Row r's output is tree16 over 16 lane-class sums, class l
  * summing pairs l, l+16, l+32, ... in order: the few-row kernel's lanes, so the same bits. The
- * classes run one after another, each packed weight vector loaded once for RB rows' chains
- * (RB = 8: 8 independent accumulators in registers). The earlier form ran two rows with all 16
+ * classes run two at a time, each packed weight vector loaded once for RB rows' chains (RB = 8:
+ * 16 independent accumulators in registers, enough to cover vdpbf16ps's latency; one class at a
+ * time, 8 chains, was 8-12% slower at 16-64 rows by bench/kernels.py, 2 threads, each chain still
+ * summed in its own order, so the bits did not change). An earlier form ran two rows with all 16
  * classes live (32 accumulators: every register) and loaded each weight vector once per two rows;
  * measured 1.4-1.9x slower at 32-64 rows (bench/kernels.py shapes, one thread). */
 static inline __attribute__((always_inline)) void tile_block(const int RB, const uint32_t *P, const uint16_t *x, uint16_t *y,
@@ -552,14 +555,18 @@ static inline __attribute__((always_inline)) void tile_block(const int RB, const
     __m512 sums[8][16];
     const uint32_t *xr[8];
     for (int r = 0; r < RB; r++) xr[r] = (const uint32_t *)(x + (int64_t)(r0 + r) * in);
-    for (int l = 0; l < 16; l++) {
-        __m512 acc[8];
-        for (int r = 0; r < RB; r++) acc[r] = _mm512_setzero_ps();
+    for (int l = 0; l < 16; l += 2) {
+        __m512 acc0[8], acc1[8];
+        for (int r = 0; r < RB; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
         for (int i = l; i < np; i += 16) {
-            __m512bh w = (__m512bh)_mm512_loadu_si512(P + (int64_t)i * 16);
-            for (int r = 0; r < RB; r++) acc[r] = _mm512_dpbf16_ps(acc[r], w, (__m512bh)_mm512_set1_epi32(xr[r][i]));
+            __m512bh w0 = (__m512bh)_mm512_loadu_si512(P + (int64_t)i * 16);
+            __m512bh w1 = (__m512bh)_mm512_loadu_si512(P + (int64_t)(i + 1) * 16);
+            for (int r = 0; r < RB; r++) {
+                acc0[r] = _mm512_dpbf16_ps(acc0[r], w0, (__m512bh)_mm512_set1_epi32(xr[r][i]));
+                acc1[r] = _mm512_dpbf16_ps(acc1[r], w1, (__m512bh)_mm512_set1_epi32(xr[r][i + 1]));
+            }
         }
-        for (int r = 0; r < RB; r++) sums[r][l] = acc[r];
+        for (int r = 0; r < RB; r++) sums[r][l] = acc0[r], sums[r][l + 1] = acc1[r];
     }
     for (int r = 0; r < RB; r++) store16(y + (int64_t)(r0 + r) * out + o0, tree16(sums[r]));
 }
@@ -631,6 +638,89 @@ static inline __attribute__((always_inline)) void tiles_blocks(int kind, const u
     }
 }
 
+/* 9-16 rows ("wide"): WIDE_OB output rows per job decoded once into a small buffer, then the
+ * few-row kernel's loop (block_rows: one accumulator per output and row, blocks in order) over
+ * the rows 8 at a time, reading the decoded weights from L1: every row gets block_rows' bits
+ * without the tiled kernel's transposes. Measured with bench/kernels.py (2 threads, the embedded
+ * base's 30 layers from Q4_1 blocks, alternating builds): 9 rows 6.0 ms vs 8.4-9.6 tiled, 12 rows
+ * 7.6 vs 8.9, 16 rows 8.8-9.4 vs 9.9-11.2; equal at 32 and 1.3x slower at 64, where the rows' inputs
+ * no longer stay in L1 between output rows (the tiled kernel reads each input once a tile). One
+ * output row a job was slower at every count (10.0 ms at 16), four no better than two. */
+#define WIDE_ROWS 16
+#define WIDE_OB 2
+/* One output row's nb blocks decoded into buf[nb] (32 bf16 weights a vector, in order). */
+static inline void wide_decode(int kind, const uint8_t *W, int nb, int o, __m512bh *buf, float *ds, float *ms) {
+    const uint8_t *row = W + (int64_t)o * block_row_bytes(kind, nb * 32);
+    if (kind == BLOCK_Q4_1R) {
+        q4r_scales((const uint16_t *)row, nb, ds);
+        q4r_scales((const uint16_t *)row + nb, nb, ms);
+        const uint8_t *nib = row + 4 * nb;
+        int b = 0;
+        for (; b + 2 <= nb; b += 2) q4r_pair(nib + b * 16, ds + b, ms + b, &buf[b], &buf[b + 1]);
+        if (b < nb) buf[b] = q4r_single(nib + b * 16, ds[b], ms[b]);
+    } else
+        for (int b = 0; b < nb; b++) buf[b] = q8_0_block(row + b * 34);
+}
+
+/* RB input rows (compile-time) against OB decoded output rows: block_rows' chains exactly. */
+static inline __attribute__((always_inline)) void wide_group(const int OB, const int RB, const __m512bh *buf, int nb,
+                                                             const uint16_t *x, uint16_t *y, int in, int out, int o0, int r0) {
+    __m512 acc[WIDE_OB][8];
+    for (int j = 0; j < OB; j++)
+        for (int r = 0; r < RB; r++) acc[j][r] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m512bh w[WIDE_OB];
+        for (int j = 0; j < OB; j++) w[j] = buf[j * nb + b];
+        for (int r = 0; r < RB; r++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (int64_t)(r0 + r) * in + b * 32);
+            for (int j = 0; j < OB; j++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], w[j], xv);
+        }
+    }
+    for (int j = 0; j < OB; j++)
+        for (int r = 0; r < RB; r++) y[(int64_t)(r0 + r) * out + o0 + j] = f32_to_bf16(_mm512_reduce_add_ps(acc[j][r]));
+}
+
+static inline __attribute__((always_inline)) void wide_rows(const int OB, const __m512bh *buf, int nb, const uint16_t *x,
+                                                            uint16_t *y, int m, int in, int out, int o0) {
+    int r = 0;
+    for (; r + 8 <= m; r += 8) wide_group(OB, 8, buf, nb, x, y, in, out, o0, r);
+    switch (m - r) {
+    case 1: wide_group(OB, 1, buf, nb, x, y, in, out, o0, r); break;
+    case 2: wide_group(OB, 2, buf, nb, x, y, in, out, o0, r); break;
+    case 3: wide_group(OB, 3, buf, nb, x, y, in, out, o0, r); break;
+    case 4: wide_group(OB, 4, buf, nb, x, y, in, out, o0, r); break;
+    case 5: wide_group(OB, 5, buf, nb, x, y, in, out, o0, r); break;
+    case 6: wide_group(OB, 6, buf, nb, x, y, in, out, o0, r); break;
+    case 7: wide_group(OB, 7, buf, nb, x, y, in, out, o0, r); break;
+    default: break;
+    }
+}
+
+static inline __attribute__((always_inline)) void wide_blocks(int kind, const uint16_t *x, const uint8_t *W, uint16_t *y,
+                                                              int m, int in, int out, int threads, const Prefetch *pf) {
+    int nb = in / 32, groups = out / WIDE_OB;
+#pragma omp parallel num_threads(threads)
+    {
+        __m512bh *buf = (__m512bh *)aligned_alloc(64, sizeof(__m512bh) * (size_t)WIDE_OB * nb);
+        float *ds = (float *)malloc(sizeof(float) * nb), *ms = (float *)malloc(sizeof(float) * nb);
+#pragma omp for schedule(static)
+        for (int g = 0; g < groups; g++) {
+            prefetch_rows(kind, W, in, out, (g + WEIGHT_PREFETCH_JOBS) * WIDE_OB, WIDE_OB);
+            for (int j = 0; j < WIDE_OB; j++) wide_decode(kind, W, nb, g * WIDE_OB + j, buf + j * nb, ds, ms);
+            wide_rows(WIDE_OB, buf, nb, x, y, m, in, out, g * WIDE_OB);
+            prefetch_share(pf, g, groups);
+        }
+#pragma omp for schedule(static)
+        for (int o = groups * WIDE_OB; o < out; o++) {
+            wide_decode(kind, W, nb, o, buf, ds, ms);
+            wide_rows(1, buf, nb, x, y, m, in, out, o);
+        }
+        free(buf);
+        free(ds);
+        free(ms);
+    }
+}
+
 /* bf16 weights W [out, in] (in a multiple of 32, out of 16) packed per tile exactly as
  * tile_decode packs decoded blocks, for the same tiled rows: a prefill of up to 64 rows on a bf16
  * base (or on the bf16 copy of a GGUF base) then gets the few-row kernel's bits, as the GGUF
@@ -664,6 +754,10 @@ static void tiles_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int m,
     static void NAME##_pf(const uint16_t *x, const uint8_t *W, uint16_t *y, int m, int in, int out, int threads,   \
                           const Prefetch *pf) {                                                          \
         const int kind = KIND;                                                                           \
+        if (m > MAX_ROWS && m <= WIDE_ROWS) {                                                            \
+            wide_blocks(KIND, x, W, y, m, in, out, threads, pf);                                         \
+            return;                                                                                      \
+        }                                                                                                \
         if (m > MAX_ROWS) {                                                                              \
             tiles_blocks(KIND, x, W, y, m, in, out, threads, pf);                                        \
             return;                                                                                      \
