@@ -47,18 +47,17 @@ _ids = itertools.count(1)
 SPECULATE = 7
 SPECULATE_START = 3
 SPECULATE_TOKENS = 8
-# A row whose draft is rejected outright twice in a row stops drafting for a while (8 tokens,
-# doubling per further miss, at most 64): a one-token draft still makes its verify pass wider
-# than a plain step, and on tasks that do not copy their input in order (reverse_words: 2 of
-# 53 draft tokens accepted) drafting every step lost 18% of decode speed.
-SPECULATE_MISSES = 2
-SPECULATE_BACKOFF = 8
-SPECULATE_BACKOFF_MAX = 64
+# A row does not stop drafting after rejected drafts: a row that copies its input often departs
+# from it for a few tokens and then copies again, where a 3-gram match drafts well. An earlier
+# per-row backoff (no drafts for 8-64 tokens after two drafts rejected outright) lost more there
+# than it saved (A/B with a scratch harness of bench/engine.py's prompt-lookup rows, decode only:
+# copy 1.82-1.88x without it vs 1.66-1.74x with it, date_format 1.17-1.24x vs 1.11-1.14x, json_field
+# and reverse_words equal); tasks whose drafts fail are caught by the per-route record below.
 # Across requests, per route (adapter or mixture): once a route's drafts have yielded fewer than
 # SPECULATE_MIN_YIELD accepted tokens per drafted one over at least SPECULATE_EVIDENCE drafted
 # tokens, its new requests do not draft, except every SPECULATE_PROBE-th, which keeps the
-# evidence fresh. Why: answers are often a handful of tokens, too short for a request's own
-# backoff to learn anything, and a route whose answers are not copies (reverse_words: 2 of 42
+# evidence fresh. Why: answers are often a handful of tokens, too short for one request to
+# show whether drafting pays, and a route whose answers are not copies (reverse_words: 2 of 42
 # drafted tokens accepted) paid for its drafts on every request (0.84x decode speed, measured
 # with bench/engine.py --lookup-only). The history decays (halved past SPECULATE_HISTORY drafted
 # tokens), so a route whose inputs change is judged on what it does now.
@@ -103,8 +102,7 @@ class Request:
     _lookup: PromptLookup | None = None  # speculative drafts (greedy rows only)
     _looked: int = 0  # how many of `tokens` the lookup index has seen
     _draft_len: int = 0  # this row's current draft length (adaptive; 0 = not started)
-    _misses: int = 0  # consecutive drafts with no token accepted
-    _draft_after: int = 0  # no drafts until the row has this many tokens (backoff after misses)
+    _no_drafts: bool = False  # its route's drafts have not paid (see _route_drafts)
     _spec_key: str = ""  # the route its drafts are counted under (Engine._spec_yield)
     _pieces: Pieces = field(init=False, repr=False)  # the answer's text pieces, to stream() and on_event
 
@@ -500,14 +498,14 @@ class Engine:
         budget = max(SPECULATE_TOKENS, len(self.running)) - len(self.running)
         drafts: list[list[int]] = []
         for req in self.running:
-            if budget <= 0 or not req.sampling.greedy or req.cancelled or len(req.tokens) < req._draft_after:
+            if budget <= 0 or not req.sampling.greedy or req.cancelled or req._no_drafts:
                 drafts.append([])
                 continue
             if req._lookup is None:
                 req._lookup = PromptLookup(req.prompt_ids)
                 req._spec_key = str(req.route)
                 if not self._route_drafts(req._spec_key):
-                    req._draft_after = req.sampling.max_tokens  # this request does not draft
+                    req._no_drafts = True
                     drafts.append([])
                     continue
             req._lookup.extend(req.tokens[req._looked :])
@@ -577,10 +575,6 @@ class Engine:
                 self._count_drafts(req._spec_key, len(draft), accepted[req])
                 full = accepted[req] == len(draft)
                 req._draft_len = min(self.speculate, req._draft_len + 2) if full else max(1, req._draft_len - 1)
-                req._misses = req._misses + 1 if accepted[req] == 0 else 0
-                if req._misses >= SPECULATE_MISSES:
-                    wait = min(SPECULATE_BACKOFF << (req._misses - SPECULATE_MISSES), SPECULATE_BACKOFF_MAX)
-                    req._draft_after = len(req.tokens) + wait
         for req, n0 in zip(reqs, start):
             if not req.done and req in self.running:
                 self.cache.lengths[self.running.index(req)] = n0 + 1 + accepted[req]
