@@ -221,11 +221,11 @@ def test_server_response_format_json_object_and_schema(runtime):  # noqa: F811
 @pytest.mark.parametrize("extra, param, needle", [
     ({"response_format": json_schema_format({"type": "array", "uniqueItems": True})}, "response_format", "uniqueItems"),
     ({"response_format": {"type": "yaml"}}, "response_format", "'yaml'"),
-    ({"model": "stack/any", "response_format": {"type": "json_object"}}, "response_format", "stack/"),
+    ({"model": "stack/any", "response_format": {"type": "json_object"}, "max_tokens": None}, "response_format", "stack/"),
     ({"response_format": json_schema_format({"type": "string", "pattern": "(["})}, "response_format", "cannot compile"),
     ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
     ({"response_format": {"type": "json_object"}, "stop": ["}"]}, None, "stop"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "auto"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "no tool_choice (with tools, that means 'auto')"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tool_choice", "not supported"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}},
      "tool_choice", "'g'"),
@@ -359,3 +359,25 @@ def test_speculative_drafts_respect_the_constraint(tiny_base):
             assert engine.stats["drafted"] > 0, "the prompt gave the lookup something to draft"
     assert outputs[0] == outputs[1]
     check(tiny_base.tokenizer.decode(outputs[1][0]), PERSON)
+
+
+def test_constrained_bytes_stay_valid_utf8_across_tokens():
+    """xgrammar matches bytes and let a random model write UTF-16 surrogate bytes (ED A4 AB) in a
+    string, three U+FFFD once decoded; the extra mask follows UTF-8 across token boundaries:
+    a character split over tokens is fine, a surrogate, an overlong form or a stray byte is not."""
+    from lorastack.engine.constrain import _Utf8
+
+    vocab = [b'"', b"a", b"\xe4", b"\xb8", b"\xad", b"\xe4\xb8", b"\xed", b"\xa4\xab", b"\x9f\xbf", b"\xc0\x80", b"\xb8\xad"]
+    u = _Utf8(vocab)
+
+    def walk(ids):
+        state = 0
+        for t in ids:
+            state = u.after[state][t]
+            if state < 0:
+                return False
+        return state == 0
+
+    assert walk([0, 1, 2, 3, 4, 0]) and walk([5, 4]) and walk([2, 10])  # 中 as 3, 2 or 1+2 tokens
+    assert not walk([6, 7]) and walk([6, 8])  # ED A4 AB is a surrogate; ED 9F BF is U+D7FF
+    assert not walk([9]) and not walk([3]) and not walk([2, 0])  # overlong, stray continuation, cut short

@@ -180,7 +180,12 @@ class Grammars:
         self.vocab_size = vocab_size
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=[eos_token_id])
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=64 << 20)
-        self.no_control = _packed_mask([not any(b < 0x20 for b in t) for t in info.decoded_vocab], vocab_size)
+        vocab = info.decoded_vocab
+        self.utf8 = _Utf8(vocab)
+        # Per UTF-8 state of the output so far (_STATES): the tokens that may come next, also
+        # free of control bytes (see RowGrammar).
+        self.masks = [_packed_mask([not any(b < 0x20 for b in t) and nxt[j] >= 0 for j, t in enumerate(vocab)], vocab_size)
+                      for nxt in self.utf8.after]
         self._lock = threading.Lock()
         self._compiled: dict[Constraint, Any] = {}
         self._cache_size = cache_size
@@ -204,7 +209,53 @@ class Grammars:
             return hit
 
     def matcher(self, c: Constraint) -> "RowGrammar":
-        return RowGrammar(self._xgr.GrammarMatcher(self.compiled(c)), c, self.no_control)
+        return RowGrammar(self._xgr.GrammarMatcher(self.compiled(c)), c, self.masks, self.utf8)
+
+
+# UTF-8 decoding states between tokens: (continuation bytes owed, lowest and highest byte the
+# next one may be). The narrow ranges after E0, ED, F0 and F4 exclude overlong forms and UTF-16
+# surrogates (ED A0-BF ..), which Python and JSON parsers decode as U+FFFD.
+_STATES = ((0, 0x80, 0xBF), (1, 0x80, 0xBF), (2, 0x80, 0xBF), (2, 0xA0, 0xBF), (2, 0x80, 0x9F),
+           (3, 0x80, 0xBF), (3, 0x90, 0xBF), (3, 0x80, 0x8F))
+_STATE = {s: i for i, s in enumerate(_STATES)}
+
+
+def _utf8_step(state: tuple[int, int, int], x: int) -> tuple[int, int, int] | None:
+    owed, lo, hi = state
+    if owed:
+        return (owed - 1, 0x80, 0xBF) if lo <= x <= hi else None
+    if x < 0x80:
+        return state
+    if 0xC2 <= x <= 0xDF:
+        return (1, 0x80, 0xBF)
+    if 0xE0 <= x <= 0xEF:
+        return (2, 0xA0 if x == 0xE0 else 0x80, 0x9F if x == 0xED else 0xBF)
+    if 0xF0 <= x <= 0xF4:
+        return (3, 0x90 if x == 0xF0 else 0x80, 0x8F if x == 0xF4 else 0xBF)
+    return None
+
+
+class _Utf8:
+    """Keeps a constrained row's bytes valid UTF-8. xgrammar matches bytes, and its string rules
+    admit byte-level tokens that garble a character: a random model wrote the UTF-16 surrogate
+    bytes ED A4 AB inside a string ('xpreޑ갔Ť���', 10 characters once decoded where the schema
+    said maxLength 8, and xgrammar had counted 8). `after[s][t]` is the state after token t from
+    state s, or -1 when t cannot follow there."""
+
+    def __init__(self, vocab: list[bytes]) -> None:
+        self.after = [[-1] * len(vocab) for _ in _STATES]
+        for t, raw in enumerate(vocab):
+            if all(x < 0x80 for x in raw):  # most tokens: only after a complete character
+                self.after[0][t] = 0
+                continue
+            for si, state in enumerate(_STATES):
+                cur: tuple[int, int, int] | None = state
+                for x in raw:
+                    cur = _utf8_step(cur, x)
+                    if cur is None:
+                        break
+                if cur is not None:
+                    self.after[si][t] = _STATE[cur]
 
 
 def _packed_mask(allowed: list[bool], vocab_size: int) -> torch.Tensor:
@@ -218,16 +269,23 @@ def _packed_mask(allowed: list[bool], vocab_size: int) -> torch.Tensor:
 class RowGrammar:
     """One request's position in its grammar."""
 
-    def __init__(self, matcher: Any, constraint: Constraint, extra_mask: torch.Tensor) -> None:
+    def __init__(self, matcher: Any, constraint: Constraint, masks: list[torch.Tensor], utf8: _Utf8) -> None:
         self.matcher = matcher
         self.constraint = constraint
         # xgrammar lets raw control characters into length- or pattern-bounded strings (seen
         # with maxLength: '"\x0c"'), which no JSON parser accepts; output here is compact
-        # (no newlines or tabs), so tokens holding bytes below 0x20 are never needed.
-        self.extra_mask = extra_mask
+        # (no newlines or tabs), so tokens holding bytes below 0x20 are never needed. The masks
+        # also keep the bytes valid UTF-8 (_Utf8), one mask per decoding state.
+        self.masks, self.utf8, self.state = masks, utf8, 0
+
+    @property
+    def extra_mask(self) -> torch.Tensor:
+        return self.masks[self.state]
 
     def accept(self, token: int) -> None:
         """Advance past the token the row picked (always one the mask allowed)."""
+        nxt = self.utf8.after[self.state][int(token)]
+        self.state = nxt if nxt >= 0 else 0
         if not self.matcher.accept_token(int(token)):
             # Only reachable when the mask left nothing (argmax of all -inf): a schema whose
             # next character would have to be a raw control byte, which JSON forbids.
