@@ -166,7 +166,7 @@ def tasks_make(
     n: int = typer.Option(100, "--n", help="Number of records."),
     split: str = typer.Option("train", "--split", help="train, test (disjoint streams, same phrasings) or paraphrase (held-out phrasings)."),
     seed: int = typer.Option(0, "--seed", help="Generator seed (same seed, same records)."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write JSONL here instead of stdout."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write JSONL here instead of stdout (- is stdout)."),
 ) -> None:
     """Generate a JSONL dataset from a built-in task."""
     from .data import check_output_file, write_jsonl
@@ -174,6 +174,8 @@ def tasks_make(
 
     from .stacks.composite import COMPOSITE
 
+    if out is not None and str(out) == "-":  # the usual spelling of stdout, not a file named "-"
+        out = None
     if out:
         check_output_file(out, "--out")
 
@@ -525,7 +527,10 @@ def router_calibrate(
     if as_json:
         _print_json(info)
         return
-    typer.echo(f"{router}: threshold {info['threshold_before']:.3f} -> {info['threshold']:.3f}; on your {info['n']} inputs "
+    per = info["thresholds_before"]
+    before = (f"thresholds {min(per.values()):.3f}-{max(per.values()):.3f} (per adapter; shared {info['threshold_before']:.3f})"
+              if per and min(per.values()) < max(per.values()) else f"threshold {info['threshold_before']:.3f}")
+    typer.echo(f"{router}: {before} -> {info['threshold']:.3f} for every adapter; on your {info['n']} inputs "
                f"{info['accuracy_before']:.1%} -> {info['accuracy']:.1%} routed right (to their adapter, or to the base); "
                f"saved {info['path']}")
 
@@ -592,7 +597,8 @@ def generate(
 
     from .data import check_text
 
-    check_text(prompt, "PROMPT")
+    if not check_text(prompt, "PROMPT").strip():  # as the server refuses it: nothing to answer
+        raise LorastackError("PROMPT is empty; give the request to answer")
     sampling = dataclasses.replace(_sampling(max_tokens, temperature, top_p, top_k, seed, stop),
                                    constraint=_constraint(json_object, json_schema))
     _check_names_early(model)
@@ -1052,20 +1058,23 @@ def compose_merge(
     svd_rank: Optional[int] = typer.Option(None, "--svd-rank", help="Rank of svd/ties/dare/magnitude_prune results (default: the largest parent rank)."),
     subtract: Optional[str] = typer.Option(None, "--subtract", help="Subtract this general adapter from every parent first (GenKnowSub)."),
     seed: int = typer.Option(0, "--seed", help="DARE's random drops."),
+    routable: bool = typer.Option(False, "--routable", help="Let `auto` pick it (it then competes with its parents, whose examples it stores)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing adapter of that name."),
 ) -> None:
-    """Merge adapters into a new library adapter (PEFT format; its card records parents, method, weights)."""
+    """Merge adapters into a new library adapter (PEFT format; its card records parents, method, weights).
+    Use it by name: it is not routable unless --routable."""
     import time
 
     from .compose import merge, parse_weights
 
     t0 = time.perf_counter()
     adapter = merge(_library(), adapters, name, method=method, weights=parse_weights(weights, len(adapters)), density=density,
-                    svd_rank=svd_rank, subtract=subtract, seed=seed, overwrite=force)
+                    svd_rank=svd_rank, subtract=subtract, seed=seed, overwrite=force, routable=routable)
     c = adapter.card.model_dump()["composition"]
     mix = ", ".join(f"{p['name']}:{p['weight']:g}" for p in c["parents"])
     typer.echo(f"added {adapter.name}: {method} of {mix}"
-               + (f" minus {subtract}" if subtract else "") + f", rank {adapter.card.rank}, {time.perf_counter() - t0:.1f}s")
+               + (f" minus {subtract}" if subtract else "") + f", rank {adapter.card.rank}, {time.perf_counter() - t0:.1f}s"
+               + ("" if routable else f"; not routable (--model {adapter.name}; --routable lets auto pick it)"))
 
 
 @compose_app.command("general")
@@ -1186,7 +1195,11 @@ USAGE_ERRORS, EXITS, ABORTS = _click_errors()
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode click returns a command's `typer.Exit(code)` instead of
+        # raising it (an interrupted train ends with Exit(130)): pass that code on.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except EXITS as e:
         sys.exit(e.exit_code)
     except USAGE_ERRORS as e:

@@ -12,6 +12,7 @@ import math
 import random
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,7 +293,12 @@ def train_adapter(
         if scorer and config.eval_generate:
             metrics.update(_eval_exact_match(base, peft_model, eval_records[: config.eval_generate], scorer))
 
-    peft_model.save_pretrained(out_dir)
+    with warnings.catch_warnings():
+        # PEFT looks for the base's config.json next to the path it recorded, to see whether
+        # the embeddings were resized; the embedded base is a GGUF, whose folder has none, and
+        # this trainer never resizes them: the warning would only alarm.
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        peft_model.save_pretrained(out_dir)
     from .plots import loss_curve
 
     loss_curve(losses, state.eval_curve, metrics.get("eval_loss"), out_dir / PLOT_FILE, title=f"{name}: training loss")

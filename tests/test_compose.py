@@ -310,10 +310,15 @@ def test_cli_merge_and_fewshot_then_generate_with_the_new_adapter(lib, tiny_base
     common = ["--base", str(tiny_base_dir), "--library", str(lib.root)]
     main([*common, "compose", "merge", "a", "b", "--method", "ties", "--weights", "1,1", "--name", "ab"])
     assert "added ab: ties of a:1, b:1" in capsys.readouterr().out
+    # A merge stores its parents' examples: routable, it would split auto's choice with them.
+    assert lib.get("ab").card.routable is False and lib.get("a").card.routable
+    main([*common, "compose", "merge", "a", "--method", "svd", "--svd-rank", "2", "--name", "a2", "--routable"])
+    assert "not routable" not in capsys.readouterr().out and lib.get("a2").card.routable is True
     main([*common, "compose", "fewshot", "--data", str(few), "--candidates", "a,b,c", "--budget", "6", "--seed", "2",
           "--name", "fs", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["adapter"] == "fs" and out["candidates"] == ["a", "b", "c"] and out["evaluations"] <= 6
+    assert lib.get("fs").card.routable  # its examples are the new task's own
     main([*common, "generate", "Reverse the order of these words: x y", "--model", "fs", "--max-tokens", "3"])
     assert capsys.readouterr().out.strip()  # the composed adapter serves like any other
 

@@ -69,6 +69,13 @@ def test_router_calibrate_fits_the_users_phrasings_and_lapses_when_the_library_c
     rt.library.add(src, "bool_eval", base=tiny_base, examples=[r["prompt"] for r in get_task("bool_eval").generate(16, "train", 0)])
     fresh = KnnRouter(rt)
     assert fresh.threshold() == fresh.index().calibration.threshold(fresh.false_route)
+    # The learned gate had a threshold per adapter (the shared one, lowered where its negatives
+    # sit lower); the report names each, and the calibrated threshold then holds for all.
+    info = calibrate_on_data(rt, "learned", data)
+    gate = rt.router("learned")
+    per = info["thresholds_before"]
+    assert sorted(per) == sorted(gate.routable()) and all(t <= info["threshold_before"] + 1e-9 for t in per.values()), info
+    assert all(gate.threshold(adapter=i) == info["threshold"] for i in range(len(per)))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "adapter": "nope"}) + "\n")
     with pytest.raises(LorastackError, match="'nope' is not in the library"):

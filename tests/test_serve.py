@@ -177,6 +177,14 @@ def test_auth_errors_and_limits(runtime):
                    headers={**ok, "Content-Type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
         assert "not valid Unicode text" in r.json()["error"]["message"]
+        image = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
+        r = c.post("/v1/chat/completions", json={**chat_body("base"), "messages": [{"role": "user", "content": image}]}, headers=ok)
+        err = r.json()["error"]
+        assert r.status_code == 422 and err["param"] == "messages.0" and "content[1] is a 'image_url' part" in err["message"], r.text
+        assert "more problem" not in err["message"]  # one message naming it, not a union's three
+        parts = [{"type": "text", "text": "Reverse "}, {"type": "text", "text": "a b"}]
+        r = c.post("/v1/chat/completions", json={**chat_body("base"), "messages": [{"role": "user", "content": parts}]}, headers=ok)
+        assert r.status_code == 200, r.text  # text parts still work
     with client(runtime, max_prompt_tokens=20) as c:  # the server's own cap, named as such
         r = c.post("/v1/chat/completions", json=chat_body("base", content="word " * 30))
         assert r.status_code == 400 and "this server accepts at most 20 prompt tokens" in r.json()["error"]["message"]
@@ -206,6 +214,20 @@ def test_hot_import_delete_and_vllm_load_unload(runtime, tiny_base, tmp_path):
     fresh = make_peft_adapter(tiny_base, root / "fresh", seed=7)
     outside = make_peft_adapter(tiny_base, tmp_path / "elsewhere", seed=8)
     with client(runtime, import_roots=(root,)) as c:
+        # vLLM-style unload: not listed, not served, never routed to; load brings it back.
+        r = c.post("/v1/unload_lora_adapter", json={"lora_name": "date_format"})
+        assert r.status_code == 200 and "removed" in r.text
+        assert "date_format" not in [m["id"] for m in c.get("/v1/models").json()["data"]]
+        assert c.post("/v1/chat/completions", json=chat_body("date_format")).status_code == 404
+        # One of date_format's own stored examples: routed to it whenever it is routable at all
+        # (the random tiny base places other date requests wherever it happens to). Before any
+        # example-less adapter is imported: at false_route 1.0 its Arrow signal may take anything.
+        date_prompt = get_task("date_format").generate(24, "train", seed=0)[0]["prompt"]
+        r = c.post("/v1/chat/completions", json=chat_body("auto:knn", content=date_prompt, false_route=1.0))
+        assert "date_format" not in r.json()["lorastack"]["spec"]
+        assert c.post("/v1/load_lora_adapter", json={"lora_name": "date_format"}).status_code == 200
+        r = c.post("/v1/chat/completions", json=chat_body("auto:knn", content=date_prompt, false_route=1.0))
+        assert r.json()["lorastack"]["spec"] == "date_format", json.dumps(r.json()["lorastack"])
         assert c.post("/v1/chat/completions", json=chat_body("fresh")).status_code == 404
         r = c.post("/v1/adapters", json={"path": str(fresh), "name": "fresh"})
         assert r.status_code == 201, r.text
@@ -220,17 +242,6 @@ def test_hot_import_delete_and_vllm_load_unload(runtime, tiny_base, tmp_path):
         r = c.post("/v1/adapters", json={"path": str(fresh), "name": "../evil"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "name"
 
-        # vLLM-style unload: not listed, not served, never routed to; load brings it back.
-        r = c.post("/v1/unload_lora_adapter", json={"lora_name": "date_format"})
-        assert r.status_code == 200 and "removed" in r.text
-        assert "date_format" not in [m["id"] for m in c.get("/v1/models").json()["data"]]
-        assert c.post("/v1/chat/completions", json=chat_body("date_format")).status_code == 404
-        date_prompt = "Rewrite the date 2031-04-09 in words"
-        r = c.post("/v1/chat/completions", json=chat_body("auto:knn", content=date_prompt, false_route=1.0))
-        assert "date_format" not in r.json()["lorastack"]["spec"]
-        assert c.post("/v1/load_lora_adapter", json={"lora_name": "date_format"}).status_code == 200
-        r = c.post("/v1/chat/completions", json=chat_body("auto:knn", content=date_prompt, false_route=1.0))
-        assert r.json()["lorastack"]["spec"] == "date_format"
         r = c.post("/v1/load_lora_adapter", json={"lora_name": "viaload", "lora_path": str(fresh)})
         assert r.status_code == 200 and "viaload" in runtime.library
 

@@ -139,9 +139,16 @@ def test_stacks_get_the_header_and_refuse_logprobs_by_name(runtime, tmp_path):
         r = c.post("/v1/chat/completions", json={"model": "stack/date-from-record", "messages": msgs, "n": 2})
         # (the random tiny adapters may overflow a stage's context: the route is named either way)
         assert r.headers["x-lorastack-route"] == "stack/date-from-record", r.text
-        for body in ({"logprobs": True}, {"logprobs": True, "top_logprobs": 2}):
+        one = c.post("/v1/chat/completions", json={"model": "stack/date-from-record", "messages": msgs})
+        if r.status_code == 200 and one.status_code == 200:  # n=2 counts the one prompt once, as for a route
+            assert r.json()["usage"]["prompt_tokens"] == one.json()["usage"]["prompt_tokens"], (r.text, one.text)
+        # What shapes the answer is refused, never ignored: each stage has its own limits and stops.
+        for body, param in (({"logprobs": True}, "logprobs"), ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+                            ({"stop": "April"}, "stop"), ({"stop": ["x", "y"]}, "stop"), ({"max_tokens": 1}, "max_tokens"),
+                            ({"max_completion_tokens": 5}, "max_completion_tokens")):
             r = c.post("/v1/chat/completions", json={"model": "stack/date-from-record", "messages": msgs, **body})
-            assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs", r.text
-        for body, param in (({"logprobs": 1}, "logprobs"), ({"echo": True, "max_tokens": 0}, "max_tokens")):
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        for body, param in (({"logprobs": 1}, "logprobs"), ({"echo": True, "max_tokens": 0}, "max_tokens"),
+                            ({"stop": "\n"}, "stop"), ({"max_tokens": 3}, "max_tokens")):
             r = c.post("/v1/completions", json={"model": "stack/date-from-record", "prompt": msgs[0]["content"], **body})
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -70,6 +70,25 @@ def test_answers_are_right():
     assert spell(0) == "zero" and spell(40) == "forty" and spell(115) == "one hundred fifteen" and spell(999) == "nine hundred ninety-nine"
 
 
+def test_json_field_records_vary_as_users_write_them_and_hold_keys_out():
+    """Records come compact and spaced, numbers quoted and bare, with many keys; the answer is the
+    asked key's value as written; the held-out keys (README measures them) never appear."""
+    from lorastack.tasks.json_field import FIELDS, HELDOUT_KEYS
+
+    rng = random.Random(3)
+    seen_keys, compact, spaced, bare = set(), 0, 0, 0
+    for _ in range(400):
+        fields, completion = get_task("json_field").make_fields(rng)
+        obj = json.loads(fields["obj"])
+        assert str(obj[fields["key"]]) == completion
+        seen_keys |= set(obj)
+        compact += '":' in fields["obj"].replace('": ', "")
+        spaced += '": ' in fields["obj"]
+        bare += any(isinstance(v, (int, float)) for v in obj.values())
+    assert seen_keys == set(FIELDS) and not seen_keys & set(HELDOUT_KEYS)
+    assert min(compact, spaced, bare) > 100, (compact, spaced, bare)
+
+
 def test_exact_match_ignores_surrounding_whitespace_only():
     rec = {"completion": "Paris Lima"}
     assert exact_match(" Paris  Lima\n", rec)

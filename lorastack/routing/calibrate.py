@@ -51,10 +51,13 @@ def calibrate_on_data(rt: Runtime, router_name: str, data: Path) -> dict[str, An
     correct = np.array([d.candidate == lab for d, lab in zip(decisions, labels)])
     should = np.array([lab is not None for lab in labels])
     before_t = router.threshold()
+    names = router.routable()
+    # The learned gate lowers the shared threshold per adapter; the calibrated one replaces them
+    # all, so the report shows what each adapter had to reach before, not just the shared figure.
+    per_adapter = {n: float(router.threshold(adapter=i)) for i, n in enumerate(names)} if router_name == "learned" else {}
     routed = np.array([not d.abstained for d in decisions])  # the fitted thresholds (per adapter, for the gate)
     before = float(np.mean(np.where(routed, should & correct, ~should)))
     threshold, acc = fit_labelled(margin, correct, should)
-    names = router.routable()
     path = _path(rt)
     stored = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     stored[router_name] = {"threshold": threshold, "base": rt.base.fingerprint, "adapters": sorted(names),
@@ -64,7 +67,7 @@ def calibrate_on_data(rt: Runtime, router_name: str, data: Path) -> dict[str, An
     tmp.replace(path)
     router.override = threshold
     return {"router": router_name, "n": len(records), "threshold_before": before_t, "threshold": threshold,
-            "accuracy_before": before, "accuracy": acc, "path": str(path)}
+            "thresholds_before": per_adapter, "accuracy_before": before, "accuracy": acc, "path": str(path)}
 
 
 def _read_inputs(path: Path) -> list[dict[str, Any]]:

@@ -370,7 +370,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         more = [functools.partial(srv.start, body.model, prompt, decision, extra, False, body.false_route, text)
                 for extra in samples[1:]]
         reqs = await srv.collect_all(request, [lambda: (req, pieces), *more], "chat")
-        prompt_tokens = reqs[0].prompt_tokens if not stack else sum(r.prompt_tokens for r in reqs)
+        prompt_tokens = reqs[0].prompt_tokens  # one prompt, however many samples (as for a route)
         completion = sum(r.completion_tokens for r in reqs)
         return ChatCompletion(id=rid, created=created, model=body.model,
                               choices=[ChatChoice(index=i, message=assistant_message(r.text, structured), finish_reason=_finish(r),
@@ -412,7 +412,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
             for x, d, p in zip(inputs, decisions, prompts) for one in srv.samples(sampling, body.n)], "completions")
         choices = await completion_choices(srv.engine, runtime.base, body, prompts, all_ids,
                                            [d.route for d in decisions] if not stack else [], reqs)
-        prompt_tokens = sum(len(ids) for ids in all_ids) if not stack else sum(r.prompt_tokens for r in reqs)
+        prompt_tokens = sum(len(ids) for ids in all_ids) if not stack else sum(r.prompt_tokens for r in reqs[::body.n])
         completion = sum(r.completion_tokens for r in reqs)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
         infos = [info or srv.stack_info(reqs[i * body.n]) for i, info in enumerate(infos)]

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from ..engine.constrain import Constraint
@@ -31,14 +31,24 @@ class _Keeping(BaseModel):
 
 
 class TextPart(_Lenient):
-    type: Literal["text"] = "text"
-    text: str
+    type: str = "text"  # any type parses, so that ChatMessage can name the one it cannot take
+    text: str | None = None
 
 
 class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called a function
+
+    @model_validator(mode="after")
+    def _text_parts_only(self) -> "ChatMessage":
+        """An image or audio part gets one message naming it (a union's schema errors do not)."""
+        for j, part in enumerate(self.content if isinstance(self.content, list) else []):
+            if part.type != "text":
+                raise ValueError(f"content[{j}] is a {part.type!r} part; the models here read text only (type 'text')")
+            if part.text is None:
+                raise ValueError(f"content[{j}] has no 'text'")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -430,7 +440,8 @@ def _forced_tool(tools: Any, choice: Any, chat: bool) -> dict[str, Any] | None:
             raise ApiError(400, f"tool_choice names function {name!r}, which is not in tools ({', '.join(functions)})",
                            param="tool_choice")
         return functions[name]
-    raise ApiError(400, f"tool_choice {choice!r} is not supported" + (" (the default with tools is 'auto')" if choice is None else "")
+    said = "no tool_choice (with tools, that means 'auto')" if choice is None else f"tool_choice {json.dumps(choice)}"
+    raise ApiError(400, f"{said} is not supported"
                    + ": force a function with {\"type\": \"function\", \"function\": {\"name\": ...}} or send 'none'"
                    + (" ('required' works with a single tool)" if choice == "required" else ""),
                    param="tools" if choice is None else "tool_choice", code="unsupported_parameter")
