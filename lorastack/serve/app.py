@@ -47,7 +47,7 @@ from .prompts import completion_prompts
 from .schemas import (
     ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
     CompletionRequest, EmbeddingList, EmbeddingRequest, ErrorBody, ImportAdapter, LoadLoraAdapter, ModelCard, ModelList, RouteInfo,
-    UnloadLoraAdapter, Usage, assistant_message, chat_messages, structured_output,
+    UnloadLoraAdapter, Usage, assistant_message, chat_messages, check_stack_sampling, structured_output,
 )
 from .settings import ServeSettings
 from .tokenizer import install_tokenizer_routes
@@ -345,6 +345,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         # else is routed here, before the response starts, so a stream can say its route first.
         stack = srv.is_stack(body.model)
         check_logprobs_route(body, stack)
+        check_stack_sampling(body, stack)
         if stack and structured.constraint is not None:
             raise ApiError(400, "structured output is not supported for stack/ models",
                            param="tools" if structured.tool else "response_format")
@@ -386,6 +387,7 @@ def create_app(runtime: Runtime, settings: ServeSettings | None = None) -> FastA
         prompts, all_ids = completion_prompts(body, runtime.base.tokenizer)
         stack = srv.is_stack(body.model)
         check_logprobs_route(body, stack)
+        check_stack_sampling(body, stack)
         if stack and constraint is not None:
             raise ApiError(400, "structured output is not supported for stack/ models", param="response_format")
         decisions = [None if stack else await srv.decide(body.model, p, body.false_route) for p in prompts]

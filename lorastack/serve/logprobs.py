@@ -150,9 +150,7 @@ def chat(tokenizer, req: EngineRequest, eos: int, top: int) -> ChatLogprobs:
 
 def check_logprobs_route(body: ChatCompletionRequest | CompletionRequest, stack: bool) -> None:
     """Logprobs and prompt scoring need one route per row; a stack's answer comes from
-    several stages, so there it is a 400 naming the field. So are `stop` and `max_tokens`:
-    each stage has its own (the spec's), and answering in full to a request that asked for
-    one token, or past its stop string, would silently ignore what shapes the answer."""
+    several stages, so there it is a 400 naming the field."""
     if not stack:
         return
     if body.logprob_count() is not None:
@@ -161,10 +159,6 @@ def check_logprobs_route(body: ChatCompletionRequest | CompletionRequest, stack:
     if isinstance(body, CompletionRequest) and body.scores_only:
         raise ApiError(400, "max_tokens=0 (scoring the prompt) is not available for stack/ models", param="max_tokens",
                        code="unsupported_parameter")
-    for field in ("stop", "max_tokens", "max_completion_tokens"):
-        if getattr(body, field, None) not in (None, []):
-            raise ApiError(400, f"{field} is not available for stack/ models (each stage has its own, in the stack's "
-                           "spec); leave it out", param=field, code="unsupported_parameter")
 
 
 def chat_choice_logprobs(base, body: ChatCompletionRequest, req: EngineRequest) -> ChatLogprobs | None:

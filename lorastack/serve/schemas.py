@@ -473,3 +473,15 @@ def assistant_message(text: str, structured: Structured) -> AssistantMessage:
         return AssistantMessage(content=text)
     call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=ToolCallFunction(name=structured.tool["name"], arguments=text))
     return AssistantMessage(content=None, tool_calls=[call])
+
+
+def check_stack_sampling(body: "ChatCompletionRequest | CompletionRequest", stack: bool) -> None:
+    """A stack's stages keep their own `stop` and `max_tokens` (the spec's): a request that sets
+    them gets a 400 naming the field, since answering in full to one that asked for a token, or
+    past its stop string, would silently ignore what shapes the answer."""
+    if not stack:
+        return
+    for name in ("stop", "max_tokens", "max_completion_tokens"):
+        if getattr(body, name, None) not in (None, []):
+            raise ApiError(400, f"{name} is not available for stack/ models (each stage has its own, in the stack's "
+                           "spec); leave it out", param=name, code="unsupported_parameter")
