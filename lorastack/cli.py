@@ -457,6 +457,8 @@ def router_fit(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) ->
     else:
         typer.echo(f"fitted learned router on {info['examples']} examples of {info['adapters']} adapters in "
                    f"{info['seconds']}s (train accuracy {info['train_accuracy']:.1%}); saved {info['path']}")
+        for twins in info["twins"]:
+            typer.echo(f"twins (one job as far as their examples show; the more probable answers): {', '.join(twins)}")
 
 
 @adapters_app.command("search")

@@ -136,6 +136,30 @@ def test_calibration_on_synthetic_embeddings_routes_a_shifted_cluster_and_abstai
     assert cal.threshold(0.0) >= cal.threshold(0.2)
 
 
+
+def test_calibration_treats_twin_adapters_as_one_job():
+    """A retrained copy of an adapter (its examples drawn from the same cluster) must not make the
+    router abstain on everything: the twins' examples landing on each other are not false routes,
+    so a paraphrase of another adapter is still routed, and one of the twins' own is routed to
+    one of them."""
+    from lorastack.routing.knn import _decide, _unit, calibrate
+
+    rng = np.random.default_rng(1)
+    d = 32
+    axes = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    centres = axes[[0, 0, 1, 2]]  # adapters 0 and 1 are twins
+    bank = _unit(np.repeat(centres, 20, axis=0) + 0.05 * rng.normal(size=(80, d)))
+    owners = np.repeat(np.arange(4), 20)
+    generic = _unit(np.repeat(axes[3:13], 6, axis=0) + 0.3 * rng.normal(size=(60, d)))
+    cal = calibrate(bank, owners, 4, generic, k=5, generic_groups=np.repeat(np.arange(10), 6))
+    t = cal.threshold(0.02)
+    shifted = _unit(axes[[0, 1, 2]] + 0.6 * axes[20:23] + 0.05 * rng.normal(size=(3, d)))
+    win, z = _decide(shifted @ bank.T, owners, 4, shifted @ generic.T, 5)
+    assert win[0] in (0, 1) and list(win[1:]) == [2, 3] and (z >= t).all(), (win, z, t)
+    far = _unit(axes[25:28] + 0.1 * rng.normal(size=(3, d)))
+    _, z_far = _decide(far @ bank.T, owners, 4, far @ generic.T, 5)
+    assert (z_far < t).all()
+
 def test_fit_labelled_picks_the_threshold_that_gets_most_inputs_right():
     from lorastack.routing.calibration import fit_labelled
 

@@ -103,8 +103,27 @@ def test_views_train_the_gate_but_are_never_scored_as_negatives():
     y = np.repeat(np.arange(3), 20)
     folds = np.arange(60) % 2
     extra = (rng.normal(size=(30, 8)).astype(np.float32), np.repeat(np.arange(3), 10), np.arange(30) % 2)
-    for cal in (gate_calibration(x, y, 3, folds), gate_calibration(x, y, 3, folds, extra)):
+    for cal, _ in (gate_calibration(x, y, 3, folds), gate_calibration(x, y, 3, folds, extra)):
         assert len(cal.false_margins) + len(cal.positive_margins) == 60
+
+
+def test_twin_adapters_are_one_group_and_their_probabilities_add_up():
+    """Two adapters whose examples are one cluster (a retrained copy) split the gate's
+    probability; as twins, their sum must reach the threshold and the more probable answers,
+    while a distinct adapter and the "none" class are unaffected."""
+    from lorastack.routing.learned import gate_confidence
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(8)[[0, 0, 1]] * 3  # adapters 0 and 1 share a cluster; 2 is its own
+    x = np.concatenate([np.repeat(centres, 20, 0), np.repeat(np.eye(8)[[4, 5]] * 3, 20, 0)]) + rng.normal(size=(100, 8)) * 0.3
+    y = np.concatenate([np.repeat(np.arange(3), 20), np.full(40, 3)])  # class 3: "none"
+    cal, groups = gate_calibration(x.astype(np.float32), y, 4, np.arange(100) % 2)
+    assert groups[0] == groups[1] != groups[2], groups
+    p = np.array([[0.45, 0.44, 0.01, 0.10], [0.05, 0.05, 0.85, 0.05], [0.2, 0.1, 0.1, 0.6]])
+    best, conf = gate_confidence(p, groups)
+    assert list(best) == [0, 2, 0] and np.allclose(conf, [0.89, 0.85, 0.0])
+    assert np.allclose(gate_confidence(p)[1], [0.45, 0.85, 0.0])  # without groups: each half alone
+    assert len(cal.positive_margins) >= 55  # the twins' examples landing on each other are not false routes
 
 
 class _FakeEncoder:

@@ -77,31 +77,62 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return p / p.sum(1, keepdims=True)
 
 
-def gate_confidence(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: the best adapter (the last class is "none") and its confidence — its probability,
-    or 0 when "none" is more probable (then the gate itself says no expert)."""
-    best = p[:, :-1].argmax(1)
-    pb = p[np.arange(len(p)), best]
+def gate_confidence(p: np.ndarray, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the best adapter (the last class is "none") and its confidence — its probability
+    summed with its twins' (`groups`: a group id per adapter; twins share one), or 0 when "none"
+    is more probable (then the gate itself says no expert)."""
+    pa = p[:, :-1]
+    best = pa.argmax(1)
+    if groups is None:
+        pb = pa[np.arange(len(p)), best]
+    else:
+        onehot = (groups[:, None] == np.unique(groups)[None, :]).astype(pa.dtype)
+        pb = (pa @ onehot)[np.arange(len(p)), np.searchsorted(np.unique(groups), groups[best])]
     return best, np.where(pb > p[:, -1], pb, 0.0)
 
 
+# Two adapters whose stored examples the gate (out of fold) gives to each other at least this
+# often, each way, do one job as far as their examples show (a retrained "v2", a copy trained on
+# a subset): the gate splits its probability between them, and neither half reached the
+# threshold. Measured with a subset-trained copy of json_field next to it (eval-routing, 4 demo
+# adapters): json_field's inputs went to the base, 3% in-template top-1. Twins are one group:
+# their probabilities add up, the more probable one answers.
+TWIN_CONFUSION = 0.25
+
+
+def twin_groups(best: np.ndarray, y: np.ndarray, n_adapters: int) -> np.ndarray:
+    """A group id per adapter from out-of-fold predictions `best` of adapter rows labelled `y`."""
+    counts = np.zeros((n_adapters, n_adapters))
+    np.add.at(counts, (y, best), 1)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    twin = (share >= TWIN_CONFUSION) & (share.T >= TWIN_CONFUSION)
+    groups = np.arange(n_adapters)
+    for a, b in zip(*np.nonzero(np.triu(twin, 1))):  # union: twins of twins share a group
+        groups[groups == groups[b]] = groups[a]
+    return groups
+
+
 def gate_calibration(x: np.ndarray, y: np.ndarray, n_classes: int, folds: np.ndarray,
-                     extra: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Calibration:
-    """Out-of-fold confidences: negatives are "none" rows and rows whose best adapter is wrong;
-    positives are rows whose best adapter is right. `folds` (0/1) keep each generic template
-    on one side, so negatives are scored by a gate that never saw their phrasing. `extra`
-    (rows, labels, folds) are views: trained on with their source's fold, never scored (a view
-    scored by a gate that saw its source would look falsely certain)."""
-    conf = np.zeros(len(y))
-    best = np.zeros(len(y), dtype=np.int64)
+                     extra: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[Calibration, np.ndarray]:
+    """Out-of-fold confidences: negatives are "none" rows and rows whose best adapter is wrong
+    (not the row's own adapter nor its twin); positives are rows whose best adapter is right.
+    `folds` (0/1) keep each generic template on one side, so negatives are scored by a gate that
+    never saw their phrasing. `extra` (rows, labels, folds) are views: trained on with their
+    source's fold, never scored (a view scored by a gate that saw its source would look falsely
+    certain). Returns the calibration and the adapters' twin groups."""
+    probs = np.zeros((len(y), n_classes))
     xa, ya, fa = extra if extra is not None else (x[:0], y[:0], folds[:0])
     for f in (0, 1):
         if (folds == f).all() or not (folds == f).any():
             continue
         W, b = fit_gate(np.concatenate([x[folds != f], xa[fa != f]]), np.concatenate([y[folds != f], ya[fa != f]]), n_classes)
-        best[folds == f], conf[folds == f] = gate_confidence(softmax(x[folds == f] @ W + b))
-    wrong = best != y
-    return Calibration.fit(conf[wrong], np.ones(int(wrong.sum()), dtype=bool), conf[~wrong], best[wrong])
+        probs[folds == f] = softmax(x[folds == f] @ W + b)
+    n = n_classes - 1
+    adapter_rows = y < n
+    groups = twin_groups(probs[adapter_rows, :-1].argmax(1), y[adapter_rows], n)
+    best, conf = gate_confidence(probs, groups)
+    wrong = ~adapter_rows | (groups[best] != groups[np.minimum(y, n - 1)])
+    return Calibration.fit(conf[wrong], np.ones(int(wrong.sum()), dtype=bool), conf[~wrong], best[wrong]), groups
 
 
 class LearnedRouter:
@@ -113,7 +144,7 @@ class LearnedRouter:
         self.top_k, self.top_p, self.false_route = int(top_k), float(top_p), float(false_route)
         self.knn = KnnRouter(runtime, false_route=false_route)  # same embeddings, signatures and description fallback
         self.features = GateFeatures(self.knn, default_encoder(_encoder_dtype(runtime)) if sentence else None)
-        self._gate: tuple[list[str], np.ndarray, np.ndarray, np.ndarray, Calibration] | None = None
+        self._gate: tuple[list[str], np.ndarray, np.ndarray, np.ndarray, Calibration, np.ndarray] | None = None
         self._stamp = ""  # the stored examples the loaded gate was fitted on (Library.examples_stamp)
         self.override: float | None = None  # a threshold fitted on the user's data (router calibrate)
 
@@ -149,17 +180,19 @@ class LearnedRouter:
         views.append((_unit(generic.views - mean), np.full(len(generic.views), n), groups[generic.sources] % 2))
         xa, ya, fa = (np.concatenate([v[i] for v in views]) for i in range(3))
         W, b = fit_gate(np.concatenate([x, xa]), np.concatenate([y, ya]), n + 1)
-        cal = gate_calibration(x, y, n + 1, folds, (xa, ya, fa))
+        cal, groups = gate_calibration(x, y, n + 1, folds, (xa, ya, fa))
         acc = float(((bank @ W + b).argmax(1) == owners).mean())
         tmp = self.path.with_name(TMP_PREFIX + GATE_FILE)
         save_file({"W": W.astype(np.float32), "b": b.astype(np.float32), "mean": mean.astype(np.float32),
                    "neg": cal.false_margins.astype(np.float32), "neg_owner": cal.false_owners.astype(np.int64),
                    "pos": cal.positive_margins.astype(np.float32)}, str(tmp),
                   metadata={"names": json.dumps(idx.names[:n]), "base": self.runtime.base.fingerprint, "n_neg": str(cal.n_neg),
+                           "groups": json.dumps([int(g) for g in groups]),
                            "features": self.features.kind, "examples": self.runtime.library.examples_stamp(idx.names[:n])})
         tmp.replace(self.path)
         self._gate = None
-        return {"adapters": n, "examples": int(len(owners)), "views": int(len(ya)), "generic": int(len(generic.real)),
+        twins = [[idx.names[a] for a in np.nonzero(groups == g)[0]] for g in np.unique(groups) if (groups == g).sum() > 1]
+        return {"adapters": n, "examples": int(len(owners)), "views": int(len(ya)), "generic": int(len(generic.real)), "twins": twins,
                 "features": self.features.kind, "train_accuracy": acc,
                 "seconds": round(time.perf_counter() - t0, 2), "path": str(self.path)}
 
@@ -167,7 +200,7 @@ class LearnedRouter:
         idx = self.knn.index()
         return idx.names[: idx.n_with_examples]
 
-    def _load(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, Calibration]:
+    def _load(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, Calibration, np.ndarray]:
         """The saved gate, refitted first if it is missing, for another base, or for another set of adapters."""
         from safetensors import safe_open
 
@@ -180,10 +213,12 @@ class LearnedRouter:
                 with safe_open(str(self.path), framework="numpy") as f:
                     meta = f.metadata()
                     if (meta.get("base") == self.runtime.base.fingerprint and json.loads(meta["names"]) == current
-                            and meta.get("features") == self.features.kind and meta.get("examples") == stamp):
+                            and meta.get("features") == self.features.kind and meta.get("examples") == stamp
+                            and "groups" in meta):  # gates saved before twin groups existed refit once
                         cal = Calibration(f.get_tensor("neg").astype(np.float64), int(meta["n_neg"]), f.get_tensor("pos"),
                                           f.get_tensor("neg_owner") if "neg_owner" in f.keys() else None)
-                        self._gate = (current, f.get_tensor("W"), f.get_tensor("b"), f.get_tensor("mean"), cal)
+                        groups = np.array(json.loads(meta["groups"]), dtype=np.int64)
+                        self._gate = (current, f.get_tensor("W"), f.get_tensor("b"), f.get_tensor("mean"), cal, groups)
                         self._stamp = stamp
                         self.override = load_override(self.runtime.library.root, self.name, self.runtime.base.fingerprint, current)
                         return self._gate
@@ -209,13 +244,13 @@ class LearnedRouter:
         rate = self.false_route if false_route is None else false_route
         if not self._current():  # no adapter has examples: only the description fallback can route
             return self.knn.route(texts, false_route=rate)
-        names, W, b, mean, _ = self._load()
+        names, W, b, mean, _, groups = self._load()
         probs = softmax(_unit(self.features.embed(texts) - mean) @ W + b)
         per = (time.perf_counter() - t0) / len(texts)
         fallback = bool(self.knn.index().fallback)
         q = generic_best = None
         out = []
-        _, confs = gate_confidence(probs)
+        _, confs = gate_confidence(probs, groups)
         for p, conf in zip(probs, confs):
             p_none = float(p[-1])
             pa = p[:-1]
@@ -228,7 +263,7 @@ class LearnedRouter:
                     break
             # Route when the best adapter beats "no expert" and reaches the calibrated threshold;
             # the threshold shown is whichever of the two it had to clear.
-            best_p = float(pa[order[0]])
+            best_p = float(pa[groups == groups[order[0]]].sum())  # with its twins
             threshold = self.threshold(false_route, int(order[0]))
             confident = bool(conf > 0 and conf >= threshold)
             shown = max(threshold, p_none)
