@@ -131,3 +131,22 @@ def load_override(library_root: Path, router: str, fingerprint: str, names: list
     if not entry or entry.get("base") != fingerprint or entry.get("adapters") != sorted(names):
         return None
     return float(entry["threshold"])
+
+
+# Two adapters whose stored examples are routed to each other at least this often, each way, do
+# one job as far as their examples show (a retrained "v2", a copy trained on a subset): sending
+# one's request to the other is not a false route. Measured with a subset-trained copy of
+# json_field next to the 4 demo adapters (README, Routing: twins): counted as false routes, their
+# mutual confusion raised kNN's shared threshold above every margin (5% / 0% top-1), and the
+# learned gate split its probability between them (json_field's inputs all went to the base).
+TWIN_CONFUSION = 0.25
+
+
+def twins(owners: np.ndarray, routed: np.ndarray, n_adapters: int) -> np.ndarray:
+    """[a, b]: whether adapters a and b are twins, from where examples of `owners` were routed."""
+    counts = np.zeros((n_adapters, n_adapters))
+    np.add.at(counts, (owners, routed), 1)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    twin = (share >= TWIN_CONFUSION) & (share.T >= TWIN_CONFUSION)
+    np.fill_diagonal(twin, False)
+    return twin

@@ -40,7 +40,7 @@ import torch
 from ..atomic import TMP_PREFIX
 from ..route import BASE_ROUTE, Route
 from ..tasks.generic import calibration_prompts, calibration_set
-from .calibration import DEFAULT_FALSE_ROUTE, Calibration, load_override, margins
+from .calibration import DEFAULT_FALSE_ROUTE, Calibration, load_override, margins, twins
 from .router import RouteDecision, register
 
 if TYPE_CHECKING:
@@ -91,24 +91,6 @@ class KnnIndex:
         return int(self.owners.max()) + 1 if len(self.owners) else 0
 
 
-# Two adapters whose stored examples land on each other at least this often (each way) do the
-# same job as far as their examples show (a retrained "v2", a subset-trained copy): sending one's
-# request to the other is not a false route. Counted as one, their mutual confusion raised the
-# shared threshold above every adapter's margins: a new-user trial's library with a subset-trained
-# copy of json_field had kNN abstain on every input (0% in-template and paraphrase top-1).
-TWIN_CONFUSION = 0.25
-
-
-def _interchangeable(owners: np.ndarray, win: np.ndarray, n_adapters: int) -> np.ndarray:
-    """[a, b]: adapters a and b are twins (TWIN_CONFUSION of each one's examples go to the other)."""
-    counts = np.zeros((n_adapters, n_adapters))
-    np.add.at(counts, (owners, win), 1)
-    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    twin = (share >= TWIN_CONFUSION) & (share.T >= TWIN_CONFUSION)
-    np.fill_diagonal(twin, False)
-    return twin
-
-
 def calibrate(bank: np.ndarray, owners: np.ndarray, n_adapters: int, generic: np.ndarray, k: int,
               generic_groups: np.ndarray | None = None) -> Calibration:
     """Fit the margin threshold's negatives: generic prompts and every stored example (leave-one-out
@@ -133,7 +115,7 @@ def calibrate(bank: np.ndarray, owners: np.ndarray, n_adapters: int, generic: np
         np.fill_diagonal(s, -np.inf)
         gsim = bank @ generic.T if len(generic) else np.zeros((len(bank), 0))
         win, z = _decide(s, owners, n_adapters, gsim, k)
-        wrong = (win != owners) & ~_interchangeable(owners, win, n_adapters)[owners, win]
+        wrong = (win != owners) & ~twins(owners, win, n_adapters)[owners, win]
         neg_m += list(z[wrong])  # an example routed to its own adapter (or its twin) is not a negative
         neg_wrong += [True] * int(wrong.sum())
         pos = z[~wrong]

@@ -40,7 +40,7 @@ import torch
 from ..atomic import TMP_PREFIX
 from ..errors import LorastackError
 from ..route import BASE_ROUTE, Route
-from .calibration import DEFAULT_FALSE_ROUTE, Calibration, load_override
+from .calibration import DEFAULT_FALSE_ROUTE, Calibration, load_override, twins
 from .gate_features import GateFeatures
 from .knn import KnnRouter, _unit
 from .router import RouteDecision, register
@@ -91,21 +91,9 @@ def gate_confidence(p: np.ndarray, groups: np.ndarray | None = None) -> tuple[np
     return best, np.where(pb > p[:, -1], pb, 0.0)
 
 
-# Two adapters whose stored examples the gate (out of fold) gives to each other at least this
-# often, each way, do one job as far as their examples show (a retrained "v2", a copy trained on
-# a subset): the gate splits its probability between them, and neither half reached the
-# threshold. Measured with a subset-trained copy of json_field next to it (eval-routing, 4 demo
-# adapters): json_field's inputs went to the base, 3% in-template top-1. Twins are one group:
-# their probabilities add up, the more probable one answers.
-TWIN_CONFUSION = 0.25
-
-
 def twin_groups(best: np.ndarray, y: np.ndarray, n_adapters: int) -> np.ndarray:
     """A group id per adapter from out-of-fold predictions `best` of adapter rows labelled `y`."""
-    counts = np.zeros((n_adapters, n_adapters))
-    np.add.at(counts, (y, best), 1)
-    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    twin = (share >= TWIN_CONFUSION) & (share.T >= TWIN_CONFUSION)
+    twin = twins(y, best, n_adapters)  # the gate splits its probability between twins: they add up
     groups = np.arange(n_adapters)
     for a, b in zip(*np.nonzero(np.triu(twin, 1))):  # union: twins of twins share a group
         groups[groups == groups[b]] = groups[a]
