@@ -572,19 +572,28 @@ static inline __attribute__((always_inline)) void tile_block(const int RB, const
 }
 
 /* m rows against one packed tile, 8 rows at a time. */
+/* m rows in blocks of 8, then the rest, each block's row count a compile-time constant: BLOCK(RB)
+ * runs RB rows from row r on (tile_rows and wide_rows share it). */
+#define BY_EIGHT(m, r, BLOCK)                                                                           \
+    do {                                                                                                \
+        for (r = 0; r + 8 <= (m); r += 8) BLOCK(8);                                                     \
+        switch ((m) - r) {                                                                              \
+        case 1: BLOCK(1); break;                                                                        \
+        case 2: BLOCK(2); break;                                                                        \
+        case 3: BLOCK(3); break;                                                                        \
+        case 4: BLOCK(4); break;                                                                        \
+        case 5: BLOCK(5); break;                                                                        \
+        case 6: BLOCK(6); break;                                                                        \
+        case 7: BLOCK(7); break;                                                                        \
+        default: break;                                                                                 \
+        }                                                                                               \
+    } while (0)
+
 static inline void tile_rows(const uint32_t *P, const uint16_t *x, uint16_t *y, int m, int in, int out, int o0) {
-    int r = 0;
-    for (; r + 8 <= m; r += 8) tile_block(8, P, x, y, in, out, o0, r);
-    switch (m - r) {
-    case 1: tile_block(1, P, x, y, in, out, o0, r); break;
-    case 2: tile_block(2, P, x, y, in, out, o0, r); break;
-    case 3: tile_block(3, P, x, y, in, out, o0, r); break;
-    case 4: tile_block(4, P, x, y, in, out, o0, r); break;
-    case 5: tile_block(5, P, x, y, in, out, o0, r); break;
-    case 6: tile_block(6, P, x, y, in, out, o0, r); break;
-    case 7: tile_block(7, P, x, y, in, out, o0, r); break;
-    default: break;
-    }
+    int r;
+#define TILE(RB) tile_block(RB, P, x, y, in, out, o0, r)
+    BY_EIGHT(m, r, TILE);
+#undef TILE
 }
 
 /* Tile rows o0..o0+15 decoded into P [in/2 pairs][16 outputs]; ds, ms: scratch [16 * nb]. */
@@ -682,18 +691,10 @@ static inline __attribute__((always_inline)) void wide_group(const int OB, const
 
 static inline __attribute__((always_inline)) void wide_rows(const int OB, const __m512bh *buf, int nb, const uint16_t *x,
                                                             uint16_t *y, int m, int in, int out, int o0) {
-    int r = 0;
-    for (; r + 8 <= m; r += 8) wide_group(OB, 8, buf, nb, x, y, in, out, o0, r);
-    switch (m - r) {
-    case 1: wide_group(OB, 1, buf, nb, x, y, in, out, o0, r); break;
-    case 2: wide_group(OB, 2, buf, nb, x, y, in, out, o0, r); break;
-    case 3: wide_group(OB, 3, buf, nb, x, y, in, out, o0, r); break;
-    case 4: wide_group(OB, 4, buf, nb, x, y, in, out, o0, r); break;
-    case 5: wide_group(OB, 5, buf, nb, x, y, in, out, o0, r); break;
-    case 6: wide_group(OB, 6, buf, nb, x, y, in, out, o0, r); break;
-    case 7: wide_group(OB, 7, buf, nb, x, y, in, out, o0, r); break;
-    default: break;
-    }
+    int r;
+#define WIDE(RB) wide_group(OB, RB, buf, nb, x, y, in, out, o0, r)
+    BY_EIGHT(m, r, WIDE);
+#undef WIDE
 }
 
 static inline __attribute__((always_inline)) void wide_blocks(int kind, const uint16_t *x, const uint8_t *W, uint16_t *y,

@@ -83,11 +83,8 @@ def gate_confidence(p: np.ndarray, groups: np.ndarray | None = None) -> tuple[np
     is more probable (then the gate itself says no expert)."""
     pa = p[:, :-1]
     best = pa.argmax(1)
-    if groups is None:
-        pb = pa[np.arange(len(p)), best]
-    else:
-        onehot = (groups[:, None] == np.unique(groups)[None, :]).astype(pa.dtype)
-        pb = (pa @ onehot)[np.arange(len(p)), np.searchsorted(np.unique(groups), groups[best])]
+    groups = np.arange(pa.shape[1]) if groups is None else groups
+    pb = np.where(groups[None, :] == groups[best][:, None], pa, 0.0).sum(1)  # the best and its twins
     return best, np.where(pb > p[:, -1], pb, 0.0)
 
 
